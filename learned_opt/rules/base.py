@@ -1,0 +1,70 @@
+"""The Rule: the single home of an update rule's math.
+
+A Rule is an ``nn.Module`` whose parameters are the meta-parameters θ. Its ``init_state`` and
+``update`` are pure functions over one param group: meta-training calls them with autograd on
+(differentiable in θ, and through the gradients for second-order meta-training); the
+``torch.optim`` adapter calls the very same code under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+# (group-wide state, one dict per parameter). Group state holds quantities shared by the whole
+# param group (step count, an adapted learning-rate factor); per-parameter state is shaped like the
+# parameter (momentum, LSTM hidden/cell state with trailing hidden dims).
+GroupState = dict[str, Tensor]
+ParamState = dict[str, Tensor]
+RuleState = tuple[GroupState, list[ParamState]]
+
+RULES: dict[str, type[Rule]] = {}
+
+
+class Rule(nn.Module):
+    """Base class of update rules.
+
+    Subclasses set ``name`` (the registry key written into weight cards), ``hyperparameters`` (the
+    param-group keys and defaults the optimizer adapter passes in ``hparams``; always includes
+    ``lr``, which multiplies the rule's update), and implement ``init_state``/``update``/``config``.
+    """
+
+    name: ClassVar[str] = ""
+    hyperparameters: ClassVar[dict[str, Any]] = {"lr": 1.0}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            RULES[cls.name] = cls
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able constructor kwargs; ``type(self)(**self.config())`` rebuilds the architecture."""
+        return {}
+
+    def init_state(self, params: Sequence[Tensor]) -> RuleState:
+        """Fresh state for a group of parameters (state tensors on each parameter's device/dtype)."""
+        raise NotImplementedError
+
+    def update(
+        self,
+        grads: Sequence[Tensor],
+        params: Sequence[Tensor],
+        state: RuleState,
+        hparams: Mapping[str, Tensor | float],
+    ) -> tuple[list[Tensor], RuleState]:
+        """Additive updates (``p_new = p + u``) for one group and the new state. Never mutates."""
+        raise NotImplementedError
+
+    def meta_hparams(self) -> dict[str, Tensor | float]:
+        """The ``hparams`` meta-training passes to ``update``: derived from θ where θ holds them."""
+        return {k: v for k, v in self.hyperparameters.items()}
+
+
+def build_rule(name: str, config: Mapping[str, Any] | None = None) -> Rule:
+    """Instantiate a registered rule by name with its ``config``."""
+    if name not in RULES:
+        raise ValueError(f"unknown rule {name!r}; known rules: {sorted(RULES)}")
+    return RULES[name](**dict(config or {}))
