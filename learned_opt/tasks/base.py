@@ -28,6 +28,8 @@ class Task(abc.ABC):
     """
 
     name: str = "task"
+    # The concrete settings a TaskFamily drew for this task (None for hand-built tasks).
+    settings: dict[str, Any] | None = None
 
     @abc.abstractmethod
     def init_params(self, generator: torch.Generator) -> list[Tensor]:
