@@ -1,5 +1,9 @@
-"""Update rules: each rule's math lives in exactly one module here."""
+"""Update rules: each rule's math lives in exactly one module here.
+
+Importing this package registers every rule in ``RULES`` (by its ``name``).
+"""
 
 from learned_opt.rules.base import RULES, Rule, RuleState, build_rule
+from learned_opt.rules.lstm import LSTMRule
 
-__all__ = ["RULES", "Rule", "RuleState", "build_rule"]
+__all__ = ["RULES", "LSTMRule", "Rule", "RuleState", "build_rule"]

@@ -8,6 +8,7 @@ A Rule is an ``nn.Module`` whose parameters are the meta-parameters θ. Its ``in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -58,9 +59,30 @@ class Rule(nn.Module):
         """Additive updates (``p_new = p + u``) for one group and the new state. Never mutates."""
         raise NotImplementedError
 
+    def validate_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Raise ValueError naming any hyperparameter value this rule cannot use.
+
+        The base check covers ``lr`` (finite, >= 0); subclasses extend it for their own keys.
+        """
+        check_nonnegative("lr", hparams.get("lr", 0.0))
+
     def meta_hparams(self) -> dict[str, Tensor | float]:
         """The ``hparams`` meta-training passes to ``update``: derived from θ where θ holds them."""
         return {k: v for k, v in self.hyperparameters.items()}
+
+
+def check_nonnegative(key: str, value: Any) -> None:
+    """ValueError unless ``value`` is a finite number >= 0 (NaN fails too)."""
+    v = float(value)
+    if not (math.isfinite(v) and v >= 0.0):
+        raise ValueError(f"invalid {key}: {value!r} (must be a finite number >= 0)")
+
+
+def check_in_range(key: str, value: Any, low: float, high: float) -> None:
+    """ValueError unless ``low <= value < high`` (NaN fails too)."""
+    v = float(value)
+    if not (low <= v < high):
+        raise ValueError(f"invalid {key}: {value!r} (must be in [{low}, {high}))")
 
 
 def build_rule(name: str, config: Mapping[str, Any] | None = None) -> Rule:

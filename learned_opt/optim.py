@@ -1,0 +1,227 @@
+"""``torch.optim`` adapter: any Rule as a drop-in ``torch.optim.Optimizer``.
+
+The adapter owns everything generic (param groups, ``maximize``, coupled ``weight_decay``,
+skipping non-finite steps, sparse/complex/half checks, state bookkeeping) and calls the rule's
+pure ``update`` under ``torch.no_grad()`` — the same code meta-training differentiates.
+
+State layout. Per-parameter rule state lives in ``self.state[p]`` so ``state_dict``, casting on
+load, hooks and ``deepcopy`` are torch's own. The rule's *group-wide* state (e.g. an adapted
+``lr_factor``, the LSTM's reference trajectory, a step count) is stored under the same keys in the
+state of every parameter of the group that has state, kept in sync after each step, so torch's
+``state_dict`` round-trips it; :meth:`LearnedOptimizer.group_state` returns it. The adapter adds
+``nonfinite_skips`` (steps of the group skipped because a gradient was NaN/inf).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from learned_opt.rules.base import Rule, check_nonnegative
+
+NONFINITE_KEY = "nonfinite_skips"
+UNSUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class LearnedOptimizer(Optimizer):
+    """Generic adapter: ``LearnedOptimizer(params, rule, lr=1.0, **hparams)``.
+
+    ``hparams`` are the rule's ``hyperparameters`` (per-group values, like torch's ``betas``),
+    plus ``weight_decay`` (coupled: added to the gradient) and ``maximize``. ``lr`` multiplies the
+    rule's update, so LR schedulers work. ``weights_sha256`` is recorded in ``state_dict`` so a
+    checkpoint loaded into an optimizer with different weights warns.
+
+    float16/bfloat16 parameters raise ValueError (state is kept in the parameter's dtype, too
+    coarse for the adapted rates and LSTM state; keep float32 master params under ``torch.amp``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        rule: Rule,
+        lr: float = 1.0,
+        *,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        weights_sha256: str | None = None,
+        **hparams: Any,
+    ) -> None:
+        if not isinstance(rule, Rule):
+            raise TypeError(f"rule must be a learned_opt Rule, got {type(rule).__name__}")
+        unknown = set(hparams) - set(rule.hyperparameters)
+        if unknown:
+            raise ValueError(
+                f"unknown hyperparameters {sorted(unknown)} for rule {rule.name!r}; "
+                f"allowed: {sorted(set(rule.hyperparameters) | {'weight_decay', 'maximize'})}"
+            )
+        defaults = {**rule.hyperparameters, **hparams, "lr": lr, "weight_decay": weight_decay, "maximize": maximize}
+        self.rule = rule
+        self.weights_sha256 = weights_sha256
+        self._warned_nonfinite = False
+        self._group_keys: frozenset[str] | None = None
+        self._validate_group(defaults)
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("weight_decay", group["weight_decay"])
+        if not isinstance(group["maximize"], bool):
+            raise ValueError(f"invalid maximize: {group['maximize']!r} (must be a bool)")
+        self.rule.validate_hparams(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate_group(group)
+        for p in group["params"]:
+            if p.is_complex():
+                raise ValueError(
+                    f"{type(self).__name__} does not support complex parameters (got {p.dtype}); "
+                    "optimize torch.view_as_real(p) instead"
+                )
+            if p.dtype in UNSUPPORTED_DTYPES:
+                raise ValueError(
+                    f"{type(self).__name__} does not support {p.dtype} parameters; "
+                    "keep float32 master parameters (torch.amp autocast) instead"
+                )
+            if not p.is_floating_point():
+                raise ValueError(f"{type(self).__name__} can only optimize floating-point parameters, got {p.dtype}")
+
+    # --- state bookkeeping -------------------------------------------------------------------
+    @property
+    def group_keys(self) -> frozenset[str]:
+        """Keys of the rule's group-wide state (plus the adapter's ``nonfinite_skips``)."""
+        if self._group_keys is None:
+            group_state, _ = self.rule.init_state([torch.zeros(1)])
+            self._group_keys = frozenset(group_state) | {NONFINITE_KEY}
+        return self._group_keys
+
+    def group_state(self, index: int = 0) -> dict[str, Tensor]:
+        """The group-wide state of ``param_groups[index]`` (empty before its first step)."""
+        return self._group_state_of(self.param_groups[index])
+
+    def _group_state_of(self, group: dict[str, Any]) -> dict[str, Tensor]:
+        for p in group["params"]:
+            st = self.state.get(p)
+            if st:
+                return {k: v for k, v in st.items() if k in self.group_keys}
+        return {}
+
+    def _ensure_state(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        fresh = [p for p in params if not self.state.get(p)]
+        if not fresh:
+            return
+        with torch.no_grad():
+            group_state, per_param = self.rule.init_state(fresh)
+        existing = self._group_state_of(group)
+        if not existing:
+            existing = {**group_state, NONFINITE_KEY: torch.zeros((), dtype=fresh[0].dtype, device=fresh[0].device)}
+        for p, ps in zip(fresh, per_param):
+            clash = set(ps) & self.group_keys
+            if clash:
+                raise RuntimeError(f"rule {self.rule.name!r} uses keys {sorted(clash)} for both group and param state")
+            self.state[p].update(ps)
+            self.state[p].update(existing)
+
+    # --- stepping ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step for every group; the closure (if any) runs with grad enabled; returns its loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            g = -p.grad if group["maximize"] else p.grad
+            if group["weight_decay"] != 0:
+                g = g.add(p, alpha=group["weight_decay"])
+            params.append(p)
+            grads.append(g)
+        if not params:
+            return
+        self._ensure_state(group, params)
+        keys = self.group_keys
+        group_state = {k: v for k, v in self.state[params[0]].items() if k in keys and k != NONFINITE_KEY}
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        if not bool(finite):
+            skips = self.state[params[0]][NONFINITE_KEY] + 1
+            self._write_group_state(group, {NONFINITE_KEY: skips})
+            if not self._warned_nonfinite:
+                warnings.warn(
+                    f"{type(self).__name__}: non-finite gradient; skipped this step for the group "
+                    f"(counted in state['{NONFINITE_KEY}']; further skips are not warned)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._warned_nonfinite = True
+            return
+        per_param = [{k: v for k, v in self.state[p].items() if k not in keys} for p in params]
+        hparams = {k: group[k] for k in self.rule.hyperparameters}
+        updates, (new_group, new_per_param) = self.rule.update(grads, params, (group_state, per_param), hparams)
+        for p, u, ps in zip(params, updates, new_per_param):
+            p.add_(u)
+            self.state[p].update(ps)
+        self._write_group_state(group, new_group)
+
+    def _write_group_state(self, group: dict[str, Any], values: dict[str, Tensor]) -> None:
+        for p in group["params"]:
+            st = self.state.get(p)
+            if st:
+                st.update(values)
+
+    # --- serialisation -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["learned_opt"] = {"rule": self.rule.name, "weights_sha256": self.weights_sha256}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        info = state_dict.get("learned_opt") or {}
+        saved_rule, saved_sha = info.get("rule"), info.get("weights_sha256")
+        if saved_rule is not None and saved_rule != self.rule.name:
+            raise ValueError(f"state_dict is for rule {saved_rule!r}, this optimizer runs {self.rule.name!r}")
+        if saved_sha != self.weights_sha256:
+            warnings.warn(
+                f"loading optimizer state saved with weights sha256 {saved_sha} into an optimizer "
+                f"whose weights have sha256 {self.weights_sha256}",
+                UserWarning,
+                stacklevel=2,
+            )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "learned_opt"})
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(
+            rule=self.rule,
+            weights_sha256=self.weights_sha256,
+            _warned_nonfinite=self._warned_nonfinite,
+        )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key in ("rule", "weights_sha256", "_warned_nonfinite"):
+            if key in state:
+                setattr(self, key, state.pop(key))
+        self._group_keys = None
+        super().__setstate__(state)
+
+    def __repr__(self) -> str:
+        base = super().__repr__()
+        sha = f", weights_sha256={self.weights_sha256[:12]}" if self.weights_sha256 else ""
+        return f"{base[:-1]}Rule: {self.rule.name}{sha}\n)"
+
