@@ -1,0 +1,319 @@
+"""Optimizer specs: what ``--optimizers`` accepts, turned into factories with a cache identity.
+
+A spec string is ``NAME`` or ``NAME[key=value,...]`` (fixed hyperparameters; giving ``lr`` fixes the
+learning rate, so the spec is never tuned). ``NAME`` is one of:
+
+- a torch baseline: ``sgd``, ``momentum`` (SGD, momentum 0.9), ``nesterov``, ``adam``, ``adamw``,
+  ``rmsprop``, ``adagrad`` — tunable;
+- a hand-set adaptive-LR class of this library: ``GradNormDecaySGD``, ``HypergradientSGD``,
+  ``HypergradientAdam`` (their documented defaults) — tunable (the initial lr);
+- a shipped weights name or a ``.safetensors`` path, loaded with :func:`learned_opt.load_optimizer`
+  and run untuned; the cache identity holds the weights' sha256;
+- ``module:factory`` or ``path/to/file.py:factory``: ``factory(params, **kwargs)`` returns an
+  optimizer; tunable when the factory takes ``lr``;
+- ``schedulefree-adamw`` (package ``schedulefree``; put in eval mode before every evaluation) and
+  ``prodigy`` (package ``prodigyopt``, at its conventional lr = 1, untuned), when installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# build(params, lr) -> optimizer; lr None means "the optimizer's own default".
+Builder = Callable[[list[Tensor], "float | None"], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer to benchmark.
+
+    ``key`` identifies the optimizer for the run cache (everything but the learning rate, which
+    is keyed separately so ``adam[lr=0.001]`` reuses the tuning grid's runs at 1e-3).
+    ``fixed_lr`` is the lr given in the spec; ``tunable`` says whether ``--tune`` may search it.
+    """
+
+    label: str
+    build: Builder = field(compare=False, repr=False)
+    key: dict[str, Any]
+    tunable: bool = False
+    fixed_lr: float | None = None
+
+    @property
+    def tuned_by_default(self) -> bool:
+        return self.tunable and self.fixed_lr is None
+
+
+@dataclass(frozen=True)
+class _TorchBaseline:
+    cls: str
+    kwargs: dict[str, Any]
+
+
+TORCH_BASELINES: dict[str, _TorchBaseline] = {
+    "sgd": _TorchBaseline("SGD", {}),
+    "momentum": _TorchBaseline("SGD", {"momentum": 0.9}),
+    "nesterov": _TorchBaseline("SGD", {"momentum": 0.9, "nesterov": True}),
+    "adam": _TorchBaseline("Adam", {}),
+    "adamw": _TorchBaseline("AdamW", {}),
+    "rmsprop": _TorchBaseline("RMSprop", {}),
+    "adagrad": _TorchBaseline("Adagrad", {}),
+}
+HANDSET_CLASSES = ("GradNormDecaySGD", "HypergradientSGD", "HypergradientAdam")
+OPTIONAL_PACKAGES = {"schedulefree-adamw": "schedulefree", "prodigy": "prodigyopt"}
+
+_SPEC_RE = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<args>[^\[\]]*)\])?$")
+
+
+def parse_spec_string(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split ``NAME[k=v,...]`` into the name and its keyword arguments (numbers, booleans, strings)."""
+    match = _SPEC_RE.match(spec.strip())
+    if not match:
+        raise ValueError(f"malformed optimizer spec {spec!r}; expected NAME or NAME[key=value,...]")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in (match["args"] or "").split(","))):
+        if "=" not in item:
+            raise ValueError(f"optimizer spec {spec!r}: {item!r} is not key=value")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if not key.isidentifier():
+            raise ValueError(f"optimizer spec {spec!r}: {key!r} is not a valid keyword")
+        kwargs[key] = _parse_value(value)
+    return match["name"].strip(), kwargs
+
+
+def _parse_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _split_lr(spec: str, kwargs: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
+    kwargs = dict(kwargs)
+    lr = kwargs.pop("lr", None)
+    if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0):
+        raise ValueError(f"optimizer spec {spec!r}: lr must be a number >= 0, got {lr!r}")
+    return (None if lr is None else float(lr)), kwargs
+
+
+def _with_lr(lr: float | None, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(kwargs) if lr is None else {**kwargs, "lr": lr}
+
+
+def resolve_optimizer(spec: str | OptimizerSpec) -> OptimizerSpec:
+    """Turn a spec string (see module docstring) into an :class:`OptimizerSpec`."""
+    if isinstance(spec, OptimizerSpec):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"optimizer spec must be a string or OptimizerSpec, got {type(spec).__name__}")
+    name, kwargs = parse_spec_string(spec)
+    fixed_lr, extra = _split_lr(spec, kwargs)
+    label = spec.strip()
+    lowered = name.lower()
+    if lowered in TORCH_BASELINES:
+        base = TORCH_BASELINES[lowered]
+        cls = getattr(torch.optim, base.cls)
+        options = {**base.kwargs, **extra}
+
+        def build_torch(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
+            return cls(params, **_with_lr(lr, options))
+
+        key = {"torch": base.cls, "kwargs": options}
+        return OptimizerSpec(label, build_torch, key, tunable=True, fixed_lr=fixed_lr)
+    handset = {c.lower(): c for c in HANDSET_CLASSES}
+    if lowered in handset:
+        return _handset_spec(label, handset[lowered], fixed_lr, extra)
+    if lowered in OPTIONAL_PACKAGES:
+        return _optional_spec(label, lowered, fixed_lr, extra)
+    if name.endswith(".safetensors") or _is_pretrained_name(name):
+        return _learned_spec(label, name, fixed_lr, extra)
+    if ":" in name:
+        return _factory_spec(label, name, fixed_lr, extra)
+    raise ValueError(
+        f"unknown optimizer {name!r}; expected a torch baseline {sorted(TORCH_BASELINES)}, one of "
+        f"{list(HANDSET_CLASSES)}, {sorted(OPTIONAL_PACKAGES)}, a shipped name "
+        f"{_pretrained_names()}, a .safetensors path or module:factory"
+    )
+
+
+def _handset_spec(label: str, cls_name: str, fixed_lr: float | None, extra: dict[str, Any]) -> OptimizerSpec:
+    import learned_opt
+
+    cls = getattr(learned_opt, cls_name)
+
+    def build(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
+        return cls(params, **_with_lr(lr, extra))
+
+    return OptimizerSpec(label, build, {"learned_opt": cls_name, "kwargs": extra}, True, fixed_lr)
+
+
+def _optional_spec(label: str, name: str, fixed_lr: float | None, extra: dict[str, Any]) -> OptimizerSpec:
+    package = OPTIONAL_PACKAGES[name]
+    try:
+        module = importlib.import_module(package)
+    except ImportError as exc:
+        raise ValueError(
+            f"optimizer {name!r} needs the optional package {package!r} (pip install {package})"
+        ) from exc
+    if name == "prodigy":
+        lr = 1.0 if fixed_lr is None else fixed_lr
+
+        def build_prodigy(params: list[Tensor], _lr: float | None) -> torch.optim.Optimizer:
+            return module.Prodigy(params, **_with_lr(lr, extra))
+
+        key = {"package": package, "version": getattr(module, "__version__", "?"), "kwargs": extra}
+        return OptimizerSpec(label, build_prodigy, key, tunable=False, fixed_lr=lr)
+
+    def build_sf(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
+        return module.AdamWScheduleFree(params, **_with_lr(lr, extra))
+
+    key = {"package": package, "version": getattr(module, "__version__", "?"), "kwargs": extra}
+    return OptimizerSpec(label, build_sf, key, tunable=True, fixed_lr=fixed_lr)
+
+
+def _pretrained_names() -> list[str]:
+    try:
+        from learned_opt.weights import list_pretrained
+    except ImportError:
+        return []
+    return list(list_pretrained())
+
+
+def _is_pretrained_name(name: str) -> bool:
+    return name in _pretrained_names()
+
+
+def _learned_spec(label: str, name: str, fixed_lr: float | None, extra: dict[str, Any]) -> OptimizerSpec:
+    from learned_opt.optim import load_optimizer
+    from learned_opt.weights import file_sha256, load_rule
+
+    if name.endswith(".safetensors"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ValueError(f"optimizer weights file {str(path)!r} does not exist")
+        sha = file_sha256(path)
+        source: str = str(path.resolve())
+    else:
+        _, card = load_rule(name)
+        sha, source = str(card["sha256"]), name
+
+    def build(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
+        return load_optimizer(source, params, **_with_lr(lr, extra))
+
+    return OptimizerSpec(label, build, {"weights_sha256": sha, "kwargs": extra}, False, fixed_lr)
+
+
+def _load_factory(target: str) -> tuple[Callable[..., torch.optim.Optimizer], str | None]:
+    module_name, _, attr = target.rpartition(":")
+    if not module_name or not attr:
+        raise ValueError(f"optimizer factory {target!r} must be module:factory or file.py:factory")
+    if module_name.endswith(".py"):
+        path = Path(module_name).expanduser()
+        if not path.is_file():
+            raise ValueError(f"optimizer factory file {str(path)!r} does not exist")
+        mod_spec = importlib.util.spec_from_file_location(f"_bench_factory_{path.stem}", path)
+        assert mod_spec is not None and mod_spec.loader is not None
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"cannot import module {module_name!r} for optimizer {target!r}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r} (optimizer {target!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"optimizer factory {target!r} is not callable")
+    source = getattr(module, "__file__", None)
+    digest = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source and Path(source).is_file() else None
+    return obj, digest
+
+
+def _accepts_lr(fn: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "lr" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def _factory_spec(label: str, target: str, fixed_lr: float | None, extra: dict[str, Any]) -> OptimizerSpec:
+    factory, digest = _load_factory(target)
+
+    def build(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
+        return factory(params, **_with_lr(lr, extra))
+
+    key = {"factory": target, "source_sha256": digest, "kwargs": extra}
+    return OptimizerSpec(label, build, key, tunable=_accepts_lr(factory), fixed_lr=fixed_lr)
+
+
+def spec_from_factory(
+    label: str,
+    factory: Callable[..., torch.optim.Optimizer],
+    *,
+    tunable: bool | None = None,
+    lr: float | None = None,
+) -> OptimizerSpec:
+    """Wrap a Python factory ``factory(params[, lr=...])`` for :func:`learned_opt.benchmark`.
+
+    Its cache identity is ``label`` plus the factory's qualified name: change the label when you
+    change what the factory builds, or benchmark without ``out`` (no cache).
+    """
+    can_tune = _accepts_lr(factory) if tunable is None else tunable
+
+    def build(params: list[Tensor], lr_: float | None) -> torch.optim.Optimizer:
+        return factory(params) if lr_ is None else factory(params, lr=lr_)
+
+    key = {"python": f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}",
+           "label": label}
+    return OptimizerSpec(label, build, key, tunable=can_tune, fixed_lr=lr)
+
+
+def resolve_optimizers(
+    specs: Sequence[str | OptimizerSpec] | Mapping[str, Callable[..., torch.optim.Optimizer] | str],
+) -> list[OptimizerSpec]:
+    """Resolve a list of spec strings/specs, or a ``{label: factory or spec string}`` mapping."""
+    if isinstance(specs, Mapping):
+        out = [
+            resolve_optimizer(v) if isinstance(v, str) else spec_from_factory(k, v)
+            for k, v in specs.items()
+        ]
+        out = [s if s.label == k else _relabel(s, k) for s, k in zip(out, specs)]
+    else:
+        out = [resolve_optimizer(s) for s in specs]
+    labels = [s.label for s in out]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise ValueError(f"optimizer labels must be unique; repeated: {dupes}")
+    return out
+
+
+def _relabel(spec: OptimizerSpec, label: str) -> OptimizerSpec:
+    return OptimizerSpec(label, spec.build, spec.key, spec.tunable, spec.fixed_lr)
+
+
+TUNED_ADAM = "adam (tuned)"
+ADAM_1E3 = "adam (lr=1e-3)"
+
+
+def reference_specs() -> tuple[OptimizerSpec, OptimizerSpec]:
+    """The yardsticks every report needs: Adam tuned per task, and Adam at lr = 1e-3."""
+    adam = resolve_optimizer("adam")
+    return _relabel(adam, TUNED_ADAM), OptimizerSpec(ADAM_1E3, adam.build, adam.key, True, 1e-3)

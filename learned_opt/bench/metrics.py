@@ -1,0 +1,163 @@
+"""The benchmark's measures, defined once: wins, normalised losses, speedups, aggregates.
+
+- **Win** against a baseline: final loss ≤ baseline's + ``WIN_TOLERANCE`` × the task's initial loss,
+  so two runs at a noise floor (or at zero) count as even. A diverged run never wins; a run beats a
+  baseline that diverged.
+- **Normalised loss** = loss / initial loss. The ratio to a baseline is
+  ``(n + WIN_TOLERANCE) / (n_base + WIN_TOLERANCE)``: never a raw ratio of two tiny numbers.
+- **Speedup over tuned Adam** = (steps tuned Adam's mean curve needs to reach this optimizer's mean
+  final loss, interpolated between evaluations) ÷ (this optimizer's steps). If Adam does not reach
+  it within ``SPEEDUP_CAP`` × the horizon, the speedup is censored: reported as "> 10". No
+  tolerance here: a tolerance would let Adam "reach" a better optimizer's loss early.
+- Divergence is flagged and counted; diverged runs are never averaged into losses or ratios.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from learned_opt.bench.runner import RunResult
+
+WIN_TOLERANCE = 1e-4
+SPEEDUP_CAP = 10
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """A speedup; ``censored`` means "more than ``value``" (Adam never got there)."""
+
+    value: float
+    censored: bool = False
+
+    def __str__(self) -> str:
+        return f"> {self.value:.3g}" if self.censored else f"{self.value:.3g}"
+
+    def sort_key(self) -> float:
+        return math.inf if self.censored else self.value
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """Per task × optimizer summary over seeds (diverged seeds excluded from the means)."""
+
+    n_seeds: int
+    n_diverged: int
+    initial_mean: float
+    final_mean: float  # nan if every seed diverged
+    final_std: float
+    normalised_mean: float  # mean over seeds of final / initial
+    test: dict[str, float]  # mean test metrics over non-diverged seeds
+
+    @property
+    def diverged(self) -> bool:
+        return self.n_diverged > 0
+
+
+def aggregate(runs: Sequence[RunResult]) -> Aggregate:
+    """Mean and spread of final losses over seeds; diverged runs counted, not averaged."""
+    if not runs:
+        raise ValueError("aggregate needs at least one run")
+    ok = [r for r in runs if not r.diverged]
+    finals = [r.final_loss for r in ok]
+    test_keys = sorted({k for r in ok if r.test for k in r.test})
+    test = {k: float(np.mean([r.test[k] for r in ok if r.test and k in r.test])) for k in test_keys}
+    return Aggregate(
+        n_seeds=len(runs),
+        n_diverged=len(runs) - len(ok),
+        initial_mean=float(np.mean([r.initial_loss for r in runs])),
+        final_mean=float(np.mean(finals)) if finals else math.nan,
+        final_std=float(np.std(finals)) if finals else math.nan,
+        normalised_mean=float(np.mean([r.final_loss / r.initial_loss for r in ok])) if ok else math.nan,
+        test=test,
+    )
+
+
+def wins(candidate: Aggregate, baseline: Aggregate, tolerance: float = WIN_TOLERANCE) -> bool:
+    """Final loss ≤ baseline's + tolerance × initial loss; divergence loses (or wins, if the baseline's)."""
+    if candidate.diverged:
+        return False
+    if baseline.diverged:
+        return True
+    return candidate.final_mean <= baseline.final_mean + tolerance * abs(baseline.initial_mean)
+
+
+def normalised_ratio(candidate: Aggregate, baseline: Aggregate, tolerance: float = WIN_TOLERANCE) -> float:
+    """(normalised loss + tol) / (baseline's + tol); nan when either diverged (never averaged)."""
+    if candidate.diverged or baseline.diverged:
+        return math.nan
+    return (candidate.normalised_mean + tolerance) / (baseline.normalised_mean + tolerance)
+
+
+def mean_curve(runs: Sequence[RunResult]) -> tuple[list[int], list[float]]:
+    """Mean loss over seeds at each evaluated step; a diverged seed counts as +inf after it stopped."""
+    longest = max(runs, key=lambda r: len(r.steps))
+    rows = []
+    for r in runs:
+        if r.steps != longest.steps[: len(r.steps)]:
+            raise ValueError("runs were evaluated at different steps; cannot average their curves")
+        tail = [math.inf] * (len(longest.steps) - len(r.losses))
+        rows.append([math.inf if not math.isfinite(x) else x for x in r.losses] + tail)
+    return list(longest.steps), [float(x) for x in np.mean(np.array(rows), axis=0)]
+
+
+def steps_to_reach(steps: Sequence[int], losses: Sequence[float], target: float) -> float | None:
+    """First (linearly interpolated) step at which ``losses`` falls to ``target``; None if never."""
+    for i, (step, loss) in enumerate(zip(steps, losses)):
+        if loss <= target:
+            if i == 0:
+                return float(step)
+            prev_step, prev_loss = steps[i - 1], losses[i - 1]
+            if not math.isfinite(prev_loss):
+                return float(step)
+            frac = (prev_loss - target) / (prev_loss - loss)
+            return float(prev_step + frac * (step - prev_step))
+    return None
+
+
+def speedup(
+    target_loss: float,
+    horizon: int,
+    adam_steps: Sequence[int],
+    adam_losses: Sequence[float],
+    initial_loss: float,
+    *,
+    cap: float = SPEEDUP_CAP,
+    tolerance: float = 0.0,
+) -> Speedup:
+    """Steps Adam needs to reach ``target_loss`` (+ tolerance × initial), divided by ``horizon``.
+
+    ``adam_steps``/``adam_losses`` must cover ``cap × horizon`` steps for an uncensored answer
+    beyond the horizon; a curve that stops earlier without reaching the target yields a censored
+    speedup at the ratio it covers.
+    """
+    if horizon <= 0:
+        raise ValueError(f"horizon must be positive, got {horizon}")
+    if not math.isfinite(target_loss):
+        raise ValueError(f"speedup of a diverged run is undefined (target loss {target_loss})")
+    reached = steps_to_reach(adam_steps, adam_losses, target_loss + tolerance * abs(initial_loss))
+    if reached is None or reached > cap * horizon:
+        return Speedup(min(cap, adam_steps[-1] / horizon), censored=True)
+    return Speedup(reached / horizon)
+
+
+def geometric_mean(values: Sequence[float]) -> float:
+    """Geometric mean of the finite positive values (nan if none)."""
+    ok = [v for v in values if math.isfinite(v) and v > 0]
+    return float(math.exp(statistics.fmean(math.log(v) for v in ok))) if ok else math.nan
+
+
+def median_speedup(values: Sequence[Speedup]) -> Speedup | None:
+    """Median with censored values ordered above every uncensored one; censored if it lands on one."""
+    if not values:
+        return None
+    ordered = sorted(values, key=Speedup.sort_key)
+    n = len(ordered)
+    lo, hi = ordered[(n - 1) // 2], ordered[n // 2]
+    if hi.censored:  # "> x": both middle values censored, or the mean of a value and a bound
+        return hi if lo.censored else Speedup((lo.value + hi.value) / 2, censored=True)
+    return Speedup((lo.value + hi.value) / 2)
