@@ -2,5 +2,24 @@
 
 from learned_opt._version import __version__
 from learned_opt.bench.harness import benchmark
+from learned_opt.optim import (
+    GradNormDecaySGD,
+    HypergradientAdam,
+    HypergradientSGD,
+    LearnedOptimizer,
+    LSTMOptimizer,
+    load_optimizer,
+)
+from learned_opt.weights import list_pretrained
 
-__all__ = ["__version__", "benchmark"]
+__all__ = [
+    "GradNormDecaySGD",
+    "HypergradientAdam",
+    "HypergradientSGD",
+    "LSTMOptimizer",
+    "LearnedOptimizer",
+    "list_pretrained",
+    "load_optimizer",
+    "__version__",
+    "benchmark",
+]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from learned_opt.rules.base import Rule, check_nonnegative
+from learned_opt.rules.grad_norm_decay import GradNormDecayRule
+from learned_opt.rules.hparam_base import HyperparameterRule
+from learned_opt.rules.hypergradient import HypergradientAdamRule, HypergradientSGDRule
+from learned_opt.rules.learnable import LearnableAdamRule, LearnableSGDRule
+from learned_opt.rules.lstm import LSTMRule
+from learned_opt.weights import load_rule
 
 NONFINITE_KEY = "nonfinite_skips"
 UNSUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -175,7 +182,14 @@ class LearnedOptimizer(Optimizer):
         updates, (new_group, new_per_param) = self.rule.update(grads, params, (group_state, per_param), hparams)
         for p, u, ps in zip(params, updates, new_per_param):
             p.add_(u)
-            self.state[p].update(ps)
+            st = self.state[p]
+            for key in [k for k in st if k not in keys and k not in ps]:
+                del st[key]  # e.g. a momentum buffer dropped when momentum was set to 0
+            grad_storage = p.grad.untyped_storage().data_ptr()
+            for key, value in ps.items():
+                # a rule may keep the gradient itself as state, but zero_grad/GradScaler mutate p.grad
+                shares_grad = value.untyped_storage().data_ptr() == grad_storage
+                st[key] = value.clone() if shares_grad else value
         self._write_group_state(group, new_group)
 
     def _write_group_state(self, group: dict[str, Any], values: dict[str, Tensor]) -> None:
@@ -225,3 +239,163 @@ class LearnedOptimizer(Optimizer):
         sha = f", weights_sha256={self.weights_sha256[:12]}" if self.weights_sha256 else ""
         return f"{base[:-1]}Rule: {self.rule.name}{sha}\n)"
 
+
+
+# --- public optimizers ------------------------------------------------------------------------
+class LSTMOptimizer(LearnedOptimizer):
+    """The coordinate-wise LSTM optimizer (Andrychowicz et al. 2016) as a ``torch.optim.Optimizer``.
+
+    ``weights``: a shipped name (default ``"lstm-general"``), a ``.safetensors`` path, an
+    ``LSTMRule`` instance, or ``None`` for an explicitly *untrained* rule (meta-training's start).
+    ``lr`` multiplies the learned update: 1.0 is the step the LSTM was trained to take, 0 freezes.
+    The loaded card is ``self.card`` (None for an instance or ``weights=None``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        weights: str | Path | Rule | None = "lstm-general",
+        *,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+    ) -> None:
+        self.card: dict[str, Any] | None = None
+        sha = None
+        if weights is None:
+            rule: Rule = LSTMRule()
+        elif isinstance(weights, Rule):
+            rule = weights
+        else:
+            rule, self.card = load_rule(weights)
+            sha = self.card["sha256"]
+        if not isinstance(rule, LSTMRule):
+            raise ValueError(
+                f"LSTMOptimizer needs 'lstm' weights, but {weights!r} holds rule {rule.name!r}; "
+                "use learned_opt.load_optimizer for other rules"
+            )
+        super().__init__(params, rule, lr=lr, weight_decay=weight_decay, maximize=maximize, weights_sha256=sha)
+
+
+class GradNormDecaySGD(LearnedOptimizer):
+    """SGD whose rate decays by ``decay`` each step the group's gradient norm is below ``threshold``.
+
+    The exact rule (no relaxation); the adapted factor is ``opt.state[p]["lr_factor"]`` (or
+    ``opt.group_state(i)``) and the step is ``group['lr'] × lr_factor``, so a scheduler's ``lr`` and
+    the decay multiply. ``decay_count`` in the same state counts how often the decay fired.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.1,
+        decay: float = 0.9,
+        threshold: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            GradNormDecayRule(),
+            lr=lr,
+            decay=decay,
+            threshold=threshold,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            maximize=maximize,
+        )
+
+
+class HypergradientSGD(LearnedOptimizer):
+    """SGD-HD (Baydin et al. 2018): the rate adapts online, ``α ← max(0, α + hyper_lr · g_t·u_{t-1})``.
+
+    ``α = group['lr'] × state['lr_factor']``: the hypergradient step is taken on α and stored as a
+    factor of ``lr``, so a scheduler rescales the online rate multiplicatively (see
+    :mod:`learned_opt.rules.hypergradient`).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.01,
+        hyper_lr: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            HypergradientSGDRule(),
+            lr=lr,
+            hyper_lr=hyper_lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            maximize=maximize,
+        )
+
+
+class HypergradientAdam(LearnedOptimizer):
+    """Adam-HD (Baydin et al. 2018): Adam whose rate adapts online by ``hyper_lr · g_t·u_{t-1}``.
+
+    Same rate/scheduler convention as :class:`HypergradientSGD`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        hyper_lr: float = 1e-7,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            HypergradientAdamRule(),
+            lr=lr,
+            hyper_lr=hyper_lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+        )
+
+
+# Rule name -> the public optimizer built from a card's learned hyperparameters.
+HYPERPARAMETER_OPTIMIZERS: dict[str, type[Optimizer]] = {
+    GradNormDecayRule.name: GradNormDecaySGD,
+    HypergradientSGDRule.name: HypergradientSGD,
+    HypergradientAdamRule.name: HypergradientAdam,
+    LearnableAdamRule.name: torch.optim.Adam,
+    LearnableSGDRule.name: torch.optim.SGD,
+}
+
+
+def load_optimizer(
+    name_or_path: str | Path, params: Iterable[Tensor] | Iterable[dict[str, Any]], **overrides: Any
+) -> Optimizer:
+    """A ready optimizer from shipped or exported weights of any rule.
+
+    ``lstm`` weights give an :class:`LSTMOptimizer`; hyperparameter rules give their public class
+    (``learnable-adam`` → ``torch.optim.Adam``, ``learnable-sgd`` → ``torch.optim.SGD``) with the
+    learned values as defaults; any other rule runs in :class:`LearnedOptimizer`. ``overrides`` are
+    constructor arguments that replace those defaults (e.g. ``lr=0.5``, ``weight_decay=1e-4``).
+    """
+    rule, card = load_rule(name_or_path)
+    if isinstance(rule, LSTMRule):
+        opt: Optimizer = LSTMOptimizer(params, weights=rule, **overrides)
+    elif rule.name in HYPERPARAMETER_OPTIMIZERS:
+        assert isinstance(rule, HyperparameterRule)
+        opt = HYPERPARAMETER_OPTIMIZERS[rule.name](params, **{**rule.optimizer_defaults(), **overrides})
+    else:
+        opt = LearnedOptimizer(params, rule, **overrides)
+    if isinstance(opt, LearnedOptimizer):
+        opt.weights_sha256 = card["sha256"]
+        if isinstance(opt, LSTMOptimizer):
+            opt.card = card
+    return opt

@@ -4,6 +4,20 @@ Importing this package registers every rule in ``RULES`` (by its ``name``).
 """
 
 from learned_opt.rules.base import RULES, Rule, RuleState, build_rule
+from learned_opt.rules.grad_norm_decay import GradNormDecayRule
+from learned_opt.rules.hypergradient import HypergradientAdamRule, HypergradientSGDRule
+from learned_opt.rules.learnable import LearnableAdamRule, LearnableSGDRule
 from learned_opt.rules.lstm import LSTMRule
 
-__all__ = ["RULES", "LSTMRule", "Rule", "RuleState", "build_rule"]
+__all__ = [
+    "RULES",
+    "GradNormDecayRule",
+    "HypergradientAdamRule",
+    "HypergradientSGDRule",
+    "LSTMRule",
+    "LearnableAdamRule",
+    "LearnableSGDRule",
+    "Rule",
+    "RuleState",
+    "build_rule",
+]
