@@ -1,0 +1,126 @@
+"""Meta-training checkpoints: one safetensors file, written atomically, never unpickled.
+
+A checkpoint is a tree of dicts, lists, tuples, JSON scalars and tensors (θ, the meta-optimizer's
+``state_dict``, RNG states, in-flight inner runs). :func:`flatten` splits it into a JSON tree, in
+which each tensor is replaced by ``{"__tensor__": key}``, and a flat dict of tensors; both go into
+one ``.safetensors`` file (the JSON in its metadata) with a SHA-256 over the tensor bytes, so a
+torn or corrupted file is detected on load and reported, never silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from learned_opt.fileio import atomic_write_bytes
+
+FORMAT = "learned_opt.meta_checkpoint"
+VERSION = 1
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: corrupt, truncated, or not a checkpoint."""
+
+
+def flatten(obj: Any, tensors: dict[str, Tensor], prefix: str = "t") -> Any:
+    """JSON-able copy of ``obj`` with tensors moved (cloned to CPU) into ``tensors``."""
+    if isinstance(obj, Tensor):
+        key = f"{prefix}#{len(tensors)}"
+        tensors[key] = obj.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and "__tensor__" not in obj and "__items__" not in obj:
+            return {k: flatten(v, tensors, f"{prefix}.{k}") for k, v in obj.items()}
+        return {"__items__": [[k, flatten(v, tensors, f"{prefix}.{i}")] for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [flatten(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [flatten(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a value of type {type(obj).__name__} at {prefix}")
+
+
+def unflatten(tree: Any, tensors: dict[str, Tensor]) -> Any:
+    """Inverse of :func:`flatten`."""
+    if isinstance(tree, dict):
+        if "__tensor__" in tree:
+            return tensors[tree["__tensor__"]]
+        if "__tuple__" in tree:
+            return tuple(unflatten(v, tensors) for v in tree["__tuple__"])
+        if "__items__" in tree:
+            return {k: unflatten(v, tensors) for k, v in tree["__items__"]}
+        return {k: unflatten(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [unflatten(v, tensors) for v in tree]
+    return tree
+
+
+def _digest(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    """The bytes of a checkpoint file holding ``payload``."""
+    tensors: dict[str, Tensor] = {}
+    tree = flatten(payload, tensors)
+    meta = {"format": FORMAT, "version": str(VERSION), "tree": json.dumps(tree), "sha256": _digest(tensors)}
+    return st_save(tensors, metadata=meta)
+
+
+def decode(data: bytes, source: str | os.PathLike[str] = "<bytes>") -> dict[str, Any]:
+    """The payload of checkpoint bytes; :class:`CheckpointError` if they are not a sound checkpoint."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        meta = header.get("__metadata__") or {}
+        tensors = st_load(data)
+    except Exception as exc:  # safetensors raises its own error type, which moved between versions
+        raise CheckpointError(f"{source}: not a readable checkpoint (corrupt or truncated): {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{source}: not a learned_opt meta-training checkpoint (format {meta.get('format')!r})")
+    if meta.get("version") != str(VERSION):
+        raise CheckpointError(f"{source}: checkpoint version {meta.get('version')!r}, this code reads {VERSION}")
+    if meta.get("sha256") != _digest(tensors):
+        raise CheckpointError(f"{source}: checkpoint checksum mismatch (file corrupted)")
+    try:
+        return unflatten(json.loads(meta["tree"]), tensors)
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{source}: checkpoint structure is damaged: {exc}") from exc
+
+
+def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
+    """Write ``payload`` atomically: a crash leaves the previous checkpoint or this one."""
+    return atomic_write_bytes(path, encode(payload))
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and verify a checkpoint written by :func:`save_checkpoint`."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    return decode(data, path)
+
+
+def remove_stale_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete temp files an interrupted atomic write left in ``directory`` (names ``.NAME.*.tmp``)."""
+    removed = []
+    for p in Path(directory).glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
