@@ -1,0 +1,46 @@
+"""The non-editable installed package finds its suite files by name (they are package data)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_non_editable_install_finds_suites_by_name(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "suite_files")
+    shutil.copytree(REPO / "learned_opt", src / "learned_opt", ignore=ignore)
+    shutil.copytree(REPO / "tasks", src / "tasks")
+    venv = tmp_path / "venv"  # no pip of its own: the system pip and setuptools (which has bdist_wheel) build it
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_REQUIRE_VIRTUALENV")}
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", str(src)],
+        check=True, cwd=tmp_path, env=env,
+    )
+    shutil.rmtree(src)  # the installed copy must not depend on the source tree
+    probe = (
+        "import learned_opt, learned_opt.suites as s\n"
+        "suite = s.load_suite('heldout')\n"
+        "print(learned_opt.__file__); print(suite.path); print(len(suite.entries)); print(sorted(s.list_suites()))\n"
+    )
+    out = subprocess.run([str(python), "-c", probe], check=True, cwd=tmp_path, env=env,
+                         capture_output=True, text=True).stdout.splitlines()
+    module_file, suite_path, n_entries, names = out
+    assert Path(module_file).is_relative_to(venv), module_file
+    assert Path(suite_path).is_relative_to(venv) and Path(suite_path).parent.name == "suite_files"
+    assert int(n_entries) >= 12
+    assert {"heldout", "meta_train", "l2l_quadratic", "l2l_mnist"} <= set(eval(names))
+    assert Path(suite_path).read_text() == (REPO / "tasks" / "heldout.toml").read_text()
