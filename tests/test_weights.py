@@ -1,0 +1,170 @@
+"""Weights files: .safetensors + JSON card, verified on load; shipped names; load_optimizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import learned_opt
+from learned_opt.optim import GradNormDecaySGD, HypergradientAdam, HypergradientSGD, LearnedOptimizer, LSTMOptimizer
+from learned_opt.rules import (
+    GradNormDecayRule,
+    HypergradientAdamRule,
+    HypergradientSGDRule,
+    LearnableAdamRule,
+    LearnableSGDRule,
+    LSTMRule,
+)
+from learned_opt.weights import PLANNED_NAMES, NotShippedError, file_sha256, load_rule, save_weights
+
+META = {"config": {"suite": "test"}, "seed": 0, "steps": 0, "wall_time_s": 0.0, "machine": "test", "command": "pytest"}
+
+
+def _perturbed_lstm(seed: int = 0, **config) -> LSTMRule:
+    torch.manual_seed(seed)
+    rule = LSTMRule(**config)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return rule
+
+
+def test_round_trip_and_card_fields(tmp_path: Path) -> None:
+    rule = _perturbed_lstm(hidden_size=8)
+    path = save_weights(rule, tmp_path / "mine", name="mine", meta_training=META, metrics={"x": 1})
+    assert path == tmp_path / "mine.safetensors" and (tmp_path / "mine.json").exists()
+    card = json.loads((tmp_path / "mine.json").read_text())
+    for key in ("format_version", "name", "rule", "rule_config", "sha256", "created", "meta_training", "metrics"):
+        assert key in card
+    assert card["sha256"] == file_sha256(path) and card["rule"] == "lstm" and card["rule_config"]["hidden_size"] == 8
+    loaded, card2 = load_rule(path)
+    assert card2 == card
+    for (k, a), (k2, b) in zip(rule.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    loaded_by_str, _ = load_rule(str(path))
+    assert torch.equal(loaded_by_str.head.weight, rule.head.weight)
+
+
+@pytest.mark.parametrize("name", PLANNED_NAMES)
+def test_planned_names_say_not_shipped(name: str) -> None:
+    assert name not in learned_opt.list_pretrained()
+    with pytest.raises(NotShippedError, match="not shipped yet"):
+        load_rule(name)
+
+
+def test_lstm_optimizer_default_weights_not_shipped_and_none_is_untrained() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(NotShippedError, match="lstm-general"):
+        LSTMOptimizer([p])
+    opt = LSTMOptimizer([p], weights=None)
+    assert isinstance(opt.rule, LSTMRule) and opt.card is None and opt.weights_sha256 is None
+
+
+def test_unknown_name_lists_shipped() -> None:
+    with pytest.raises(ValueError, match="unknown pretrained weights 'nope'"):
+        load_rule("nope")
+
+
+def test_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="absent.safetensors"):
+        load_rule(tmp_path / "absent.safetensors")
+    path = save_weights(_perturbed_lstm(), tmp_path / "w", name="w", meta_training=META)
+    (tmp_path / "w.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"w\.json is missing"):
+        load_rule(path)
+
+
+def test_corrupt_card(tmp_path: Path) -> None:
+    path = save_weights(_perturbed_lstm(), tmp_path / "w", name="w", meta_training=META)
+    (tmp_path / "w.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"w\.json is not valid JSON"):
+        load_rule(path)
+    (tmp_path / "w.json").write_text(json.dumps({"name": "w"}))
+    with pytest.raises(ValueError, match="lacks fields"):
+        load_rule(path)
+
+
+def test_tampered_weights_fail_sha256(tmp_path: Path) -> None:
+    path = save_weights(_perturbed_lstm(), tmp_path / "w", name="w", meta_training=META)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"w\.safetensors has sha256 .* card says"):
+        load_rule(path)
+
+
+def test_corrupt_safetensors_with_matching_card(tmp_path: Path) -> None:
+    path = save_weights(_perturbed_lstm(), tmp_path / "w", name="w", meta_training=META)
+    path.write_bytes(b"\x00" * 16)
+    card = json.loads((tmp_path / "w.json").read_text())
+    card["sha256"] = file_sha256(path)
+    (tmp_path / "w.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=r"w\.safetensors is not a valid safetensors"):
+        load_rule(path)
+
+
+def test_config_mismatch_names_tensor_and_shapes(tmp_path: Path) -> None:
+    path = save_weights(_perturbed_lstm(hidden_size=8), tmp_path / "w", name="w", meta_training=META)
+    card = json.loads((tmp_path / "w.json").read_text())
+    card["rule_config"]["hidden_size"] = 9
+    (tmp_path / "w.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=r"w\.safetensors does not match rule 'lstm'.*lstm\.weight_hh_l0"):
+        load_rule(path)
+    card["rule_config"]["hidden_size"] = 8
+    card["rule_config"]["num_layers"] = 3
+    (tmp_path / "w.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=r"missing \['lstm\.bias_hh_l2'"):
+        load_rule(path)
+    card["rule"] = "no-such-rule"
+    (tmp_path / "w.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="unknown rule 'no-such-rule'"):
+        load_rule(path)
+
+
+def test_lstm_optimizer_from_path_records_sha(tmp_path: Path) -> None:
+    path = save_weights(_perturbed_lstm(), tmp_path / "w", name="w", meta_training=META)
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = LSTMOptimizer([p], weights=path)
+    assert opt.weights_sha256 == file_sha256(path) and opt.card["name"] == "w"
+    assert opt.state_dict()["learned_opt"]["weights_sha256"] == file_sha256(path)
+    other = save_weights(GradNormDecayRule(), tmp_path / "g", name="g", meta_training=META)
+    with pytest.raises(ValueError, match="holds rule 'grad-norm-decay-sgd'"):
+        LSTMOptimizer([p], weights=other)
+
+
+@pytest.mark.parametrize(
+    ("rule", "cls", "expected"),
+    [
+        (GradNormDecayRule(init_lr=0.05, init_decay=0.8, init_threshold=1e-2), GradNormDecaySGD,
+         {"lr": 0.05, "decay": 0.8, "threshold": 1e-2}),
+        (HypergradientSGDRule(init_lr=0.02, init_hyper_lr=1e-4), HypergradientSGD, {"lr": 0.02, "hyper_lr": 1e-4}),
+        (HypergradientAdamRule(init_lr=3e-3, init_betas=(0.8, 0.99)), HypergradientAdam, {"lr": 3e-3, "betas": (0.8, 0.99)}),
+        (LearnableAdamRule(init_lr=2e-3, init_betas=(0.85, 0.995), init_eps=1e-6), torch.optim.Adam,
+         {"lr": 2e-3, "betas": (0.85, 0.995), "eps": 1e-6}),
+        (LearnableSGDRule(init_lr=0.03, init_momentum=0.7), torch.optim.SGD, {"lr": 0.03, "momentum": 0.7}),
+    ],
+)
+def test_load_optimizer_gives_public_class_with_learned_values(tmp_path: Path, rule, cls, expected) -> None:
+    path = save_weights(rule, tmp_path / "h", name="h", meta_training=META)
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = learned_opt.load_optimizer(path, [p])
+    assert type(opt) is cls
+    for key, value in expected.items():
+        assert opt.defaults[key] == pytest.approx(value, rel=1e-5)
+    over = learned_opt.load_optimizer(path, [p], lr=0.5)
+    assert over.param_groups[0]["lr"] == 0.5
+    if isinstance(opt, LearnedOptimizer):
+        assert opt.weights_sha256 == file_sha256(path)
+
+
+def test_load_optimizer_lstm(tmp_path: Path) -> None:
+    rule = _perturbed_lstm(hidden_size=5)
+    path = save_weights(rule, tmp_path / "l", name="l", meta_training=META)
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = learned_opt.load_optimizer(path, [p], lr=0.5)
+    assert isinstance(opt, LSTMOptimizer) and opt.param_groups[0]["lr"] == 0.5
+    assert opt.rule.hidden_size == 5 and torch.equal(opt.rule.head.weight, rule.head.weight)
+    assert opt.weights_sha256 == file_sha256(path)
