@@ -33,7 +33,7 @@ TEST_ONLY_SPLIT = 8000
 SKLEARN_DATASETS = ("digits", "breast_cancer", "iris", "wine", "diabetes")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Dataset:
     """Arrays of one dataset split into train and test; ``num_classes`` is 0 for regression."""
 
@@ -44,7 +44,15 @@ class Dataset:
     num_classes: int
 
     def tensors(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """``((x_train, y_train), (x_test, y_test))`` as torch tensors (float32 inputs)."""
+        """``((x_train, y_train), (x_test, y_test))`` as torch tensors (float32 inputs).
+
+        Converted once per Dataset, so tasks sampled from a cached real dataset share its tensors
+        (tasks never write to their data).
+        """
+        return self._tensors
+
+    @functools.cached_property
+    def _tensors(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
 
         def conv(x: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
             yt = torch.as_tensor(np.array(y))

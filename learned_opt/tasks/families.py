@@ -8,6 +8,7 @@ Settings that do not apply to the chosen dataset (``classes`` for a real dataset
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -66,6 +67,7 @@ def hidden_widths(width: int | Sequence[int], depth: int) -> list[int]:
     return widths
 
 
+@functools.lru_cache(maxsize=32)
 def _subsample(d: ds.Dataset, subset: int) -> ds.Dataset:
     if subset and subset < len(d.x_train):
         return ds.Dataset(d.x_train[:subset], d.y_train[:subset], d.x_test, d.y_test, d.num_classes)
