@@ -25,6 +25,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 SPLITS = ("train", "validation", "test")
+# Top-level tables a suite file may hold: [suite] here, the others read by the tool that owns them.
+# A misspelt table would otherwise be silently ignored, so anything else is an error.
+TOP_LEVEL_TABLES = ("suite", "meta_train", "benchmark")
 # Installed wheels carry the suite files here (copied from the top-level tasks/ at build time).
 PACKAGE_SUITES = Path(__file__).resolve().parent / "suite_files"
 # Running from a checkout: the repository's tasks/ folder, the one source of truth.
@@ -136,6 +139,11 @@ def parse_suite(data: Mapping[str, Any], *, name: str, path: Path | None = None)
     """Build a Suite from an already-parsed TOML document (validating ``[suite]`` only)."""
     if "suite" not in data:
         raise ValueError(f"{path or '<suite>'}: no [suite] table")
+    unknown = sorted(set(data) - set(TOP_LEVEL_TABLES))
+    if unknown:
+        raise ValueError(
+            f"{path or '<suite>'}: unknown top-level table(s) {unknown}; allowed: {list(TOP_LEVEL_TABLES)}"
+        )
     s = check_table(data["suite"], _SUITE_KEYS, file=path, table_name="suite")
     if not isinstance(s["steps"], int) or s["steps"] < 1:
         raise ValueError(f"{path or '<suite>'}: [suite].steps must be a positive int, got {s['steps']!r}")

@@ -160,6 +160,8 @@ def test_invalid_toml_and_missing_files(tmp_path):
         load_suite(write(tmp_path, "[suite\n"))
     with pytest.raises(ValueError, match=r"no \[suite\] table"):
         load_suite(write(tmp_path, "[benchmark]\nx = 1\n"))
+    with pytest.raises(ValueError, match=r"unknown top-level table\(s\) \['benchmrk'\]; allowed: \['suite', 'meta_train', 'benchmark'\]"):
+        load_suite(write(tmp_path, GOOD + "\n[benchmrk]\nseeds = 3\n"))
     with pytest.raises(FileNotFoundError, match="missing.toml"):
         load_suite(tmp_path / "missing.toml")
     with pytest.raises(ValueError, match=r"unknown suite 'helout'; known suites: \[.*'heldout'"):
