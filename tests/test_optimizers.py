@@ -472,3 +472,42 @@ def test_sha256_mismatch_warns_on_load() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         other.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(make) -> None:
+    """Params on the GPU (the rule module stays on the CPU): same trajectory as on the CPU."""
+    prob_cpu, prob_gpu = Problem(dtype=torch.float64), Problem(dtype=torch.float64)
+    for name in ("x", "y"):
+        setattr(prob_gpu, name, getattr(prob_gpu, name).cuda())
+    prob_gpu.w = torch.nn.Parameter(prob_gpu.w.detach().cuda())
+    prob_gpu.b = torch.nn.Parameter(prob_gpu.b.detach().cuda())
+    opt_cpu, opt_gpu = make(prob_cpu.params), make(prob_gpu.params)
+    _train(opt_cpu, prob_cpu, 5)
+    _train(opt_gpu, prob_gpu, 5)
+    for a, b in zip(prob_cpu.params, prob_gpu.params):
+        torch.testing.assert_close(a.detach(), b.detach().cpu())
+    for value in opt_gpu.state[prob_gpu.w].values():
+        assert value.device.type == "cuda"
+
+
+@pytest.mark.parametrize(
+    ("factory", "expected"),
+    [
+        (lambda ps: LSTMOptimizer(ps, weights=None), 320),
+        (lambda ps: GradNormDecaySGD(ps), 0),
+        (lambda ps: GradNormDecaySGD(ps, momentum=0.9), 4),
+        (lambda ps: HypergradientSGD(ps), 4),
+        (lambda ps: HypergradientSGD(ps, momentum=0.9), 8),
+        (lambda ps: HypergradientAdam(ps), 12),
+    ],
+)
+def test_state_bytes_per_parameter(factory, expected) -> None:
+    """The table in docs/optimizers.md: state bytes per float32 parameter element."""
+    p = torch.nn.Parameter(torch.randn(7, 11))
+    opt = factory([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    per_param = [v for v in opt.state[p].values() if v.shape[: p.dim()] == p.shape]
+    assert sum(v.numel() * v.element_size() for v in per_param) / p.numel() == expected

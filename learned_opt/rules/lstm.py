@@ -63,7 +63,8 @@ class LSTMRule(Rule):
     ``hparams`` is ``{"lr": ...}``; ``lr`` multiplies the learned update (0 freezes).
     The weights live in ``self.lstm`` (a ``torch.nn.LSTM`` used as the weight container, so its
     parameter names are torch's) and ``self.head``; the math is written out in :meth:`cell` with
-    ``F.linear`` so it stays twice differentiable on every backend.
+    ``F.linear`` so it stays twice differentiable on every backend. θ is cast to each parameter's
+dtype and device inside ``update``, so the rule module itself may stay on the CPU.
     """
 
     name: ClassVar[str] = "lstm"
@@ -157,17 +158,19 @@ class LSTMRule(Rule):
     ) -> tuple[list[Tensor], RuleState]:
         group_state, per_param = state
         lr = hparams.get("lr", 1.0)
-        casts: dict[torch.dtype, dict[str, Tensor]] = {}
+        casts: dict[tuple[torch.dtype, torch.device], dict[str, Tensor]] = {}
 
-        def weights_for(dtype: torch.dtype) -> dict[str, Tensor]:
-            if dtype not in casts:
-                casts[dtype] = {k: v.to(dtype) for k, v in self.named_parameters()}
-            return casts[dtype]
+        def weights_for(like: Tensor) -> dict[str, Tensor]:
+            """θ on ``like``'s dtype and device (the rule may live on the CPU, params on a GPU)."""
+            key = (like.dtype, like.device)
+            if key not in casts:
+                casts[key] = {k: v.to(dtype=like.dtype, device=like.device) for k, v in self.named_parameters()}
+            return casts[key]
 
         ref_h, ref_c = group_state["ref_h"], group_state["ref_c"]
         zero = torch.zeros(1, dtype=ref_h.dtype, device=ref_h.device)
         ref_out, new_ref_h, new_ref_c = self.cell(
-            self.features(zero), ref_h.unsqueeze(0), ref_c.unsqueeze(0), weights_for(ref_h.dtype)
+            self.features(zero), ref_h.unsqueeze(0), ref_c.unsqueeze(0), weights_for(ref_h)
         )
 
         # Plan chunks: a list of (param index, start, stop) segments per chunk, <= chunk_size coords.
@@ -201,7 +204,7 @@ class LSTMRule(Rule):
             h = torch.cat([flat_h[i][a:b] for i, a, b in segments])
             c = torch.cat([flat_c[i][a:b] for i, a, b in segments])
             g = torch.cat([flat_g[i][a:b] for i, a, b in segments]).to(h.dtype)
-            out, h_new, c_new = self.cell(self.features(g), h, c, weights_for(h.dtype))
+            out, h_new, c_new = self.cell(self.features(g), h, c, weights_for(h))
             # Pin coordinates still at rest (zero gradient, reference state) to the reference
             # exactly: batched matmuls are not bitwise batch-size invariant.
             like = {"dtype": h.dtype, "device": h.device}
