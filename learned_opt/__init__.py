@@ -2,6 +2,7 @@
 
 from learned_opt._version import __version__
 from learned_opt.bench.harness import benchmark
+from learned_opt.meta.train import meta_train
 from learned_opt.optim import (
     GradNormDecaySGD,
     HypergradientAdam,
@@ -22,4 +23,5 @@ __all__ = [
     "load_optimizer",
     "__version__",
     "benchmark",
+    "meta_train",
 ]

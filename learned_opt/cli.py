@@ -13,6 +13,7 @@ from importlib import import_module
 # subcommand -> (module holding ``main(argv) -> int``, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "benchmark": ("learned_opt.bench.cli", "benchmark optimizers on a suite against tuned baselines"),
+    "meta-train": ("learned_opt.meta.cli", "meta-train a learned optimizer on a suite of tasks"),
 }
 
 

@@ -20,7 +20,7 @@ def _run(rule: ToyMomentum, noise: float = 0.0, horizon: int = 100) -> InnerRun:
 
 def _truncation_loss(rule: ToyMomentum, steps: int, objective: MetaLoss, noise: float) -> torch.Tensor:
     run = _run(rule, noise)
-    run.fast_forward(_rule(), 3)  # start mid-run (non-zero momentum), from a state fixed for all θ
+    run.train_without_graph(_rule(), 3)  # start mid-run (non-zero momentum), from a state fixed for all θ
     data = run.draw_data(steps, heldout=objective.kind == "heldout")
     out = unroll(rule, run.task, run.params, run.state, data, mode="second")
     return objective(out.losses, out.heldout, steps, run.initial_loss)
@@ -31,7 +31,7 @@ def test_second_order_bptt_matches_finite_differences() -> None:
         objective = MetaLoss(kind=kind, cap=3.0)
         rule = _rule()
         run = _run(rule, noise=0.3)
-        run.fast_forward(_rule(), 3)
+        run.train_without_graph(_rule(), 3)
         est = TruncatedBPTT(second_order=True).estimate(rule, run, 6, objective, torch.Generator())
         fd = []
         for i, p in enumerate(rule.parameters()):

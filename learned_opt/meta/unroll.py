@@ -179,12 +179,21 @@ class InnerRun:
         self.iteration += steps
         self.diverged = self.diverged or out.diverged
 
-    def fast_forward(self, rule: Rule, steps: int, chunk: int = 50) -> None:
-        """Train ``steps`` iterations with ``rule`` without any graph (random starting iterations)."""
-        while steps > 0:
+    def train_without_graph(self, rule: Rule, steps: int, chunk: int = 50) -> list[Tensor]:
+        """Train ``steps`` iterations with ``rule``, no graph to θ; the loss after each step.
+
+        Used for random starting iterations and for validation; batches are drawn ``chunk`` steps
+        at a time. The list is shorter than ``steps`` if the run diverged.
+        """
+        losses: list[Tensor] = []
+        first_chunk = True
+        while steps > 0 and not self.diverged:
             n = min(steps, chunk)
-            out = unroll(rule, self.task, self.params, self.state, self.draw_data(n, final=False), mode="none")
+            out = unroll(rule, self.task, self.params, self.state, self.draw_data(n, final=n == steps), mode="none")
+            if not first_chunk:  # the previous chunk's last step is scored by this chunk's first loss
+                losses.append(out.first_loss)
+            first_chunk = False
+            losses.extend(out.losses)
             self.advance(out, n)
             steps -= n
-            if self.diverged:
-                return
+        return losses
