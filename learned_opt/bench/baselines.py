@@ -141,6 +141,7 @@ def resolve_optimizer(spec: str | OptimizerSpec) -> OptimizerSpec:
         return _optional_spec(label, lowered, fixed_lr, extra)
     if name.endswith(".safetensors") or _is_pretrained_name(name):
         return _learned_spec(label, name, fixed_lr, extra)
+    _raise_if_not_shipped(name)
     if ":" in name:
         return _factory_spec(label, name, fixed_lr, extra)
     raise ValueError(
@@ -191,6 +192,19 @@ def _pretrained_names() -> list[str]:
     except ImportError:
         return []
     return list(list_pretrained())
+
+
+def _raise_if_not_shipped(name: str) -> None:
+    """A planned shipped name without weights in this install: say so, not "unknown optimizer"."""
+    try:
+        from learned_opt.weights import PLANNED_NAMES, NotShippedError, resolve_weights
+    except ImportError:
+        return
+    if name in PLANNED_NAMES:
+        try:
+            resolve_weights(name)
+        except NotShippedError as exc:
+            raise ValueError(str(exc)) from None
 
 
 def _is_pretrained_name(name: str) -> bool:
@@ -278,8 +292,8 @@ def spec_from_factory(
     """
     can_tune = _accepts_lr(factory) if tunable is None else tunable
 
-    def build(params: list[Tensor], lr_: float | None) -> torch.optim.Optimizer:
-        return factory(params) if lr_ is None else factory(params, lr=lr_)
+    def build(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
+        return factory(params) if lr is None else factory(params, lr=lr)
 
     key = {"python": f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}",
            "label": label}
@@ -287,12 +301,12 @@ def spec_from_factory(
 
 
 def resolve_optimizers(
-    specs: Sequence[str | OptimizerSpec] | Mapping[str, Callable[..., torch.optim.Optimizer] | str],
+    specs: Sequence[str | OptimizerSpec] | Mapping[str, Callable[..., torch.optim.Optimizer] | str | OptimizerSpec],
 ) -> list[OptimizerSpec]:
-    """Resolve a list of spec strings/specs, or a ``{label: factory or spec string}`` mapping."""
+    """Resolve a list of spec strings/specs, or a ``{label: factory, spec string or spec}`` mapping."""
     if isinstance(specs, Mapping):
         out = [
-            resolve_optimizer(v) if isinstance(v, str) else spec_from_factory(k, v)
+            resolve_optimizer(v) if isinstance(v, (str, OptimizerSpec)) else spec_from_factory(k, v)
             for k, v in specs.items()
         ]
         out = [s if s.label == k else _relabel(s, k) for s, k in zip(out, specs)]

@@ -55,11 +55,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "learned-opt benchmark")
         steps = check_steps_override(steps, "--steps")
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    words = [prog] + list(sys.argv[1:] if argv is None else argv)
+    command = " ".join([prog, shlex.join(list(sys.argv[1:] if argv is None else argv))])
     result = benchmark(
         args.suite, args.optimizers, tune=args.tune, seeds=_seeds(args.seeds), steps=steps, out=args.out,
         device=args.device, eval_every=args.eval_every, timing_steps=args.timing_steps,
-        progress=not args.quiet, plots=not args.no_plots, command=shlex.join(words),
+        progress=not args.quiet, plots=not args.no_plots, command=command,
     )
     print(result.report)
     if result.out is not None:

@@ -137,7 +137,7 @@ def _optimizer_record(spec: OptimizerSpec, tuned: bool, lr: float | None, runs: 
     agg = M.aggregate(runs)
     used = runs[0].extra.get("lr", lr)
     return {
-        "spec": spec.label, "tuned": tuned, "lr": used,
+        "spec": spec.label, "tuned": tuned, "lr": used, "requested_lr": lr,
         "tuning": None if tuning is None else {"scores": {lr_key(k): v for k, v in tuning.scores.items()},
                                                "extended": tuning.extended, "on_edge": tuning.on_edge},
         "n_seeds": agg.n_seeds, "n_diverged": agg.n_diverged, "initial_loss": agg.initial_mean,
@@ -266,7 +266,7 @@ def benchmark(
         pbar.close()
     if timing_n:
         for bt, t in zip(src.tasks, tasks):
-            builders = {s.label: partial(s.build, lr=t["results"][s.label]["lr"]) for s in specs}
+            builders = {s.label: partial(s.build, lr=t["results"][s.label]["requested_lr"]) for s in specs}
             timing = time_optimizers(h.task(bt, seed_list[0]), seed_list[0], builders, timing_n)
             base = timing[TUNED_ADAM]["step_ms"]
             for v in timing.values():

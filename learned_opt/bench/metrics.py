@@ -1,7 +1,9 @@
 """The benchmark's measures, defined once: wins, normalised losses, speedups, aggregates.
 
 - **Win** against a baseline: final loss ≤ baseline's + ``WIN_TOLERANCE`` × the task's initial loss,
-  so two runs at a noise floor (or at zero) count as even. A diverged run never wins; a run beats a
+  so two runs at a noise floor (or at zero) count as even. Over seeds it compares the means of
+  final / initial per seed (seeds share initial losses across optimizers), the same normalised
+  losses the ratio uses, so a ratio below 1 is always a win. A diverged run never wins; a run beats a
   baseline that diverged.
 - **Normalised loss** = loss / initial loss. The ratio to a baseline is
   ``(n + WIN_TOLERANCE) / (n_base + WIN_TOLERANCE)``: never a raw ratio of two tiny numbers.
@@ -78,12 +80,12 @@ def aggregate(runs: Sequence[RunResult]) -> Aggregate:
 
 
 def wins(candidate: Aggregate, baseline: Aggregate, tolerance: float = WIN_TOLERANCE) -> bool:
-    """Final loss ≤ baseline's + tolerance × initial loss; divergence loses (or wins, if the baseline's)."""
+    """Normalised final loss ≤ baseline's + tolerance; divergence loses (or wins, if the baseline's)."""
     if candidate.diverged:
         return False
     if baseline.diverged:
         return True
-    return candidate.final_mean <= baseline.final_mean + tolerance * abs(baseline.initial_mean)
+    return candidate.normalised_mean <= baseline.normalised_mean + tolerance
 
 
 def normalised_ratio(candidate: Aggregate, baseline: Aggregate, tolerance: float = WIN_TOLERANCE) -> float:
