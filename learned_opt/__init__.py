@@ -11,6 +11,7 @@ from learned_opt.optim import (
     LSTMOptimizer,
     load_optimizer,
 )
+from learned_opt.suites import Suite, SuiteEntry, load_suite
 from learned_opt.weights import list_pretrained
 
 __all__ = [
@@ -19,8 +20,11 @@ __all__ = [
     "HypergradientSGD",
     "LSTMOptimizer",
     "LearnedOptimizer",
+    "Suite",
+    "SuiteEntry",
     "list_pretrained",
     "load_optimizer",
+    "load_suite",
     "__version__",
     "benchmark",
     "meta_train",

@@ -119,6 +119,8 @@ def _seed_ranges(seeds: Any, file: str | Path | None) -> dict[str, range]:
 def _entry(raw: Any, i: int, steps: int, file: str | Path | None) -> SuiteEntry:
     where = f"suite.family[{i}]"
     e = check_table(raw, _ENTRY_KEYS, file=file, table_name=where)
+    if not isinstance(e["settings"], Mapping):
+        raise ValueError(f"{file or '<suite>'}: [{where}].settings must be a table, got {e['settings']!r}")
     if not isinstance(e["label"], str) or not e["label"]:
         raise ValueError(f"{file or '<suite>'}: [{where}] needs a non-empty string 'label'")
     if not isinstance(e["family"], str):

@@ -161,3 +161,16 @@ def test_synthetic_sets_are_seeded_and_sized():
     lin = ds.make_linear(np.random.default_rng(0), 2000, 10, dim=3, noise=0.0)
     w, *_ = np.linalg.lstsq(lin.x_train, lin.y_train, rcond=None)
     np.testing.assert_allclose(lin.x_train @ w, lin.y_train, atol=1e-4)  # noise 0: exactly linear
+
+
+def test_missing_data_fails_under_ci_and_skips_otherwise(need_data, monkeypatch):
+    def load():
+        raise FileNotFoundError("no such data here")
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no such data here"):
+        need_data(load)
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="no such data here"):
+        need_data(load)
+    assert need_data(lambda: 5) == 5

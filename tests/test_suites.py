@@ -143,6 +143,7 @@ def test_other_tables_are_kept_raw(tmp_path):
         (('label = "spirals-long"', 'label = "quad"'), r"duplicate entry label\(s\) \['quad'\]"),
         (("dim = { int = [2, 5] }", "dim = { int = [5, 2] }"), r"quadratic.dim: int needs numbers low <= high"),
         (("steps = 50", "steps = -1"), r"steps must be a positive int"),
+        (("[suite.family.settings]\nwidth = 8", "settings = 3"), r"\[suite.family\[1\]\].settings must be a table"),
         (("weight = 3", "weight = 0"), r"weight must be > 0"),
     ],
 )
