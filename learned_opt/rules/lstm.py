@@ -201,9 +201,8 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
         for segments in chunks:
             if not segments:
                 continue
-            h = torch.cat([flat_h[i][a:b] for i, a, b in segments])
-            c = torch.cat([flat_c[i][a:b] for i, a, b in segments])
-            g = torch.cat([flat_g[i][a:b] for i, a, b in segments]).to(h.dtype)
+            h, c, g = (_gather(flat, segments) for flat in (flat_h, flat_c, flat_g))
+            g = g.to(h.dtype)
             out, h_new, c_new = self.cell(self.features(g), h, c, weights_for(h))
             # Pin coordinates still at rest (zero gradient, reference state) to the reference
             # exactly: batched matmuls are not bitwise batch-size invariant.
@@ -228,9 +227,9 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
                 updates.append(torch.zeros_like(p))
                 new_per_param.append(dict(per_param[i]))
                 continue
-            out = torch.cat([piece[0] for piece in pieces[i]])
-            h = torch.cat([piece[1] for piece in pieces[i]]).reshape(per_param[i]["h"].shape)
-            c = torch.cat([piece[2] for piece in pieces[i]]).reshape(per_param[i]["c"].shape)
+            out, h, c = (_concat([piece[k] for piece in pieces[i]]) for k in range(3))
+            h = h.reshape(per_param[i]["h"].shape)
+            c = c.reshape(per_param[i]["c"].shape)
             step = (out - ref_out.to(dtype=out.dtype, device=out.device)).reshape(p.shape) * lr
             updates.append(step.to(p.dtype))
             new_per_param.append({"h": h, "c": c})
@@ -238,6 +237,15 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
         new_group["ref_h"] = new_ref_h.squeeze(0)
         new_group["ref_c"] = new_ref_c.squeeze(0)
         return updates, (new_group, new_per_param)
+
+
+def _gather(flat: list[Tensor], segments: list[tuple[int, int, int]]) -> Tensor:
+    """The chunk's rows: a view when it is one slice of one tensor, else a concatenation."""
+    return _concat([flat[i][a:b] for i, a, b in segments])
+
+
+def _concat(pieces: list[Tensor]) -> Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
