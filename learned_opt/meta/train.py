@@ -162,7 +162,9 @@ def resolve_config(
         merged = replace(config, **{k: v for k, v in overrides.items() if v is not None})
         merged.validate(file)
         return merged
-    table = config if config is not None else (suite.tables.get("meta_train", {}) if suite else {})
+    table = dict(config if config is not None else (suite.tables.get("meta_train", {}) if suite else {}))
+    if overrides.get("rule") not in (None, table.get("rule", "lstm")) and overrides.get("rule_config") is None:
+        table.pop("rule_config", None)  # the table's rule_config belongs to the table's rule
     where = file if file is not None else (suite.path if suite is not None and config is None else None)
     return MetaTrainConfig.from_table(table, file=where, **overrides)
 
@@ -191,7 +193,8 @@ def _out_state(out: Path | None, resume: bool) -> Path | None:
         return None
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    nonempty = out.is_dir() and any(out.iterdir())
+    # Temp files of an interrupted atomic write do not count as output.
+    nonempty = out.is_dir() and any(not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in out.iterdir())
     ckpt = out / CHECKPOINT_NAME
     if not resume:
         if nonempty:
@@ -470,7 +473,10 @@ def meta_train(
     cfg.suite = _suite_ref(suite)
     if not isinstance(rule, Rule):
         torch.manual_seed(cfg.seed)
-        rule = build_rule(cfg.rule, cfg.rule_config)
+        try:
+            rule = build_rule(cfg.rule, cfg.rule_config)
+        except TypeError as exc:
+            raise ValueError(f"invalid rule_config {cfg.rule_config!r} for rule {cfg.rule!r}: {exc}") from exc
     if not isinstance(estimator, GradientEstimator):
         estimator = build_estimator(cfg.estimator, second_order=cfg.second_order, sigma=cfg.es_sigma, pairs=cfg.es_pairs)
     if payload is not None:
@@ -538,9 +544,6 @@ def _train(rule: Rule, suite: Suite, estimator: GradientEstimator, cfg: MetaTrai
         assert out is not None
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out)
-        metrics: _MetricsLog | None = _MetricsLog(out, start if payload is not None else None)
-    else:
-        metrics = None
     card = {"config": cfg.to_dict(), "seed": cfg.seed, "estimator": {"name": estimator.name, **estimator.config()},
             "suite": _suite_ref(suite), "world_size": ctx.world_size, "machine": machine_info(device),
             "command": command}
@@ -565,9 +568,12 @@ def _train(rule: Rule, suite: Suite, estimator: GradientEstimator, cfg: MetaTrai
                          meta_training={**card, "steps": step, "wall_time_s": round(elapsed, 3)},
                          metrics=dict(extra_metrics))
 
+    t0 = time.perf_counter()
+    if payload is None and out is not None:
+        checkpoint(0)  # from here on, the directory always holds a checkpoint to resume from
+    metrics = _MetricsLog(out, start if payload is not None else None) if main and out is not None else None
     result = MetaTrainResult(rule, cfg, start, out=out, rank=ctx.rank, local_slots=list(mine),
                              best_val=counters["best_val"], best_step=counters["best_step"])
-    t0 = time.perf_counter()
     bar = tqdm(total=cfg.meta_steps, initial=start, disable=not (progress and ctx.is_main), desc="meta-train",
                dynamic_ncols=True)
     step = start

@@ -1,0 +1,229 @@
+"""The meta-training loop: outputs, config errors before work, stability, checkpoints and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import learned_opt
+from learned_opt.meta.checkpoint import CHECKPOINT_NAME, CheckpointError
+from learned_opt.meta.estimators import Estimate, GradientEstimator, TruncatedBPTT
+from learned_opt.meta.train import meta_train
+from learned_opt.suites import load_suite
+from meta_toys import ToyFamily, ToyMomentum
+
+ROOT = Path(__file__).resolve().parents[1]
+QUAD = ROOT / "tasks" / "l2l_quadratic.toml"
+SMALL = {"meta_steps": 4, "tasks_per_step": 2, "unroll": 5, "horizon": 10, "eval_every": 2, "eval_tasks": 2,
+         "checkpoint_every": 2}
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_paper_config_runs_and_writes_everything(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = meta_train(config=QUAD, out=out, progress=False, rule_config={"hidden_size": 4, "num_layers": 1}, **SMALL)
+    assert result.step == 4 and len(result.history) == 4
+    for name in ("final.safetensors", "final.json", "best.safetensors", "best.json", "metrics.csv", CHECKPOINT_NAME):
+        assert (out / name).is_file(), name
+    rows = _rows(out)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert [bool(r["val_loss"]) for r in rows] == [False, True, False, True]
+    card = json.loads((out / "final.json").read_text())
+    assert card["rule"] == "lstm" and card["meta_training"]["steps"] == 4
+    assert card["meta_training"]["config"]["unroll"] == 5 and "command" in card["meta_training"]
+    assert card["meta_training"]["machine"]["torch_threads"] == torch.get_num_threads()
+    params = [torch.nn.Parameter(torch.randn(3))]
+    opt = learned_opt.load_optimizer(str(out / "final.safetensors"), params)
+    params[0].sum().backward()
+    before = params[0].detach().clone()
+    opt.step()
+    assert not torch.equal(before, params[0].detach())
+    trained = load_file(out / "final.safetensors")
+    assert all(torch.equal(v, result.rule.state_dict()[k].cpu()) for k, v in trained.items())
+
+
+def test_meta_training_improves_the_toy_rule(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    rule = ToyMomentum(log_lr=-4.0, logit_beta=0.0)
+    result = meta_train(rule, ToyFamily(noise=0.1), estimator=TruncatedBPTT(), progress=False, meta_steps=40,
+                        tasks_per_step=4, unroll=10, horizon=30, meta_lr=0.05, eval_every=40, eval_tasks=4)
+    first = sum(r["meta_loss"] for r in result.history[:5]) / 5
+    last = sum(r["meta_loss"] for r in result.history[-5:]) / 5
+    assert last < first - 0.3, (first, last)
+    assert rule.log_lr.item() > -3.5  # it learned to take bigger steps on a well-conditioned problem
+
+
+class _PoisonedBPTT(TruncatedBPTT):
+    """Truncated BPTT whose gradient is NaN on chosen calls (stands in for a blown-up unroll)."""
+
+    def __init__(self, bad_calls: set[int]) -> None:
+        super().__init__()
+        self.calls, self.bad = 0, bad_calls
+
+    def estimate(self, rule, run, steps, objective, noise) -> Estimate:  # type: ignore[no-untyped-def]
+        est = super().estimate(rule, run, steps, objective, noise)
+        self.calls += 1
+        if self.calls in self.bad:
+            est.grads = [torch.full_like(g, float("nan")) for g in est.grads]
+        return est
+
+
+def test_nonfinite_meta_gradient_skips_update_and_is_counted(tmp_path: Path) -> None:
+    rule = ToyMomentum()
+    snapshots = []
+    est = _PoisonedBPTT({3})  # one slot per step: step 3 is poisoned
+    result = meta_train(rule, ToyFamily(), estimator=est, out=tmp_path / "o", progress=False, meta_steps=4,
+                        tasks_per_step=1, unroll=3, horizon=9, eval_tasks=0, meta_lr=0.1)
+    rows = _rows(tmp_path / "o")
+    assert [int(r["skipped"]) for r in rows] == [0, 0, 1, 1]
+    assert math.isnan(float(rows[2]["grad_norm"]))
+    assert result.skipped == 1 and all(torch.isfinite(p).all() for p in rule.parameters())
+    snapshots.append(rule.log_lr.item())
+    assert math.isfinite(snapshots[0])
+
+
+def test_config_errors_are_reported_before_any_work(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(QUAD.read_text() + "\n")
+    bad.write_text(bad.read_text().replace("[meta_train]", "[meta_train]\nunrol = 20"))
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match=r"bad\.toml.*unrol.*allowed keys"):
+        meta_train(config=bad, out=out, progress=False)
+    with pytest.raises(ValueError, match="unknown rule 'nope'"):
+        meta_train("nope", config=QUAD, out=out, progress=False)
+    with pytest.raises(ValueError, match="invalid tasks_per_step = 0"):
+        meta_train(config=QUAD, out=out, progress=False, tasks_per_step=0)
+    with pytest.raises(ValueError, match="choose from"):
+        meta_train(config=QUAD, out=out, progress=False, estimator="sgd")
+    assert not out.exists()
+    rc = subprocess.run([sys.executable, str(ROOT / "scripts" / "meta_train.py"), "--config", str(bad), "--out",
+                         str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert rc.returncode == 2 and "unrol" in rc.stderr and not out.exists()
+
+
+def test_output_directory_safety(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        meta_train(config=QUAD, out=out, progress=False, **SMALL)
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        meta_train(config=QUAD, out=out, resume=True, progress=False, **SMALL)
+    assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    small = {**SMALL, "rule_config": {"hidden_size": 3, "num_layers": 1}}
+    meta_train(config=QUAD, out=out, progress=False, **small)
+    with pytest.raises(CheckpointError, match="unroll: checkpoint 5 vs now 7"):
+        meta_train(config=QUAD, out=out, resume=True, progress=False, **{**small, "unroll": 7})
+    more = meta_train(config=QUAD, out=out, resume=True, progress=False, **{**small, "meta_steps": 6})
+    assert more.step == 6 and [int(r["step"]) for r in _rows(out)] == [1, 2, 3, 4, 5, 6]
+    data = bytearray((out / CHECKPOINT_NAME).read_bytes())
+    data[-5] ^= 0xFF
+    (out / CHECKPOINT_NAME).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        meta_train(config=QUAD, out=out, resume=True, progress=False, **small)
+    (out / CHECKPOINT_NAME).write_bytes(bytes(data[:1000]))
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        meta_train(config=QUAD, out=out, resume=True, progress=False, **small)
+
+
+def test_resume_alone_reuses_the_runs_settings(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    small = {**SMALL, "rule_config": {"hidden_size": 3, "num_layers": 1}}
+    meta_train(config=QUAD, out=out, progress=False, **{**small, "meta_steps": 2})
+    result = meta_train(out=out, resume=True, progress=False, meta_steps=4)
+    assert result.step == 4 and result.config.unroll == 5 and result.config.rule_config["hidden_size"] == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Killed at any moment, resumed, bitwise equal (real processes, SIGKILL).
+
+CLI_ARGS = ["--config", str(QUAD), "--rule-config", '{"hidden_size": 4, "num_layers": 1}', "--tasks-per-step", "2",
+            "--unroll", "3:8", "--horizon", "12", "--random-start", "--meta-steps", "20", "--checkpoint-every", "4",
+            "--eval-every", "10", "--eval-tasks", "2", "--threads", "1", "--no-progress", "--seed", "3"]
+
+
+def _cli(out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "meta_train.py"), *CLI_ARGS, "--out", str(out),
+                             *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _final(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final.safetensors")
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_is_bitwise_equal(tmp_path: Path) -> None:
+    ref = tmp_path / "ref"
+    t = time.perf_counter()
+    assert _cli(ref).wait() == 0
+    duration = time.perf_counter() - t
+    rng = random.Random(os.getpid())
+    out, kills = tmp_path / "killed", 0
+    proc = _cli(out)
+    while True:
+        try:  # kill up to three times at random moments (startup, mid-interval, mid-write), then finish
+            proc.wait(timeout=rng.uniform(0.3, duration) if kills < 3 else None)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        else:
+            if proc.returncode == 0:
+                break
+            raise AssertionError(proc.stderr.read().decode() if proc.stderr else proc.returncode)
+        proc = _cli(out, "--resume")
+    assert kills >= 1
+    a, b = _final(ref), _final(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref_rows, rows = _rows(ref), _rows(out)
+    assert [r["step"] for r in rows] == [str(i) for i in range(1, 21)]
+    assert [(r["meta_loss"], r["grad_norm"], r["val_loss"]) for r in rows] == \
+        [(r["meta_loss"], r["grad_norm"], r["val_loss"]) for r in ref_rows]
+    assert load_file(ref / "best.safetensors").keys() == load_file(out / "best.safetensors").keys()
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resume_matches(tmp_path: Path) -> None:
+    ref = tmp_path / "ref"
+    assert _cli(ref).wait() == 0
+    out = tmp_path / "term"
+    proc = _cli(out)
+    while not (out / "metrics.csv").exists() or len(_rows(out)) < 3:
+        time.sleep(0.05)
+        assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 128 + signal.SIGTERM
+    assert b"--resume" in proc.stderr.read()
+    assert _cli(out, "--resume").wait() == 0
+    a, b = _final(ref), _final(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_meta_train_on_suite_object_with_es_and_pes(tmp_path: Path) -> None:
+    suite = load_suite(QUAD)
+    for name in ("es", "pes"):
+        result = meta_train("learnable-sgd", suite, estimator=name, progress=False, meta_steps=3, tasks_per_step=2,
+                            unroll=4, horizon=8, eval_tasks=0, es_pairs=2)
+        assert result.step == 3 and all(math.isfinite(r["meta_loss"]) for r in result.history)
+        assert result.config.estimator == name
