@@ -216,6 +216,11 @@ def test_runner_flags_divergence_and_stops_early() -> None:
     result = run(task, lambda p: sgd.build(p, 3.0), seed=0, steps=50, eval_every=1)  # |1 - 3| = 2 > 1
     assert result.diverged and result.steps[-1] < 50 and math.isinf(result.final_loss)
     assert result.losses[-1] > 10 * result.losses[0]
+    # a run evaluated only at the end (as in tuning) stops early too, at a minibatch check
+    early = run(task, lambda p: sgd.build(p, 3.0), seed=0, steps=1000, eval_every=1000)
+    assert early.diverged and early.steps == [0, 10]
+    curve_steps, curve = M.mean_curve([early, run(task, lambda p: sgd.build(p, 0.5), 0, 1000, 1000)])
+    assert curve_steps == [0, 1000] and math.isfinite(curve[0]) and math.isinf(curve[1])
     ok = run(task, lambda p: sgd.build(p, 0.5), seed=0, steps=7, eval_every=3)
     assert ok.steps == [0, 3, 6, 7] == eval_points(7, 3)
     assert ok.losses[-1] == pytest.approx(ok.losses[0] * 0.25 ** 7)

@@ -123,8 +123,10 @@ class _Harness:
             self.pbar.update(1)
         return out
 
-    def score(self, bt: BenchTask, spec: OptimizerSpec, steps: int, every: int, lr: float) -> float:
-        runs = self.runs(bt, spec, lr, steps, every)
+    def score(self, bt: BenchTask, spec: OptimizerSpec, steps: int, lr: float) -> float:
+        """Mean final loss over seeds (inf if any diverged); tuning runs evaluate only at the end,
+        since full-data evaluations can cost more than the training steps."""
+        runs = self.runs(bt, spec, lr, steps, steps)
         return math.inf if any(r.diverged for r in runs) else sum(r.final_loss for r in runs) / len(runs)
 
     def grow_total(self, n: int) -> None:
@@ -153,7 +155,7 @@ def _bench_task(h: _Harness, bt: BenchTask, specs: list[OptimizerSpec], tune: bo
         tuned = spec.label == TUNED_ADAM or (tune and spec.tuned_by_default)
         tuning = None
         if tuned:
-            tuning = tune_lr(lambda lr, s=spec: h.score(bt, s, steps, every, lr),
+            tuning = tune_lr(lambda lr, s=spec: h.score(bt, s, steps, lr),
                              on_extend=lambda: h.grow_total(len(h.seeds)))
             lr = tuning.best_lr
         else:
@@ -252,7 +254,7 @@ def benchmark(
     out_dir = None if out is None else Path(out)
     cache = RunCache(None if out_dir is None else out_dir / "cache")
     grid = 9
-    per_task = sum(grid + 1 if (s.label == TUNED_ADAM or (tune and s.tuned_by_default)) else 1 for s in specs)
+    per_task = 1 + sum(grid + 1 if (s.label == TUNED_ADAM or (tune and s.tuned_by_default)) else 1 for s in specs)
     pbar = tqdm(total=len(src.tasks) * len(seed_list) * per_task, desc="benchmark", unit="run",
                 disable=not progress, file=sys.stderr, dynamic_ncols=True)
     h = _Harness(src.name, seed_list, cache, device, pbar)

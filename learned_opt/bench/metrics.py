@@ -96,15 +96,17 @@ def normalised_ratio(candidate: Aggregate, baseline: Aggregate, tolerance: float
 
 
 def mean_curve(runs: Sequence[RunResult]) -> tuple[list[int], list[float]]:
-    """Mean loss over seeds at each evaluated step; a diverged seed counts as +inf after it stopped."""
-    longest = max(runs, key=lambda r: len(r.steps))
+    """Mean loss over seeds at each evaluated step; a diverged seed counts as +inf from where it stopped."""
+    finished = [r for r in runs if not r.diverged] or list(runs)
+    grid = max(finished, key=lambda r: len(r.steps)).steps
     rows = []
     for r in runs:
-        if r.steps != longest.steps[: len(r.steps)]:
+        if not r.diverged and r.steps != grid:
             raise ValueError("runs were evaluated at different steps; cannot average their curves")
-        tail = [math.inf] * (len(longest.steps) - len(r.losses))
-        rows.append([math.inf if not math.isfinite(x) else x for x in r.losses] + tail)
-    return list(longest.steps), [float(x) for x in np.mean(np.array(rows), axis=0)]
+        at = dict(zip(r.steps, r.losses))
+        last = r.steps[-1] if r.diverged else math.inf
+        rows.append([at[s] if s in at and s < last and math.isfinite(at[s]) else math.inf for s in grid])
+    return list(grid), [float(x) for x in np.mean(np.array(rows), axis=0)]
 
 
 def steps_to_reach(steps: Sequence[int], losses: Sequence[float], target: float) -> float | None:

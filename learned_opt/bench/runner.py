@@ -19,6 +19,7 @@ from torch import Tensor
 from learned_opt.tasks.base import Task
 
 DIVERGENCE_FACTOR = 10.0
+CHECK_EVERY = 10  # steps between minibatch-loss divergence checks
 
 
 @dataclass
@@ -73,8 +74,9 @@ def eval_points(steps: int, eval_every: int) -> list[int]:
 
 
 def default_eval_every(steps: int) -> int:
-    """About 100 evaluations per run: enough resolution for curves and speedups."""
-    return max(1, steps // 100)
+    """About 25 evaluations per run: enough for curves and (interpolated) speedups, while
+    full-data evaluations, each costing many training steps on larger datasets, stay a minority."""
+    return max(1, steps // 25)
 
 
 def init_leaf_params(task: Task, seed: int) -> tuple[list[Tensor], torch.Generator]:
@@ -113,9 +115,19 @@ def run(
     diverged = False
     step = 0
     for point in points:
-        while step < point:
-            train_step(task, params, optimizer, task.sample_batch(generator))
+        while step < point and not diverged:
+            batch_loss = train_step(task, params, optimizer, task.sample_batch(generator))
             step += 1
+            # cheap early stop between evaluations (tuning runs evaluate only at the end): a
+            # suspicious minibatch loss triggers a full-data evaluation, which decides
+            if step % CHECK_EVERY == 0 and step < point and is_divergent(float(batch_loss), losses[0]):
+                loss = _evaluate(task, params, optimizer)
+                if is_divergent(loss, losses[0]):
+                    evaluated.append(step)
+                    losses.append(loss)
+                    diverged = True
+        if diverged:
+            break
         loss = _evaluate(task, params, optimizer)
         evaluated.append(step)
         losses.append(loss)

@@ -6,7 +6,7 @@ optimizers = ["adam", "sgd", "HypergradientSGD"]   # specs, see learned_opt.benc
 tune = true          # tune each tunable optimizer's lr per task (log grid 1e-4 … 1, extended)
 seeds = 5            # the first N seeds of the suite's test split
 steps = "10x"        # horizon override: an int, or "Nx" to multiply each entry's steps
-eval_every = 0       # full-data evaluation interval; 0 = about 100 evaluations per run
+eval_every = 0       # full-data evaluation interval; 0 = about 25 evaluations per run (tuning runs: at the end only)
 timing_steps = 20    # steps of the interleaved timing pass (0 = no timing pass)
 ```
 Function arguments and command-line flags override the table.
