@@ -77,6 +77,15 @@ def test_same_seed_same_task_and_finite_losses(name, settings, need_data):
     assert run(a, 8) != la  # a different generator seed gives a different run
 
 
+def test_sampling_leaves_torch_global_rng_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    MLPClassificationFamily(width=64, depth=3).sample(0)
+    CNNClassificationFamily().sample(0)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
 def test_different_family_seeds_give_different_tasks():
     f = MLPClassificationFamily(dataset="spirals", width={"int": [8, 64]})
     a, b = f.sample(1), f.sample(2)

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch import nn
 
 from learned_opt.tasks import datasets as ds
@@ -129,7 +130,8 @@ class DataFamily(TaskFamily):
         s = self.draw_settings(seed)
         data = load_data(s["dataset"], seed, s, regression=self.loss == "mse")
         train, test = data.tensors()
-        model = self.build(data, s)
+        with torch.random.fork_rng(devices=[]):  # module constructors draw from torch's global RNG
+            model = self.build(data, s)
         desc = ", ".join(f"{k}={v}" for k, v in s.items())
         task = ModuleTask(model, train, test, loss=self.loss, batch_size=int(s["batch_size"]),
                           init_scale=float(s["init_scale"]), name=f"{self.name}({desc})")
