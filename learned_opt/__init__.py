@@ -9,6 +9,7 @@ from learned_opt.optim import (
     HypergradientSGD,
     LearnedOptimizer,
     LSTMOptimizer,
+    MLPOptimizer,
     load_optimizer,
 )
 from learned_opt.suites import Suite, SuiteEntry, load_suite
@@ -20,6 +21,7 @@ __all__ = [
     "HypergradientSGD",
     "LSTMOptimizer",
     "LearnedOptimizer",
+    "MLPOptimizer",
     "Suite",
     "SuiteEntry",
     "list_pretrained",

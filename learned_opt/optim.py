@@ -29,6 +29,7 @@ from learned_opt.rules.hparam_base import HyperparameterRule
 from learned_opt.rules.hypergradient import HypergradientAdamRule, HypergradientSGDRule
 from learned_opt.rules.learnable import LearnableAdamRule, LearnableSGDRule
 from learned_opt.rules.lstm import LSTMRule
+from learned_opt.rules.mlp import MLPRule
 from learned_opt.weights import load_rule
 
 NONFINITE_KEY = "nonfinite_skips"
@@ -260,21 +261,55 @@ class LSTMOptimizer(LearnedOptimizer):
         weight_decay: float = 0.0,
         maximize: bool = False,
     ) -> None:
-        self.card: dict[str, Any] | None = None
-        sha = None
-        if weights is None:
-            rule: Rule = LSTMRule()
-        elif isinstance(weights, Rule):
-            rule = weights
-        else:
-            rule, self.card = load_rule(weights)
-            sha = self.card["sha256"]
-        if not isinstance(rule, LSTMRule):
-            raise ValueError(
-                f"LSTMOptimizer needs 'lstm' weights, but {weights!r} holds rule {rule.name!r}; "
-                "use learned_opt.load_optimizer for other rules"
-            )
+        rule, self.card = _rule_from_weights(weights, LSTMRule, type(self).__name__)
+        sha = self.card["sha256"] if self.card else None
         super().__init__(params, rule, lr=lr, weight_decay=weight_decay, maximize=maximize, weights_sha256=sha)
+
+
+class MLPOptimizer(LearnedOptimizer):
+    """The per-coordinate MLP learned optimizer (:mod:`learned_opt.rules.mlp`) as a ``torch.optim.Optimizer``.
+
+    ``weights``: a shipped name (default ``"default"``), a ``.safetensors`` path, an ``MLPRule``
+    instance, or ``None`` for an explicitly *untrained* rule (meta-training's start: tiny steps,
+    or exactly Adam(1e-3) with ``MLPRule(adam_residual=True)``). ``lr`` multiplies the learned
+    update: 1.0 is the step the rule was trained to take, 0 freezes. The loaded card is
+    ``self.card`` (None for an instance or ``weights=None``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        weights: str | Path | Rule | None = "default",
+        *,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+    ) -> None:
+        rule, self.card = _rule_from_weights(weights, MLPRule, type(self).__name__)
+        sha = self.card["sha256"] if self.card else None
+        super().__init__(params, rule, lr=lr, weight_decay=weight_decay, maximize=maximize, weights_sha256=sha)
+
+
+def _rule_from_weights(
+    weights: str | Path | Rule | None, rule_cls: type[Rule], optimizer: str
+) -> tuple[Rule, dict[str, Any] | None]:
+    """(rule, card) for a public optimizer's ``weights`` argument; the card is None unless loaded from disk.
+
+    ``None`` builds an untrained ``rule_cls()``; weights of another rule raise ValueError.
+    """
+    card = None
+    if weights is None:
+        rule: Rule = rule_cls()
+    elif isinstance(weights, Rule):
+        rule = weights
+    else:
+        rule, card = load_rule(weights)
+    if not isinstance(rule, rule_cls):
+        raise ValueError(
+            f"{optimizer} needs {rule_cls.name!r} weights, but {weights!r} holds rule {rule.name!r}; "
+            "use learned_opt.load_optimizer for other rules"
+        )
+    return rule, card
 
 
 class GradNormDecaySGD(LearnedOptimizer):
@@ -381,14 +416,16 @@ def load_optimizer(
 ) -> Optimizer:
     """A ready optimizer from shipped or exported weights of any rule.
 
-    ``lstm`` weights give an :class:`LSTMOptimizer`; hyperparameter rules give their public class
-    (``learnable-adam`` → ``torch.optim.Adam``, ``learnable-sgd`` → ``torch.optim.SGD``) with the
-    learned values as defaults; any other rule runs in :class:`LearnedOptimizer`. ``overrides`` are
+    ``lstm`` weights give an :class:`LSTMOptimizer`, ``mlp`` weights an :class:`MLPOptimizer`;
+    hyperparameter rules give their public class (``learnable-adam`` → ``torch.optim.Adam``,
+    ``learnable-sgd`` → ``torch.optim.SGD``) with the learned values as defaults; any other rule runs in :class:`LearnedOptimizer`. ``overrides`` are
     constructor arguments that replace those defaults (e.g. ``lr=0.5``, ``weight_decay=1e-4``).
     """
     rule, card = load_rule(name_or_path)
     if isinstance(rule, LSTMRule):
         opt: Optimizer = LSTMOptimizer(params, weights=rule, **overrides)
+    elif isinstance(rule, MLPRule):
+        opt = MLPOptimizer(params, weights=rule, **overrides)
     elif rule.name in HYPERPARAMETER_OPTIMIZERS:
         assert isinstance(rule, HyperparameterRule)
         opt = HYPERPARAMETER_OPTIMIZERS[rule.name](params, **{**rule.optimizer_defaults(), **overrides})
@@ -396,6 +433,6 @@ def load_optimizer(
         opt = LearnedOptimizer(params, rule, **overrides)
     if isinstance(opt, LearnedOptimizer):
         opt.weights_sha256 = card["sha256"]
-        if isinstance(opt, LSTMOptimizer):
+        if isinstance(opt, (LSTMOptimizer, MLPOptimizer)):
             opt.card = card
     return opt

@@ -12,8 +12,15 @@ from typing import Any
 import pytest
 import torch
 
-from learned_opt.optim import GradNormDecaySGD, HypergradientAdam, HypergradientSGD, LearnedOptimizer, LSTMOptimizer
-from learned_opt.rules import LearnableAdamRule, LearnableSGDRule, LSTMRule
+from learned_opt.optim import (
+    GradNormDecaySGD,
+    HypergradientAdam,
+    HypergradientSGD,
+    LearnedOptimizer,
+    LSTMOptimizer,
+    MLPOptimizer,
+)
+from learned_opt.rules import LearnableAdamRule, LearnableSGDRule, LSTMRule, MLPRule
 
 
 def _lstm_rule() -> LSTMRule:
@@ -27,6 +34,19 @@ def _lstm_rule() -> LSTMRule:
 
 LSTM_RULE = _lstm_rule()
 
+
+def _mlp_rule() -> MLPRule:
+    """An MLP rule that descends (Adam-residual start) with a non-zero learned part."""
+    torch.manual_seed(321)
+    rule = MLPRule(hidden_size=8, adam_residual=True, init_lr0=0.05, chunk_size=7)
+    with torch.no_grad():
+        for p in rule.mlp[-1].parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return rule
+
+
+MLP_RULE = _mlp_rule()
+
 FACTORIES: dict[str, Callable[..., LearnedOptimizer]] = {
     "lstm": lambda params, **kw: LSTMOptimizer(params, weights=copy.deepcopy(LSTM_RULE), **kw),
     "grad-norm-decay-sgd": lambda params, **kw: GradNormDecaySGD(params, **{"lr": 0.05, "threshold": 0.5, "momentum": 0.5, **kw}),
@@ -34,6 +54,7 @@ FACTORIES: dict[str, Callable[..., LearnedOptimizer]] = {
     "hypergradient-adam": lambda params, **kw: HypergradientAdam(params, **{"lr": 0.01, "hyper_lr": 1e-4, **kw}),
     "learnable-adam": lambda params, **kw: LearnedOptimizer(params, LearnableAdamRule(), **{"lr": 0.01, **kw}),
     "learnable-sgd": lambda params, **kw: LearnedOptimizer(params, LearnableSGDRule(), **{"lr": 0.02, "momentum": 0.9, **kw}),
+    "mlp": lambda params, **kw: MLPOptimizer(params, weights=copy.deepcopy(MLP_RULE), **kw),
 }
 NAMES = list(FACTORIES)
 

@@ -8,6 +8,7 @@ from learned_opt.rules.grad_norm_decay import GradNormDecayRule
 from learned_opt.rules.hypergradient import HypergradientAdamRule, HypergradientSGDRule
 from learned_opt.rules.learnable import LearnableAdamRule, LearnableSGDRule
 from learned_opt.rules.lstm import LSTMRule
+from learned_opt.rules.mlp import MLPRule
 
 __all__ = [
     "RULES",
@@ -17,6 +18,7 @@ __all__ = [
     "LSTMRule",
     "LearnableAdamRule",
     "LearnableSGDRule",
+    "MLPRule",
     "Rule",
     "RuleState",
     "build_rule",

@@ -42,10 +42,17 @@ def adam_direction(
     beta1, beta2 = betas
     exp_avg = exp_avg * beta1 + g * (1 - beta1)
     exp_avg_sq = exp_avg_sq * beta2 + g * g * (1 - beta2)
+    return bias_corrected_adam(exp_avg, exp_avg_sq, step, betas, eps), exp_avg, exp_avg_sq
+
+
+def bias_corrected_adam(
+    exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, betas: Sequence[Scalar], eps: Scalar
+) -> Tensor:
+    """Adam's direction ``m̂ / (sqrt(v̂) + eps)`` from already-updated moments (``step`` 1-based, a tensor)."""
+    beta1, beta2 = betas
     bias1 = 1 - beta1**step
     bias2 = 1 - beta2**step
-    direction = (exp_avg / bias1) / (exp_avg_sq.sqrt() / bias2.sqrt() + eps)
-    return direction, exp_avg, exp_avg_sq
+    return (exp_avg / bias1) / (exp_avg_sq.sqrt() / bias2.sqrt() + eps)
 
 
 def group_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
