@@ -392,6 +392,34 @@ def test_benchmark_takes_task_objects_and_factories_and_measures_speedup() -> No
     assert res.out is None and res.files == []
 
 
+class SpikySGD(torch.optim.SGD):
+    """SGD that, at lr >= 0.3, throws the parameters far away at step 2 and back at step 3: a transient
+    blow-up an end-only evaluation misses."""
+
+    def __init__(self, params, lr: float = 0.1) -> None:
+        super().__init__(params, lr=lr)
+        self.k = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        super().step(closure)
+        self.k += 1
+        if self.param_groups[0]["lr"] >= 0.3 and self.k in (2, 3):
+            for p in self.param_groups[0]["params"]:
+                p.add_(100.0 if self.k == 2 else -100.0)
+
+
+def test_tuning_rejects_an_lr_whose_curve_run_diverges() -> None:
+    spiky = spec_from_factory("spiky", SpikySGD)
+    res = benchmark([ScaledQuadratic(1.0, name="q")], [spiky], tune=True, seeds=2, steps=8, eval_every=1,
+                    progress=False, timing_steps=0)
+    rec = res.results["tasks"][0]["results"]["spiky"]
+    # lr = 1 solves the task by the end (best end-only score), but its curve run blows up at step 2
+    assert rec["tuning"]["rejected_lrs"] == ["1"]
+    assert rec["lr"] == pytest.approx(0.1) and rec["n_diverged"] == 0
+    assert rec["tuning"]["scores"]["1"] is None  # rejected lrs are reported as diverged (inf -> null)
+
+
 def test_noisy_family_reports_test_metrics() -> None:
     res = benchmark([NoisyQuadraticFamily()], ["rmsprop[lr=0.01]"], seeds=2, steps=10, progress=False,
                     timing_steps=0)
@@ -416,8 +444,13 @@ def test_spec_parsing_and_resolution() -> None:
     assert nesterov.tuned_by_default and not resolve_optimizer("sgd[lr=0.1]").tuned_by_default
     # adam[lr=...] shares Adam's identity, so it reuses the tuning grid's cached runs
     assert resolve_optimizer("adam[lr=0.001]").key == resolve_optimizer("adam").key
-    hd = resolve_optimizer("HypergradientSGD").build([torch.zeros(2, requires_grad=True)], None)
+    hd_spec = resolve_optimizer("HypergradientSGD")
+    hd = hd_spec.build([torch.zeros(2, requires_grad=True)], None)
     assert type(hd).__name__ == "HypergradientSGD"
+    assert not hd_spec.tunable and resolve_optimizer("hypergradientsgd[tune=true]").tuned_by_default
+    assert not resolve_optimizer("adam[tune=false]").tunable
+    with pytest.raises(ValueError, match="tune must be"):
+        resolve_optimizer("adam[tune=1]")
     with pytest.raises(ValueError, match="unique"):
         resolve_optimizers(["sgd", "sgd"])
 

@@ -1,12 +1,14 @@
 """Optimizer specs: what ``--optimizers`` accepts, turned into factories with a cache identity.
 
 A spec string is ``NAME`` or ``NAME[key=value,...]`` (fixed hyperparameters; giving ``lr`` fixes the
-learning rate, so the spec is never tuned). ``NAME`` is one of:
+learning rate, so the spec is never tuned; ``tune=true``/``tune=false`` overrides whether ``--tune``
+searches its lr). ``NAME`` is one of:
 
 - a torch baseline: ``sgd``, ``momentum`` (SGD, momentum 0.9), ``nesterov``, ``adam``, ``adamw``,
-  ``rmsprop``, ``adagrad`` — tunable;
+  ``rmsprop``, ``adagrad`` — tuned under ``--tune``;
 - a hand-set adaptive-LR class of this library: ``GradNormDecaySGD``, ``HypergradientSGD``,
-  ``HypergradientAdam`` (their documented defaults) — tunable (the initial lr);
+  ``HypergradientAdam`` — run at their documented (hand-set) defaults; ``[tune=true]`` tunes the
+  initial lr;
 - a shipped weights name or a ``.safetensors`` path, loaded with :func:`learned_opt.load_optimizer`
   and run untuned; the cache identity holds the weights' sha256;
 - ``module:factory`` or ``path/to/file.py:factory``: ``factory(params, **kwargs)`` returns an
@@ -23,7 +25,7 @@ import importlib.util
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +123,14 @@ def resolve_optimizer(spec: str | OptimizerSpec) -> OptimizerSpec:
     if not isinstance(spec, str):
         raise TypeError(f"optimizer spec must be a string or OptimizerSpec, got {type(spec).__name__}")
     name, kwargs = parse_spec_string(spec)
-    fixed_lr, extra = _split_lr(spec, kwargs)
-    label = spec.strip()
+    tune = kwargs.pop("tune", None)
+    if tune is not None and not isinstance(tune, bool):
+        raise ValueError(f"optimizer spec {spec!r}: tune must be true or false, got {tune!r}")
+    resolved = _resolve_named(spec.strip(), name, *_split_lr(spec, kwargs))
+    return resolved if tune is None else replace(resolved, tunable=tune)
+
+
+def _resolve_named(label: str, name: str, fixed_lr: float | None, extra: dict[str, Any]) -> OptimizerSpec:
     lowered = name.lower()
     if lowered in TORCH_BASELINES:
         base = TORCH_BASELINES[lowered]
@@ -159,7 +167,7 @@ def _handset_spec(label: str, cls_name: str, fixed_lr: float | None, extra: dict
     def build(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
         return cls(params, **_with_lr(lr, extra))
 
-    return OptimizerSpec(label, build, {"learned_opt": cls_name, "kwargs": extra}, True, fixed_lr)
+    return OptimizerSpec(label, build, {"learned_opt": cls_name, "kwargs": extra}, False, fixed_lr)
 
 
 def _optional_spec(label: str, name: str, fixed_lr: float | None, extra: dict[str, Any]) -> OptimizerSpec:
@@ -320,7 +328,7 @@ def resolve_optimizers(
 
 
 def _relabel(spec: OptimizerSpec, label: str) -> OptimizerSpec:
-    return OptimizerSpec(label, spec.build, spec.key, spec.tunable, spec.fixed_lr)
+    return replace(spec, label=label)
 
 
 TUNED_ADAM = "adam (tuned)"

@@ -67,6 +67,10 @@ class RunCache:
         assert self.root is not None
         return self.root / digest[:2] / f"{digest}.json"
 
+    def in_memory(self, key: dict[str, Any]) -> bool:
+        """Whether this run was already fetched or stored in this session."""
+        return _digest(key) in self._memory
+
     def get(self, key: dict[str, Any]) -> RunResult | None:
         digest = _digest(key)
         result = self._memory.get(digest) or self._load(digest, key)

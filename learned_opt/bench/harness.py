@@ -114,13 +114,15 @@ class _Harness:
         for seed in self.seeds:
             key = run_key(suite=self.suite_name, task=bt.fingerprint, optimizer=spec.key, lr=lr, seed=seed,
                           steps=steps, eval_every=every, device=torch.device(self.device).type)
+            seen = self.cache.in_memory(key)  # asked again this session (tuning re-asks): not progress
             result = self.cache.get(key)
             if result is None:
                 self.pbar.set_postfix_str(f"{bt.label} · {spec.label} · lr={lr_key(lr)} · seed {seed}", refresh=False)
                 result = run(self.task(bt, seed), partial(spec.build, lr=lr), seed, steps, every)
                 self.cache.put(key, result)
             out.append(result)
-            self.pbar.update(1)
+            if not seen:
+                self.pbar.update(1)
         return out
 
     def score(self, bt: BenchTask, spec: OptimizerSpec, steps: int, lr: float) -> float:
@@ -132,6 +134,21 @@ class _Harness:
     def grow_total(self, n: int) -> None:
         self.pbar.total = (self.pbar.total or 0) + n
         self.pbar.refresh()
+
+
+def _tune(h: _Harness, bt: BenchTask, spec: OptimizerSpec, steps: int, every: int,
+          rejected: list[str]) -> tuple[Any, float, list[RunResult]]:
+    """Tune the lr, then run the winner with curves. Tuning runs evaluate only at the end, so they can
+    miss a transient blow-up that the curve run's evaluations catch: such an lr is rejected (scored
+    as diverged) and tuning picks again, so a reported tuned run never diverged where another lr did not."""
+    while True:
+        tuning = tune_lr(lambda lr: math.inf if lr_key(lr) in rejected else h.score(bt, spec, steps, lr),
+                         on_extend=lambda: h.grow_total(len(h.seeds)))
+        runs = h.runs(bt, spec, tuning.best_lr, steps, every)
+        if not any(r.diverged for r in runs) or math.isinf(tuning.scores[tuning.best_lr]):
+            return tuning, tuning.best_lr, runs
+        rejected.append(str(lr_key(tuning.best_lr)))
+        h.grow_total(len(h.seeds))
 
 
 def _optimizer_record(spec: OptimizerSpec, tuned: bool, lr: float | None, runs: list[RunResult],
@@ -153,14 +170,15 @@ def _bench_task(h: _Harness, bt: BenchTask, specs: list[OptimizerSpec], tune: bo
     records: dict[str, dict[str, Any]] = {}
     for spec in specs:
         tuned = spec.label == TUNED_ADAM or (tune and spec.tuned_by_default)
-        tuning = None
+        tuning, rejected = None, []
         if tuned:
-            tuning = tune_lr(lambda lr, s=spec: h.score(bt, s, steps, lr),
-                             on_extend=lambda: h.grow_total(len(h.seeds)))
-            lr = tuning.best_lr
+            tuning, lr, runs = _tune(h, bt, spec, steps, every, rejected)
         else:
             lr = spec.fixed_lr
-        records[spec.label] = _optimizer_record(spec, tuned, lr, h.runs(bt, spec, lr, steps, every), tuning)
+            runs = h.runs(bt, spec, lr, steps, every)
+        records[spec.label] = _optimizer_record(spec, tuned, lr, runs, tuning)
+        if tuning is not None:
+            records[spec.label]["tuning"]["rejected_lrs"] = rejected
 
     adam = records[TUNED_ADAM]
     adam_spec = next(s for s in specs if s.label == TUNED_ADAM)
@@ -254,7 +272,7 @@ def benchmark(
     out_dir = None if out is None else Path(out)
     cache = RunCache(None if out_dir is None else out_dir / "cache")
     grid = 9
-    per_task = 1 + sum(grid + 1 if (s.label == TUNED_ADAM or (tune and s.tuned_by_default)) else 1 for s in specs)
+    per_task = sum(grid + 1 if (s.label == TUNED_ADAM or (tune and s.tuned_by_default)) else 1 for s in specs)
     pbar = tqdm(total=len(src.tasks) * len(seed_list) * per_task, desc="benchmark", unit="run",
                 disable=not progress, file=sys.stderr, dynamic_ncols=True)
     h = _Harness(src.name, seed_list, cache, device, pbar)
@@ -300,7 +318,7 @@ def _same_as_reference(spec: OptimizerSpec, tune: bool) -> bool:
     adam, adam3 = reference_specs()
     if spec.key != adam.key:
         return False
-    return spec.fixed_lr == 1e-3 or (spec.fixed_lr is None and tune)
+    return spec.fixed_lr == 1e-3 or (tune and spec.tuned_by_default)
 
 
 def _api_command(*args: Any) -> str:
