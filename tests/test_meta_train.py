@@ -227,3 +227,24 @@ def test_meta_train_on_suite_object_with_es_and_pes(tmp_path: Path) -> None:
                             unroll=4, horizon=8, eval_tasks=0, es_pairs=2)
         assert result.step == 3 and all(math.isfinite(r["meta_loss"]) for r in result.history)
         assert result.config.estimator == name
+
+
+def test_cli_help_and_subcommand_registered() -> None:
+    from learned_opt.cli import SUBCOMMANDS, main
+
+    assert SUBCOMMANDS["meta-train"][0] == "learned_opt.meta.cli"
+    with pytest.raises(SystemExit) as exc:
+        main(["meta-train", "--help"])
+    assert exc.value.code == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_meta_train_on_cuda(tmp_path: Path) -> None:
+    result = meta_train(config=QUAD, out=tmp_path / "gpu", progress=False, device="cuda",
+                        rule_config={"hidden_size": 4, "num_layers": 1}, **SMALL)
+    assert result.step == 4 and all(p.is_cuda for p in result.rule.parameters())
+    assert all(math.isfinite(r["meta_loss"]) for r in result.history)
+    resumed = meta_train(config=QUAD, out=tmp_path / "gpu", resume=True, progress=False, device="cuda",
+                         rule_config={"hidden_size": 4, "num_layers": 1}, **{**SMALL, "meta_steps": 6})
+    assert resumed.step == 6
