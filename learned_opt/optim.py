@@ -2,7 +2,8 @@
 
 The adapter owns everything generic (param groups, ``maximize``, coupled ``weight_decay``,
 skipping non-finite steps, sparse/complex/half checks, state bookkeeping) and calls the rule's
-pure ``update`` under ``torch.no_grad()`` — the same code meta-training differentiates.
+``update`` under ``torch.no_grad()`` — the same code meta-training differentiates — through
+``update_inplace``, so a rule may write its new state over the old (as torch optimizers do).
 
 State layout. Per-parameter rule state lives in ``self.state[p]`` so ``state_dict``, casting on
 load, hooks and ``deepcopy`` are torch's own. The rule's *group-wide* state (e.g. an adapted
@@ -180,7 +181,7 @@ class LearnedOptimizer(Optimizer):
             return
         per_param = [{k: v for k, v in self.state[p].items() if k not in keys} for p in params]
         hparams = {k: group[k] for k in self.rule.hyperparameters}
-        updates, (new_group, new_per_param) = self.rule.update(grads, params, (group_state, per_param), hparams)
+        updates, (new_group, new_per_param) = self.rule.update_inplace(grads, params, (group_state, per_param), hparams)
         for p, u, ps in zip(params, updates, new_per_param):
             p.add_(u)
             st = self.state[p]

@@ -59,6 +59,18 @@ class Rule(nn.Module):
         """Additive updates (``p_new = p + u``) for one group and the new state. Never mutates."""
         raise NotImplementedError
 
+    def update_inplace(
+        self,
+        grads: Sequence[Tensor],
+        params: Sequence[Tensor],
+        state: RuleState,
+        hparams: Mapping[str, Tensor | float],
+    ) -> tuple[list[Tensor], RuleState]:
+        """:meth:`update` for a caller that gives ``state`` up (the optimizer adapter): the new state
+        may reuse the old state's storage, as torch optimizers update their state in place. Rules
+        with large state override it to save the allocation; by default it is :meth:`update`."""
+        return self.update(grads, params, state, hparams)
+
     def validate_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Raise ValueError naming any hyperparameter value this rule cannot use.
 

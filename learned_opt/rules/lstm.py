@@ -17,13 +17,22 @@ does). Small gradients give small steps: the input is then close to the referenc
 
 State: per parameter ``h`` and ``c`` shaped ``param.shape + (num_layers, hidden_size)`` (for the
 default 2 x 20 that is 80 numbers, 320 bytes per float32 parameter); per group ``ref_h``/``ref_c``
-of shape ``(num_layers, hidden_size)``.
+of shape ``(num_layers, hidden_size)``. The per-parameter state is stored feature-major (memory
+laid out as ``(num_layers, hidden_size, *param.shape)``, presented permuted), so the fast path's
+element-wise work runs over contiguous rows.
+
+Two code paths, one math: :meth:`LSTMRule.update_reference` (autograd, meta-training) and
+:meth:`LSTMRule.update_fast` (no graph: the optimizer, evaluation), which fuses the gate matmuls,
+writes into preallocated buffers and tests rest cheaply; ``update`` picks one. Timings and the
+gate-matmul efficiency are in ``docs/speed.md`` (``scripts/bench_speed.py``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from itertools import chain
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -33,7 +42,7 @@ from torch import Tensor, nn
 from learned_opt.rules.base import Rule, RuleState
 
 PREPROCESSINGS = ("log_sign", "none")
-DEFAULT_CHUNK_SIZE = 2**16
+DEFAULT_CHUNK_SIZE = 2**13  # fastest on a 2-core AVX-512 CPU (docs/speed.md); any size gives the same steps
 
 
 def preprocess_log_sign(g: Tensor, p: float = 10.0) -> Tensor:
@@ -42,12 +51,17 @@ def preprocess_log_sign(g: Tensor, p: float = 10.0) -> Tensor:
     ``(log|g| / p, sign g)`` where ``|g| >= e^-p``, else ``(-1, e^p g)``; both branches agree at
     ``|g| = e^-p``, so the map is continuous.
     """
+    return torch.stack(_log_sign_parts(g, p), dim=-1)
+
+
+def _log_sign_parts(g: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """The two features of :func:`preprocess_log_sign`, each shaped like ``g``."""
     threshold = math.exp(-p)
     big = g.abs() >= threshold
     log_part = torch.log(g.abs().clamp_min(threshold)) / p
     first = torch.where(big, log_part, torch.full_like(g, -1.0))
     second = torch.where(big, torch.sign(g), g * math.exp(p))
-    return torch.stack((first, second), dim=-1)
+    return first, second
 
 
 class LSTMRule(Rule):
@@ -118,6 +132,14 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
             return preprocess_log_sign(g, self.p)
         return g.unsqueeze(-1)
 
+    def _write_features(self, g: Tensor, out: Tensor) -> None:
+        """:meth:`features` of a flat ``g`` (n,), written transposed into ``out`` (input_size, n)."""
+        if self.preprocess == "log_sign":
+            for row, part in zip(out, _log_sign_parts(g, self.p)):
+                row.copy_(part)
+        else:
+            out[0].copy_(g)
+
     def cell(self, x: Tensor, h: Tensor, c: Tensor, weights: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """One LSTM step for a batch of coordinates.
 
@@ -139,9 +161,11 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
         return out, torch.stack(hs, dim=1), torch.stack(cs, dim=1)
 
     def _zero_state(self, shape: torch.Size | tuple[int, ...], like: Tensor) -> Tensor:
-        return torch.zeros(
-            (*shape, self.num_layers, self.hidden_size), dtype=_state_dtype(like), device=like.device
+        """Zeros shaped ``shape + (L, H)``, laid out feature-major (see :func:`_feature_rows`)."""
+        zeros = torch.zeros(
+            (self.num_layers, self.hidden_size, *shape), dtype=_state_dtype(like), device=like.device
         )
+        return _from_feature_rows(zeros, len(shape))
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
         per_param = [{"h": self._zero_state(p.shape, p), "c": self._zero_state(p.shape, p)} for p in params]
@@ -156,26 +180,53 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
         state: RuleState,
         hparams: Mapping[str, Tensor | float],
     ) -> tuple[list[Tensor], RuleState]:
-        group_state, per_param = state
-        lr = hparams.get("lr", 1.0)
-        casts: dict[tuple[torch.dtype, torch.device], dict[str, Tensor]] = {}
+        """One step. While autograd records (grad mode on and θ, a gradient, the state or ``lr``
+        requires grad) this runs the differentiable :meth:`update_reference`; otherwise the fused
+        no-grad :meth:`update_fast`, the same math (tests check they agree)."""
+        return self._dispatch(grads, params, state, hparams, donate_state=False)
 
-        def weights_for(like: Tensor) -> dict[str, Tensor]:
-            """θ on ``like``'s dtype and device (the rule may live on the CPU, params on a GPU)."""
-            key = (like.dtype, like.device)
-            if key not in casts:
-                casts[key] = {k: v.to(dtype=like.dtype, device=like.device) for k, v in self.named_parameters()}
-            return casts[key]
+    def update_inplace(
+        self,
+        grads: Sequence[Tensor],
+        params: Sequence[Tensor],
+        state: RuleState,
+        hparams: Mapping[str, Tensor | float],
+    ) -> tuple[list[Tensor], RuleState]:
+        """:meth:`update`, writing the new per-parameter state over the old one when no graph is recorded."""
+        return self._dispatch(grads, params, state, hparams, donate_state=True)
 
+    def _dispatch(
+        self,
+        grads: Sequence[Tensor],
+        params: Sequence[Tensor],
+        state: RuleState,
+        hparams: Mapping[str, Tensor | float],
+        *,
+        donate_state: bool,
+    ) -> tuple[list[Tensor], RuleState]:
+        if _records_graph(self, grads, state, hparams):
+            return self.update_reference(grads, params, state, hparams)
+        return self.update_fast(grads, params, state, hparams, donate_state=donate_state)
+
+    def _weights_for(self, cache: dict[Any, dict[str, Tensor]], like: Tensor) -> dict[str, Tensor]:
+        """θ on ``like``'s dtype and device (the rule may live on the CPU, params on a GPU)."""
+        key = (like.dtype, like.device)
+        if key not in cache:
+            cache[key] = {k: v.to(dtype=like.dtype, device=like.device) for k, v in self.named_parameters()}
+        return cache[key]
+
+    def _reference_step(
+        self, group_state: Mapping[str, Tensor], cache: dict[Any, dict[str, Tensor]]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The reference coordinate's step on a zero gradient: its output (1,) and new h, c (1, L, H)."""
         ref_h, ref_c = group_state["ref_h"], group_state["ref_c"]
         zero = torch.zeros(1, dtype=ref_h.dtype, device=ref_h.device)
-        ref_out, new_ref_h, new_ref_c = self.cell(
-            self.features(zero), ref_h.unsqueeze(0), ref_c.unsqueeze(0), weights_for(ref_h)
-        )
+        return self.cell(self.features(zero), ref_h.unsqueeze(0), ref_c.unsqueeze(0), self._weights_for(cache, ref_h))
 
-        # Plan chunks: a list of (param index, start, stop) segments per chunk, <= chunk_size coords.
-        # A chunk holds one dtype/device only.
-        chunks: list[list[tuple[int, int, int]]] = [[]]
+    def _plan_chunks(self, grads: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]]) -> list[list[Segment]]:
+        """Chunks of ``(param index, start, stop)`` segments, <= chunk_size coordinates and one
+        state dtype/device each: small tensors packed together, large ones split."""
+        chunks: list[list[Segment]] = [[]]
         filled = 0
         kind = None
         for idx, g in enumerate(grads):
@@ -193,17 +244,30 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
                 if filled == self.chunk_size:
                     chunks.append([])
                     filled = 0
+        return [segments for segments in chunks if segments]
+
+    def update_reference(
+        self,
+        grads: Sequence[Tensor],
+        params: Sequence[Tensor],
+        state: RuleState,
+        hparams: Mapping[str, Tensor | float],
+    ) -> tuple[list[Tensor], RuleState]:
+        """The differentiable step (twice differentiable in θ and through the gradients)."""
+        group_state, per_param = state
+        lr = hparams.get("lr", 1.0)
+        casts: dict[Any, dict[str, Tensor]] = {}
+        ref_h, ref_c = group_state["ref_h"], group_state["ref_c"]
+        ref_out, new_ref_h, new_ref_c = self._reference_step(group_state, casts)
 
         flat_g = [g.reshape(-1) for g in grads]
         flat_h = [s["h"].reshape(-1, self.num_layers, self.hidden_size) for s in per_param]
         flat_c = [s["c"].reshape(-1, self.num_layers, self.hidden_size) for s in per_param]
         pieces: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in grads]
-        for segments in chunks:
-            if not segments:
-                continue
+        for segments in self._plan_chunks(grads, per_param):
             h, c, g = (_gather(flat, segments) for flat in (flat_h, flat_c, flat_g))
             g = g.to(h.dtype)
-            out, h_new, c_new = self.cell(self.features(g), h, c, weights_for(h))
+            out, h_new, c_new = self.cell(self.features(g), h, c, self._weights_for(casts, h))
             # Pin coordinates still at rest (zero gradient, reference state) to the reference
             # exactly: batched matmuls are not bitwise batch-size invariant.
             like = {"dtype": h.dtype, "device": h.device}
@@ -233,10 +297,265 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
             step = (out - ref_out.to(dtype=out.dtype, device=out.device)).reshape(p.shape) * lr
             updates.append(step.to(p.dtype))
             new_per_param.append({"h": h, "c": c})
-        new_group = dict(group_state)
-        new_group["ref_h"] = new_ref_h.squeeze(0)
-        new_group["ref_c"] = new_ref_c.squeeze(0)
-        return updates, (new_group, new_per_param)
+        return updates, (_new_group(group_state, new_ref_h, new_ref_c), new_per_param)
+
+    @torch.no_grad()
+    def update_fast(
+        self,
+        grads: Sequence[Tensor],
+        params: Sequence[Tensor],
+        state: RuleState,
+        hparams: Mapping[str, Tensor | float],
+        *,
+        donate_state: bool = False,
+    ) -> tuple[list[Tensor], RuleState]:
+        """The step without autograd: :meth:`update_reference`'s math, fused and in place.
+
+        Works feature-major: the state is stored as ``(L·H, numel)`` rows (see
+        :func:`_feature_rows`), so every element-wise op runs over contiguous rows. Per chunk and
+        layer one buffer holds ``[1; input; h_l]`` as rows, so the gates are one matmul with
+        ``[b, W_ih, W_hh]`` (bias folded in; gates reordered to i, f, o, g so that one sigmoid
+        covers three). ``c'``, the last layer's ``h'`` and the update are written straight into
+        the outputs. Extra memory: a few chunk-sized buffers. The at-rest test looks only at the
+        chunk's zero-gradient coordinates (a GPU takes the dense test instead: no device sync).
+
+        ``donate_state=True`` lets the new state reuse the input state's storage (the caller
+        gives the old state up, as torch optimizers update their state in place); by default no
+        input is touched.
+        """
+        group_state, per_param = state
+        lr = hparams.get("lr", 1.0)
+        L, H = self.num_layers, self.hidden_size
+        ref = self._reference_step(group_state, {})
+
+        def rows_out(rows: Tensor, original: Tensor) -> Tensor:
+            private = rows.data_ptr() != original.data_ptr()  # _feature_rows had to copy
+            return rows if private or donate_state else torch.empty_like(rows)
+
+        flat_g = [g.reshape(-1) for g in grads]
+        h_in = [_feature_rows(s["h"]) for s in per_param]
+        c_in = [_feature_rows(s["c"]) for s in per_param]
+        h_out = [rows_out(r, s["h"]) for r, s in zip(h_in, per_param)]
+        c_out = [rows_out(r, s["c"]) for r, s in zip(c_in, per_param)]
+        updates = [torch.empty(p.shape, dtype=r.dtype, device=r.device) for p, r in zip(params, h_in)]
+        flat_u = [u.view(-1) for u in updates]
+        rows = min(self.chunk_size, sum(g.numel() for g in grads))
+        kinds: dict[tuple[torch.dtype, torch.device], _FastKind] = {}
+
+        for segments in self._plan_chunks(grads, per_param):
+            like = h_in[segments[0][0]]
+            key = (like.dtype, like.device)
+            if key not in kinds:
+                kinds[key] = _FastKind(self, like, rows, ref, group_state)
+            k = kinds[key]
+            n = sum(b - a for _, a, b in segments)
+            v = k.views(n)
+            if len(segments) == 1:  # the common case: read and write the state directly
+                i, a, b = segments[0]
+                g, c, h_new, c_new, u = flat_g[i][a:b], c_in[i][:, a:b], h_out[i][:, a:b], c_out[i][:, a:b], flat_u[i][a:b]
+                for layer in range(L):
+                    v.h[layer].copy_(h_in[i][layer * H : (layer + 1) * H, a:b])
+            else:
+                g = torch.cat([flat_g[i][a:b] for i, a, b in segments])
+                c, h_new, c_new, u = v.c_in, v.h_out, v.c_out, v.u
+                pos = 0
+                for i, a, b in segments:
+                    for layer in range(L):
+                        v.h[layer][:, pos : pos + b - a].copy_(h_in[i][layer * H : (layer + 1) * H, a:b])
+                    c[:, pos : pos + b - a].copy_(c_in[i][:, a:b])
+                    pos += b - a
+            g = g.to(like.dtype)
+            self._write_features(g, v.x)
+            rest = k.at_rest(g, v.h, c)
+            for layer in range(L):
+                rows_l = slice(layer * H, (layer + 1) * H)
+                torch.mm(k.weight[layer], v.z[layer], out=v.gates)
+                v.sigmoid_part.sigmoid_()  # i, f, o
+                v.g.tanh_()
+                torch.mul(v.f, c[rows_l], out=c_new[rows_l])
+                c_new[rows_l].addcmul_(v.i, v.g)
+                torch.tanh(c_new[rows_l], out=v.tmp)
+                torch.mul(v.o, v.tmp, out=h_new[rows_l])
+                if layer + 1 < L:
+                    v.inputs[layer + 1].copy_(h_new[rows_l])
+            torch.addmv(k.head_bias, h_new[(L - 1) * H :].t(), k.head_weight, out=u)
+            u.mul_(self.output_scale).sub_(k.ref_out).mul_(lr)
+            k.pin(rest, u, h_new, c_new)
+            if len(segments) > 1:
+                pos = 0
+                for i, a, b in segments:
+                    m = b - a
+                    h_out[i][:, a:b].copy_(h_new[:, pos : pos + m])
+                    c_out[i][:, a:b].copy_(c_new[:, pos : pos + m])
+                    flat_u[i][a:b].copy_(u[pos : pos + m])
+                    pos += m
+
+        new_per_param = []
+        for i, p in enumerate(params):
+            if p.numel() == 0:
+                updates[i] = torch.zeros_like(p)
+                new_per_param.append(dict(per_param[i]))
+                continue
+            updates[i] = updates[i].to(p.dtype)
+            ndim = per_param[i]["h"].dim() - 2
+            new_per_param.append(
+                {
+                    "h": _from_feature_rows(h_out[i].view(L, H, *p.shape), ndim),
+                    "c": _from_feature_rows(c_out[i].view(L, H, *p.shape), ndim),
+                }
+            )
+        _, new_ref_h, new_ref_c = ref
+        return updates, (_new_group(group_state, new_ref_h, new_ref_c), new_per_param)
+
+
+Segment = tuple[int, int, int]
+
+
+class _FastKind:
+    """:meth:`LSTMRule.update_fast`'s per-step constants and chunk buffers for one dtype/device.
+
+    Buffers have ``rows`` columns (the chunk size); a chunk of ``n`` coordinates uses their first
+    ``n`` columns, so row ``0`` of each layer's input buffer stays all ones (the folded bias).
+    """
+
+    def __init__(
+        self,
+        rule: LSTMRule,
+        like: Tensor,
+        rows: int,
+        ref: tuple[Tensor, Tensor, Tensor],
+        group_state: Mapping[str, Tensor],
+    ) -> None:
+        L, H, I = rule.num_layers, rule.hidden_size, rule.input_size
+        self.num_layers, self.hidden_size, self.input_size = L, H, I
+        opts = {"dtype": like.dtype, "device": like.device}
+        w = {k: v.detach().to(**opts) for k, v in rule.named_parameters()}
+        order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
+        order = order.to(like.device)
+        self.weight = [
+            torch.cat(
+                [
+                    (w[f"lstm.bias_ih_l{l}"] + w[f"lstm.bias_hh_l{l}"]).unsqueeze(1),
+                    w[f"lstm.weight_ih_l{l}"],
+                    w[f"lstm.weight_hh_l{l}"],
+                ],
+                dim=1,
+            )[order].contiguous()
+            for l in range(L)
+        ]
+        self.head_weight = w["head.weight"][0]
+        self.head_bias = w["head.bias"]
+        ref_out, new_ref_h, new_ref_c = (t.to(**opts) for t in ref)
+        self.ref_out = ref_out
+        self.ref_h = group_state["ref_h"].to(**opts).reshape(-1, 1)
+        self.ref_c = group_state["ref_c"].to(**opts).reshape(-1, 1)
+        self.new_ref_h, self.new_ref_c = new_ref_h.reshape(-1, 1), new_ref_c.reshape(-1, 1)
+        self.dense = _dense_at_rest(like.device)
+        self.z = [torch.empty(1 + (I if l == 0 else H) + H, rows, **opts) for l in range(L)]
+        for z in self.z:
+            z[0] = 1.0
+        self.gates = torch.empty(4 * H, rows, **opts)
+        self.tmp = torch.empty(H, rows, **opts)
+        self.c_in = torch.empty(L * H, rows, **opts)
+        self.h_out = torch.empty(L * H, rows, **opts)
+        self.c_out = torch.empty(L * H, rows, **opts)
+        self.u = torch.empty(rows, **opts)
+        self._views: dict[int, SimpleNamespace] = {}
+
+    def views(self, n: int) -> SimpleNamespace:
+        """The buffers' first ``n`` columns, named (cached: most chunks share one ``n``)."""
+        if n not in self._views:
+            H, I = self.hidden_size, self.input_size
+            z = [b[:, :n] for b in self.z]
+            gates = self.gates[:, :n]
+            self._views[n] = SimpleNamespace(
+                z=z,
+                x=z[0][1 : 1 + I],
+                inputs=[None] + [b[1 : 1 + H] for b in z[1:]],
+                h=[b[-H:] for b in z],
+                gates=gates,
+                sigmoid_part=gates[: 3 * H],
+                i=gates[:H],
+                f=gates[H : 2 * H],
+                o=gates[2 * H : 3 * H],
+                g=gates[3 * H :],
+                tmp=self.tmp[:, :n],
+                c_in=self.c_in[:, :n],
+                h_out=self.h_out[:, :n],
+                c_out=self.c_out[:, :n],
+                u=self.u[:n],
+            )
+        return self._views[n]
+
+    def at_rest(self, g: Tensor, h: list[Tensor], c: Tensor) -> Tensor:
+        """The coordinates still at rest (zero gradient, exactly the reference state): their
+        indices, or a mask when dense. ``h``: per layer (H, n) rows; ``c``: (L·H, n) rows."""
+        H = self.hidden_size
+        if self.dense:
+            rest = (g == 0) & (c == self.ref_c).all(0)
+            for layer, rows in enumerate(h):
+                rest &= (rows == self.ref_h[layer * H : (layer + 1) * H]).all(0)
+            return rest
+        idx = (g == 0).nonzero().squeeze(1)
+        if idx.numel():
+            keep = (c[:, idx] == self.ref_c).all(0)
+            for layer, rows in enumerate(h):
+                keep &= (rows[:, idx] == self.ref_h[layer * H : (layer + 1) * H]).all(0)
+            idx = idx[keep]
+        return idx
+
+    def pin(self, rest: Tensor, u: Tensor, h_new: Tensor, c_new: Tensor) -> None:
+        """Coordinates at rest take the reference's new state and a zero update, exactly."""
+        if self.dense:
+            u.masked_fill_(rest, 0.0)
+            h_new.copy_(torch.where(rest, self.new_ref_h, h_new))
+            c_new.copy_(torch.where(rest, self.new_ref_c, c_new))
+        elif rest.numel():
+            u[rest] = 0.0
+            h_new[:, rest] = self.new_ref_h
+            c_new[:, rest] = self.new_ref_c
+
+
+def _dense_at_rest(device: torch.device) -> bool:
+    """Whether the at-rest test runs dense (no host sync: GPUs) or on zero-gradient indices (CPU)."""
+    return device.type != "cpu"
+
+
+def _feature_rows(state: Tensor) -> Tensor:
+    """A ``(*shape, L, H)`` state as ``(L·H, numel)`` rows: a view when it is laid out
+    feature-major (as :meth:`LSTMRule.init_state` and :meth:`LSTMRule.update_fast` make it),
+    else a copy (e.g. a state loaded from a contiguous checkpoint)."""
+    ndim = state.dim() - 2
+    rows = state.permute(ndim, ndim + 1, *range(ndim))
+    return rows.contiguous().view(state.shape[-2] * state.shape[-1], -1)
+
+
+def _from_feature_rows(rows: Tensor, ndim: int) -> Tensor:
+    """``(L, H, *shape)`` memory presented as the state's ``(*shape, L, H)`` (a permuted view)."""
+    return rows.permute(*range(2, ndim + 2), 0, 1)
+
+
+def _records_graph(rule: LSTMRule, grads: Sequence[Tensor], state: RuleState, hparams: Mapping[str, Any]) -> bool:
+    """Whether autograd would record this step (then the differentiable path must run)."""
+    if not torch.is_grad_enabled():
+        return False
+    group_state, per_param = state
+    lr = hparams.get("lr", 1.0)
+    tensors = chain(
+        rule.parameters(),
+        grads,
+        group_state.values(),
+        (v for s in per_param for v in s.values()),
+        [lr] if isinstance(lr, Tensor) else [],
+    )
+    return any(t.requires_grad for t in tensors)
+
+
+def _new_group(group_state: Mapping[str, Tensor], new_ref_h: Tensor, new_ref_c: Tensor) -> dict[str, Tensor]:
+    new_group = dict(group_state)
+    new_group["ref_h"] = new_ref_h.squeeze(0)
+    new_group["ref_c"] = new_ref_c.squeeze(0)
+    return new_group
 
 
 def _gather(flat: list[Tensor], segments: list[tuple[int, int, int]]) -> Tensor:
