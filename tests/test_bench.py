@@ -474,6 +474,37 @@ def test_optional_optimizers_when_installed() -> None:
     assert isinstance(spec.build([torch.zeros(1, requires_grad=True)], None), sf.AdamWScheduleFree)
 
 
+class ModeTask(ScaledQuadratic):
+    """Records the mode its optimizer was in whenever a loss is computed."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0, name="modes")
+        self.mode, self.seen = "none", []
+
+    def loss(self, params, batch):
+        self.seen.append(("train", self.mode))
+        return super().loss(params, batch)
+
+    def eval_loss(self, params):
+        self.seen.append(("eval", self.mode))
+        return super().loss(params, ())
+
+
+def test_eval_mode_optimizers_are_evaluated_in_eval_mode() -> None:
+    task = ModeTask()
+
+    class ModalSGD(torch.optim.SGD):  # the schedule-free protocol: train() before steps, eval() to evaluate
+        def train(self):
+            task.mode = "train"
+
+        def eval(self):
+            task.mode = "eval"
+
+    result = run(task, lambda p: ModalSGD(p, lr=0.1), 0, 6, 2)
+    assert not result.diverged and len(task.seen) == 6 + 4
+    assert all(kind == mode for kind, mode in task.seen)
+
+
 def test_prodigy_when_installed() -> None:
     pytest.importorskip("prodigyopt")
     spec = resolve_optimizer("prodigy")

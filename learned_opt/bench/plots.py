@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from learned_opt.bench.baselines import ADAM_1E3, TUNED_ADAM
+from learned_opt.bench.metrics import WIN_TOLERANCE
 from learned_opt.bench.report import plot_name
 from learned_opt.fileio import atomic_write_bytes
 
@@ -48,8 +49,8 @@ def _styles(labels: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def _legend_label(label: str, rec: dict[str, Any]) -> str:
-    lr = "default lr" if rec["lr"] is None else f"lr={rec['lr']:.3g}" + (" tuned" if rec["tuned"] else "")
-    text = f"{label} ({lr})"
+    lr = "default lr" if rec["lr"] is None else f"lr={rec['lr']:.3g}"
+    text = f"{label}, {lr}" + (" (tuned)" if rec["tuned"] and label != TUNED_ADAM else "")
     if rec["n_diverged"]:
         text += f" — diverged on {rec['n_diverged']}/{rec['n_seeds']} seeds"
     return text
@@ -76,8 +77,10 @@ def plot_task(plt: Any, task: dict[str, Any], labels: list[str], n_seeds: int) -
             ax.fill_between(steps, losses.min(axis=0), losses.max(axis=0), color=styles[label]["color"], alpha=0.12)
     if positive:
         ax.set_yscale("log")
+    else:  # some run reached exactly zero: linear below the win tolerance, log above it
+        ax.set_yscale("symlog", linthresh=max(WIN_TOLERANCE * abs(task["initial_loss"] or 1.0), 1e-12))
     ax.set_xlabel("step")
-    ax.set_ylabel("full-data training loss" + (" (log scale)" if positive else ""))
+    ax.set_ylabel("full-data training loss (log scale)")
     ax.set_title(f"{task['label']}: mean over {n_seeds} seeds (band: min–max)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -93,7 +96,7 @@ def plot_summary(plt: Any, results: dict[str, Any]) -> Any:
     styles = _styles(all_labels)
     tasks = results["tasks"]
     n = len(tasks)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 1.2 + 0.45 * n * max(1, len(labels)) ** 0.5 + 2.5),
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 2.5 + 0.22 * n * max(len(labels), 2)),
                                   gridspec_kw={"width_ratios": [2.2, 1]})
     height = 0.8 / max(len(labels), 1)
     ratios = [t["results"][lb]["ratio_to_tuned_adam"] for t in tasks for lb in labels]
@@ -107,6 +110,8 @@ def plot_summary(plt: Any, results: dict[str, Any]) -> Any:
         # bars grow from 1 (= tuned Adam): left means better, right means worse
         bars = ax.barh(ys, [e - 1.0 for e in ends], height=height * 0.9, color=styles[label]["color"],
                        label=label, left=1.0)
+        ax.plot([v for v in vals if v is not None], [y for y, v in zip(ys, vals) if v is not None], "o",
+                color=styles[label]["color"], markersize=4, markeredgecolor="black", markeredgewidth=0.5)
         for bar, v in zip(bars, vals):
             if v is None:
                 bar.set_hatch("xx")

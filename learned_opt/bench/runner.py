@@ -108,6 +108,7 @@ def run(
     start = time.perf_counter()
     params, generator = init_leaf_params(task, seed)
     optimizer = make_optimizer(params)
+    set_eval_mode(optimizer, False)
     lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
     points: Iterable[int] = eval_points(steps, eval_every)
     evaluated: list[int] = []

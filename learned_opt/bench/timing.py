@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from learned_opt.bench.runner import init_leaf_params
+from learned_opt.bench.runner import init_leaf_params, set_eval_mode
 from learned_opt.tasks.base import Task
 
 
@@ -57,6 +57,7 @@ def time_optimizers(
     for label in labels:
         params[label], generator = init_leaf_params(task, seed)
         opts[label] = builders[label](params[label])
+        set_eval_mode(opts[label], False)  # schedule-free optimizers must be in train mode to step
     assert generator is not None
     device = task.device
     step_s: dict[str, list[float]] = {label: [] for label in labels}
