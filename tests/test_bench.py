@@ -539,6 +539,18 @@ def test_timing_pass_measures_every_optimizer() -> None:
     assert 16 < out["adam"]["state_bytes_per_param"] <= 16 + 8 / 64  # 2 float64 moments + a scalar step
 
 
+def test_cli_reports_config_errors_before_running(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from learned_opt.bench.cli import main
+
+    assert main(["--suite", "quickstart", "--seeds", "1,2", "--out", str(tmp_path)]) == 2
+    assert "not in the suite's test split" in capsys.readouterr().err
+    assert main(["--suite", "quickstart", "--optimizers", "adam[lr=x]"]) == 2
+    assert "lr must be a number" in capsys.readouterr().err
+    assert main(["--suite", "no_such_suite"]) == 2
+    assert "unknown suite" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
 def test_cli_dispatch_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     from learned_opt.cli import main
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from learned_opt.bench.harness import benchmark
+from learned_opt.bench.harness import BenchmarkConfigError, benchmark
 from learned_opt.bench.settings import check_steps_override
 
 
@@ -56,11 +56,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "learned-opt benchmark")
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     command = " ".join([prog, shlex.join(list(sys.argv[1:] if argv is None else argv))])
-    result = benchmark(
-        args.suite, args.optimizers, tune=args.tune, seeds=_seeds(args.seeds), steps=steps, out=args.out,
-        device=args.device, eval_every=args.eval_every, timing_steps=args.timing_steps,
-        progress=not args.quiet, plots=not args.no_plots, command=command,
-    )
+    try:
+        result = benchmark(
+            args.suite, args.optimizers, tune=args.tune, seeds=_seeds(args.seeds), steps=steps, out=args.out,
+            device=args.device, eval_every=args.eval_every, timing_steps=args.timing_steps,
+            progress=not args.quiet, plots=not args.no_plots, command=command,
+        )
+    except BenchmarkConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     print(result.report)
     if result.out is not None:
         print(f"\nWrote {result.out / 'report.md'}, {result.out / 'results.json'} and plots in "

@@ -230,6 +230,29 @@ def _summary(tasks: list[dict[str, Any]], labels: list[str]) -> dict[str, dict[s
     return out
 
 
+class BenchmarkConfigError(ValueError):
+    """A bad suite, table, optimizer spec or option, found before any run starts."""
+
+
+def _configure(suite: Any, optimizers: Any, tune: bool | None, seeds: Any, steps: int | str | None,
+               eval_every: int | None, timing_steps: int | None) -> tuple[Any, ...]:
+    """Resolve and validate everything (function arguments over the suite's [benchmark] table)."""
+    check_steps_override(steps, "steps")
+    src = _resolve_suite(suite, steps)
+    table = read_benchmark_table(src.tables, src.path) if src.tables.get("benchmark") is not None \
+        else dict(BENCHMARK_DEFAULTS)
+    tune = table["tune"] if tune is None else bool(tune)
+    steps = table["steps"] if steps is None else steps
+    every_cfg = table["eval_every"] if eval_every is None else eval_every
+    timing_n = table["timing_steps"] if timing_steps is None else timing_steps
+    if every_cfg < 0 or timing_n < 0:
+        raise ValueError(f"eval_every and timing_steps must be >= 0, got {every_cfg}, {timing_n}")
+    seed_list = _pick_seeds(table["seeds"] if seeds is None else seeds, src.test_seeds)
+    user_specs = resolve_optimizers(table["optimizers"] if optimizers is None else optimizers)
+    specs = list(reference_specs()) + [s for s in user_specs if not _same_as_reference(s, tune)]
+    return src, specs, seed_list, tune, steps, every_cfg, timing_n
+
+
 def benchmark(
     suite: Any,
     optimizers: Sequence[str | OptimizerSpec] | Mapping[str, Callable[..., torch.optim.Optimizer] | str] | None = None,
@@ -254,20 +277,11 @@ def benchmark(
     seeds, or an explicit list. ``steps``: horizon override, an int or ``"10x"``. ``out``: directory
     for the run cache, report.md, results.json and plots (None: nothing written, nothing cached).
     """
-    check_steps_override(steps, "steps")
-    src = _resolve_suite(suite, steps)
-    table = read_benchmark_table(src.tables, src.path) if src.tables.get("benchmark") is not None \
-        else dict(BENCHMARK_DEFAULTS)
-    tune = table["tune"] if tune is None else bool(tune)
-    steps = table["steps"] if steps is None else steps
-    every_cfg = table["eval_every"] if eval_every is None else eval_every
-    timing_n = table["timing_steps"] if timing_steps is None else timing_steps
-    if every_cfg < 0 or timing_n < 0:
-        raise ValueError(f"eval_every and timing_steps must be >= 0, got {every_cfg}, {timing_n}")
-    seed_list = _pick_seeds(table["seeds"] if seeds is None else seeds, src.test_seeds)
-    user_specs = resolve_optimizers(table["optimizers"] if optimizers is None else optimizers)
-    refs = list(reference_specs())
-    specs = refs + [s for s in user_specs if not _same_as_reference(s, tune)]
+    try:
+        src, specs, seed_list, tune, steps, every_cfg, timing_n = _configure(
+            suite, optimizers, tune, seeds, steps, eval_every, timing_steps)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        raise BenchmarkConfigError(str(exc)) from exc
 
     out_dir = None if out is None else Path(out)
     cache = RunCache(None if out_dir is None else out_dir / "cache")
@@ -300,7 +314,7 @@ def benchmark(
         "suite": src.name, "suite_path": None if src.path is None else str(src.path),
         "seeds": seed_list, "device": device, "tune": tune, "steps_override": steps,
         "timing_steps": timing_n, "torch": torch.__version__,
-        "optimizers": [{"label": s.label, "key": s.key, "reference": s in refs} for s in specs],
+        "optimizers": [{"label": s.label, "key": s.key, "reference": s.label in (TUNED_ADAM, ADAM_1E3)} for s in specs],
         "cache": {"hits": cache.hits, "misses": cache.misses},
         "tasks": tasks,
         "summary": _summary(tasks, labels),
