@@ -29,7 +29,7 @@ from learned_opt.bench.problems import BenchTask, as_bench_tasks
 from learned_opt.bench.runner import RunResult, default_eval_every, run
 from learned_opt.bench.settings import BENCHMARK_DEFAULTS, check_steps_override, read_benchmark_table, resolve_steps
 from learned_opt.bench.timing import time_optimizers
-from learned_opt.bench.tuning import tune_lr
+from learned_opt.bench.tuning import GRID_HIGH, GRID_LOW, tune_lr
 from learned_opt.tasks.base import Task
 
 
@@ -285,7 +285,7 @@ def benchmark(
 
     out_dir = None if out is None else Path(out)
     cache = RunCache(None if out_dir is None else out_dir / "cache")
-    grid = 9
+    grid = GRID_HIGH - GRID_LOW + 1
     per_task = sum(grid + 1 if (s.label == TUNED_ADAM or (tune and s.tuned_by_default)) else 1 for s in specs)
     pbar = tqdm(total=len(src.tasks) * len(seed_list) * per_task, desc="benchmark", unit="run",
                 disable=not progress, file=sys.stderr, dynamic_ncols=True)
