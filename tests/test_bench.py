@@ -469,8 +469,10 @@ def test_module_factory_spec(tmp_path: Path) -> None:
 def test_optional_optimizers_when_installed() -> None:
     sf = pytest.importorskip("schedulefree")
     spec = resolve_optimizer("schedulefree-adamw")
-    res = benchmark([ScaledQuadratic(1.0, name="q")], [spec], seeds=1, steps=5, progress=False, timing_steps=0)
-    assert res.results["tasks"][0]["results"]["schedulefree-adamw"]["n_seeds"] == 1
+    res = benchmark([ScaledQuadratic(1.0, name="q")], [spec], tune=True, seeds=1, steps=5, progress=False,
+                    timing_steps=2)
+    rec = res.results["tasks"][0]["results"]["schedulefree-adamw"]
+    assert rec["n_seeds"] == 1 and rec["tuned"] and "schedulefree-adamw" in res.results["tasks"][0]["timing"]
     assert isinstance(spec.build([torch.zeros(1, requires_grad=True)], None), sf.AdamWScheduleFree)
 
 
@@ -509,6 +511,10 @@ def test_prodigy_when_installed() -> None:
     pytest.importorskip("prodigyopt")
     spec = resolve_optimizer("prodigy")
     assert spec.fixed_lr == 1.0 and not spec.tunable
+    res = benchmark([ScaledQuadratic(1.0, name="q")], [spec], tune=True, seeds=1, steps=5, progress=False,
+                    timing_steps=2)
+    rec = res.results["tasks"][0]["results"]["prodigy"]
+    assert rec["lr"] == 1.0 and not rec["tuned"] and "prodigy" in res.results["tasks"][0]["timing"]
 
 
 def test_missing_optional_package_is_a_clear_error() -> None:

@@ -179,13 +179,11 @@ def _optional_spec(label: str, name: str, fixed_lr: float | None, extra: dict[st
             f"optimizer {name!r} needs the optional package {package!r} (pip install {package})"
         ) from exc
     if name == "prodigy":
-        lr = 1.0 if fixed_lr is None else fixed_lr
-
-        def build_prodigy(params: list[Tensor], _lr: float | None) -> torch.optim.Optimizer:
-            return module.Prodigy(params, **_with_lr(lr, extra))
+        def build_prodigy(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
+            return module.Prodigy(params, **_with_lr(1.0 if lr is None else lr, extra))
 
         key = {"package": package, "version": getattr(module, "__version__", "?"), "kwargs": extra}
-        return OptimizerSpec(label, build_prodigy, key, tunable=False, fixed_lr=lr)
+        return OptimizerSpec(label, build_prodigy, key, tunable=False, fixed_lr=1.0 if fixed_lr is None else fixed_lr)
 
     def build_sf(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
         return module.AdamWScheduleFree(params, **_with_lr(lr, extra))
