@@ -344,6 +344,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Command line: parse ``argv``, run, print the table."""
+    prog = prog or "learned-opt bench-speed"
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     specs = None
@@ -356,7 +357,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         specs = [known[n] for n in wanted]
     try:
         sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-        command = " ".join([prog or "learned-opt bench-speed", *(sys.argv[1:] if argv is None else argv)])
+        command = " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
         report = run_speed_benchmark(
             sizes,
             specs,
