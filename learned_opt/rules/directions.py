@@ -52,7 +52,19 @@ def bias_corrected_adam(
     beta1, beta2 = betas
     bias1 = 1 - beta1**step
     bias2 = 1 - beta2**step
-    return (exp_avg / bias1) / (exp_avg_sq.sqrt() / bias2.sqrt() + eps)
+    return (exp_avg / bias1) / (safe_sqrt(exp_avg_sq) / bias2.sqrt() + eps)
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """``x.sqrt()`` whose derivative at 0 is 0 instead of inf.
+
+    Coordinates whose gradient is always zero (constant input pixels, dead units) keep ``v = 0``;
+    a plain sqrt there turns meta-gradients into ``inf * 0 = NaN``. Values are unchanged.
+    """
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x.sqrt()
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
 
 
 def group_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -62,4 +74,4 @@ def group_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 def group_norm(grads: Sequence[Tensor]) -> Tensor:
     """L2 norm of a whole group's gradient, as a 0-dim tensor."""
-    return torch.stack([(g * g).sum() for g in grads]).sum().sqrt()
+    return safe_sqrt(torch.stack([(g * g).sum() for g in grads]).sum())
