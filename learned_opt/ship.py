@@ -1,0 +1,192 @@
+"""Regenerate the shipped pretrained weights: meta-train each recipe, export it, benchmark it.
+
+A recipe is ``tasks/pretrained/NAME.toml``: a ``[ship]`` table (which suite to meta-train on, which
+suite the card's figures come from) and an ordinary ``[meta_train]`` table. Shipping a name:
+
+1. ``train``: meta-train the recipe into ``WORK/NAME`` (resumable: rerunning continues the run) and
+   export its validation-selected ``best`` weights to ``learned_opt/pretrained/NAME.*``;
+2. ``bench``: benchmark every shipped name of a suite together with the suite's ``[benchmark]``
+   baselines (tuned), write ``docs/results/SUITE/`` (report, results.json, plots), record each
+   name's summary row in its card, and put the generated table into README.md between markers.
+
+``python scripts/ship_pretrained.py --all`` does both for every recipe; it is the one command that
+regenerates everything under ``learned_opt/pretrained/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from learned_opt.fileio import atomic_write_json, atomic_write_text
+from learned_opt.suites import check_table, tomllib
+from learned_opt.weights import PRETRAINED_DIR, file_sha256, load_rule, read_card, save_weights
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE_DIR = REPO / "tasks" / "pretrained"
+RESULTS_DIR = REPO / "docs" / "results"
+README = REPO / "README.md"
+SHIP_DEFAULTS: dict[str, Any] = {"suite": "meta_train", "benchmark_suite": "heldout", "weights": "best"}
+TABLE_START = "<!-- generated table: {suite} (learned_opt.ship) start -->"
+TABLE_END = "<!-- generated table: {suite} (learned_opt.ship) end -->"
+
+
+def list_recipes(recipe_dir: Path = RECIPE_DIR) -> list[str]:
+    """Names with a recipe file."""
+    return sorted(p.stem for p in recipe_dir.glob("*.toml"))
+
+
+def load_recipe(name: str, recipe_dir: Path = RECIPE_DIR) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """``([ship] table with defaults, [meta_train] table, path)``; unknown keys → ValueError."""
+    path = recipe_dir / f"{name}.toml"
+    if not path.exists():
+        raise ValueError(f"no recipe for {name!r}: {path} does not exist (recipes: {list_recipes(recipe_dir)})")
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    unknown = sorted(set(data) - {"ship", "meta_train"})
+    if unknown:
+        raise ValueError(f"{path}: unknown table(s) {unknown}; allowed: ['meta_train', 'ship']")
+    ship = check_table(data.get("ship", {}), SHIP_DEFAULTS, file=path, table_name="ship")
+    if ship["weights"] not in ("best", "final"):
+        raise ValueError(f"{path}: [ship] weights must be 'best' or 'final', got {ship['weights']!r}")
+    if "meta_train" not in data:
+        raise ValueError(f"{path}: a recipe needs a [meta_train] table")
+    return ship, dict(data["meta_train"]), path
+
+
+def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Path = RECIPE_DIR,
+          pretrained_dir: Path = PRETRAINED_DIR) -> Path:
+    """Meta-train recipe ``name`` in ``work/name`` (resuming a run there) and export it as shipped weights."""
+    from learned_opt.meta.train import meta_train
+
+    ship, table, path = load_recipe(name, recipe_dir)
+    run_dir = Path(work) / name
+    resume = (run_dir / "checkpoint.safetensors").exists()
+    command = f"python scripts/ship_pretrained.py {shlex.quote(name)} (recipe {path.relative_to(REPO) if path.is_relative_to(REPO) else path})"
+    meta_train(tasks=ship["suite"], config=table, out=run_dir, resume=resume, progress=progress, command=command)
+    rule, card = load_rule(run_dir / f"{ship['weights']}.safetensors")
+    meta = dict(card["meta_training"])
+    meta["recipe"] = str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
+    meta["exported"] = f"{ship['weights']} (validation-selected)" if ship["weights"] == "best" else "final"
+    meta["command"] = command
+    return save_weights(rule, pretrained_dir / name, name=name, meta_training=meta, metrics={})
+
+
+def bench(suite: str, names: Sequence[str], work: str | Path, *, seeds: int | None = None, progress: bool = True,
+          results_dir: Path = RESULTS_DIR, pretrained_dir: Path = PRETRAINED_DIR, readme: Path | None = README) -> Path:
+    """Benchmark shipped ``names`` with ``suite``'s baselines; record figures in cards, results and README."""
+    from learned_opt.bench.harness import benchmark
+    from learned_opt.suites import load_suite
+
+    loaded = load_suite(suite)
+    baselines = loaded.tables.get("benchmark", {}).get("optimizers", ["adam", "sgd"])
+    optimizers = {**{b: b for b in baselines}, **{n: str(pretrained_dir / f"{n}.safetensors") for n in names}}
+    out = Path(work) / f"bench-{loaded.name}"
+    args = ["--suite", suite, "--optimizers", *optimizers, "--tune"] + (["--seeds", str(seeds)] if seeds else [])
+    command = "learned-opt benchmark " + " ".join(shlex.quote(a) for a in args) + f" --out {out}"
+    result = benchmark(suite, optimizers, tune=True, seeds=seeds, out=out, progress=progress, command=command)
+    dest = results_dir / loaded.name
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for f in result.files:
+        if f.suffix in (".md", ".json", ".png"):
+            target = dest / f.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+    rel = dest.relative_to(REPO) if dest.is_relative_to(REPO) else dest
+    for name in names:
+        _record_metrics(pretrained_dir / f"{name}.safetensors", loaded.name, result.results["summary"].get(name),
+                        command, rel)
+    if readme is not None:
+        update_readme_table(readme, loaded.name, generated_table(result.report))
+    return dest
+
+
+def _record_metrics(weights: Path, suite: str, row: dict[str, Any] | None, command: str, results: Path) -> None:
+    if row is None:
+        raise ValueError(f"benchmark summary has no row for {weights.stem!r}")
+    card = read_card(weights)
+    if card["sha256"] != file_sha256(weights):
+        raise ValueError(f"{weights}: sha256 differs from its card; re-export before benchmarking")
+    card["metrics"][suite] = {**row, "command": command, "results": f"{results}/results.json",
+                              "report": f"{results}/report.md"}
+    atomic_write_json(weights.with_suffix(".json"), card)
+
+
+def generated_table(report: str) -> str:
+    """The report's summary and per-task tables (what the README shows)."""
+    keep, out = False, []
+    for line in report.splitlines():
+        if line.startswith("## "):
+            keep = line.startswith("## Summary") or line.startswith("## Final loss")
+        if keep:
+            out.append(line)
+    return "\n".join(out).strip() + "\n"
+
+
+def update_readme_table(readme: Path, suite: str, table: str) -> None:
+    """Replace the text between the suite's markers in ``readme`` (the markers must exist)."""
+    text = readme.read_text(encoding="utf-8")
+    start, end = TABLE_START.format(suite=suite), TABLE_END.format(suite=suite)
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} lacks the markers {start!r} … {end!r} for the generated table")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write_text(readme, f"{head}{start}\n{table}{end}{tail}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ship_pretrained.py",
+        description="Regenerate shipped weights: meta-train each recipe in tasks/pretrained/, export it to "
+        "learned_opt/pretrained/, benchmark the shipped names, and write the figures into cards, docs/results/ "
+        "and README.md. Rerunning resumes interrupted meta-training runs and reuses cached benchmark runs.",
+    )
+    parser.add_argument("names", nargs="*", help=f"recipes to ship (available: {', '.join(list_recipes())})")
+    parser.add_argument("--all", action="store_true", help="every recipe")
+    parser.add_argument("--work", default="runs/ship", help="meta-training runs and benchmark caches (default: runs/ship)")
+    parser.add_argument("--skip-train", action="store_true", help="only benchmark the already exported weights")
+    parser.add_argument("--skip-bench", action="store_true", help="only meta-train and export")
+    parser.add_argument("--seeds", type=int, help="benchmark seeds (default: the suite's [benchmark] table)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    names = list_recipes() if args.all else args.names
+    if not names:
+        parser.error("name recipes to ship, or --all")
+    try:
+        recipes = {n: load_recipe(n)[0] for n in names}
+        if not args.skip_train:
+            for n in names:
+                print(f"ship: meta-training {n}", flush=True)
+                train(n, args.work, progress=not args.no_progress)
+        if not args.skip_bench:
+            by_suite: dict[str, list[str]] = {}
+            for n, ship in recipes.items():
+                by_suite.setdefault(ship["benchmark_suite"], []).append(n)
+            for suite, members in by_suite.items():
+                shipped = sorted({*members, *(n for n, s in _all_shipped_suites().items() if s == suite)})
+                print(f"ship: benchmarking {shipped} on {suite}", flush=True)
+                dest = bench(suite, shipped, args.work, seeds=args.seeds, progress=not args.no_progress)
+                print(f"ship: results in {dest}")
+    except ValueError as exc:
+        print(f"ship_pretrained.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _all_shipped_suites() -> dict[str, str]:
+    """Every shipped name with a recipe -> its benchmark suite (a suite's table lists all its names)."""
+    out = {}
+    for n in list_recipes():
+        if (PRETRAINED_DIR / f"{n}.safetensors").exists():
+            out[n] = load_recipe(n)[0]["benchmark_suite"]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The ship pipeline end to end on a tiny recipe: meta-train, export, benchmark, cards, README."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from learned_opt.ship import TABLE_END, TABLE_START, bench, load_recipe, main, train
+from learned_opt.weights import file_sha256, load_rule
+
+NAME = "tiny"
+SUITE = """
+[suite]
+steps = 10
+seeds = {{ train = [0, 100], validation = [100, 200], test = [200, 300] }}
+[[suite.family]]
+label = "quad"
+family = "quadratic"
+[suite.family.settings]
+dim = 4
+[benchmark]
+optimizers = ["adam"]
+"""
+
+RECIPE = """
+[ship]
+suite = "{suite}"
+benchmark_suite = "{suite}"
+[meta_train]
+rule = "learnable-sgd"
+meta_lr = 0.01
+meta_steps = 2
+tasks_per_step = 2
+unroll = 5
+eval_every = 1
+eval_tasks = 2
+checkpoint_every = 1
+"""
+
+
+@pytest.fixture
+def setup(tmp_path):
+    suite = tmp_path / "tiny.toml"
+    suite.write_text(SUITE.format())
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "learnable-sgd.toml").write_text(RECIPE.format(suite=suite))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{TABLE_START.format(suite=NAME)}\nold\n{TABLE_END.format(suite=NAME)}\nrest\n")
+    return tmp_path, suite, recipes, readme
+
+
+def test_train_then_bench_exports_card_with_figures_and_readme_table(setup):
+    tmp, suite, recipes, readme = setup
+    pre, work, results = tmp / "pretrained", tmp / "work", tmp / "results"
+    weights = train("learnable-sgd", work, progress=False, recipe_dir=recipes, pretrained_dir=pre)
+    rule, card = load_rule(weights)
+    assert card["name"] == "learnable-sgd" and card["sha256"] == file_sha256(weights)
+    assert "ship_pretrained.py learnable-sgd" in card["meta_training"]["command"]
+    assert card["meta_training"]["steps"] >= 1
+    dest = bench(str(suite), ["learnable-sgd"], work, seeds=1, progress=False,
+                 results_dir=results, pretrained_dir=pre, readme=readme)
+    card = json.loads((pre / "learnable-sgd.json").read_text())
+    figures = card["metrics"]["tiny"]
+    assert figures["wins_vs_tuned_adam"] in (0, 1) and "learnable-sgd" in figures["command"]
+    assert (dest / "report.md").exists() and (dest / "results.json").exists()
+    text = readme.read_text()
+    assert "old" not in text and "| learnable-sgd |" in text and text.startswith("intro\n") and text.endswith("rest\n")
+
+
+def test_bad_recipes_are_rejected_with_the_file_named(tmp_path):
+    (tmp_path / "x.toml").write_text('[ship]\nsuite = "meta_train"\nbogus = 1\n[meta_train]\nrule = "lstm"\n')
+    with pytest.raises(ValueError, match=r"x\.toml.*bogus"):
+        load_recipe("x", tmp_path)
+    (tmp_path / "y.toml").write_text('[ship]\nsuite = "meta_train"\n')
+    with pytest.raises(ValueError, match=r"y\.toml.*\[meta_train\]"):
+        load_recipe("y", tmp_path)
+    with pytest.raises(ValueError, match="no recipe"):
+        load_recipe("nope", tmp_path)
+    assert main(["nope-such-recipe", "--skip-bench"]) == 2
