@@ -33,7 +33,8 @@ def test_script_runs_end_to_end_on_the_smallest_size(tmp_path: Path, capsys) -> 
     lstm = rows["lstm"]
     assert lstm["state_bytes_per_param"] == pytest.approx(320.0, rel=0.01)
     assert lstm["chunk_size"] == LSTMRule().chunk_size
-    assert lstm["efficiency"] == pytest.approx(lstm["gate_matmul_s"] / lstm["opt_step_s"])
+    assert lstm["efficiency"] == pytest.approx(lstm["gate_matmul_s"] / lstm["lstm_step_s"])
+    assert 0 < lstm["step_min_s"] <= lstm["step_s"]
     table = (tmp_path / "speed.md").read_text()
     assert "| lstm |" in table and "bench_speed.py --sizes 10k" in table
     assert "| lstm |" in capsys.readouterr().out

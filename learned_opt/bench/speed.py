@@ -13,8 +13,11 @@ Reported per optimizer and size:
   group-wide state shared by every parameter counts once);
 - **peak RSS** of the subprocess;
 - for LSTM optimizers, the **efficiency**: the time of the gate matmuls alone, per chunk and layer
-  ``(N × (inputs + H)) @ ((inputs + H) × 4H)`` at the rule's chunk size ``N`` and timed in the same
-  process, divided by the optimizer step time; FLOPs are those matmuls' ``2·N·(inputs + H)·4H``.
+  ``(N × (inputs + H)) @ ((inputs + H) × 4H)`` at the rule's chunk size ``N``, divided by the
+  optimizer step time; the two are timed alternately in the same process (so a shared machine's
+  load drifts over both alike); FLOPs are those matmuls' ``2·N·(inputs + H)·4H``.
+
+JSON rows also hold the fastest step (``*_min_s``), a steadier figure than the median on a busy machine.
 
 ``run_speed_benchmark`` is the Python entry point (optimizers are :class:`OptimizerSpec` objects
 with picklable factories); ``main`` is the command line (``scripts/bench_speed.py``,
@@ -177,24 +180,30 @@ def measure(spec: OptimizerSpec, num_params: int, *, warmup: int, repeats: int, 
         "repeats": repeats,
         "step_s": statistics.median(steps),
         "opt_step_s": statistics.median(opt_steps),
+        "step_min_s": min(steps),
+        "opt_step_min_s": min(opt_steps),
         "state_bytes_per_param": state_bytes(opt) / params,
     }
     rule = opt.rule if isinstance(opt, LearnedOptimizer) else None
     if isinstance(rule, LSTMRule):
+        # optimizer steps (on the last gradients) and matmuls alternate, so both see the same load
         run, flops = gate_matmuls(rule, params)
         run()  # warm-up
-        times = []
+        step_times, matmul_times = [], []
         for _ in range(max(repeats, 3)):
             t0 = time.perf_counter()
+            opt.step()
+            t1 = time.perf_counter()
             run()
-            times.append(time.perf_counter() - t0)
-        matmul_s = statistics.median(times)
+            step_times.append(t1 - t0)
+            matmul_times.append(time.perf_counter() - t1)
         result.update(
             chunk_size=rule.chunk_size,
-            gate_matmul_s=matmul_s,
+            lstm_step_s=statistics.median(step_times),
+            gate_matmul_s=statistics.median(matmul_times),
             gate_gflops=flops / 1e9,
-            efficiency=matmul_s / result["opt_step_s"],
         )
+        result["efficiency"] = result["gate_matmul_s"] / result["lstm_step_s"]
     result["peak_rss_bytes"] = _peak_rss_bytes()
     result["model_rss_bytes"] = rss_model
     return result
@@ -297,6 +306,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"load average at start {_load(m['loadavg'])}, at end {_load(m['loadavg_end'])}.",
         f"Batch {s['batch']}; medians of {s['repeats']} timed steps ({s['large_repeats']} from "
         f"{LARGE:,} parameters) after {s['warmup']} warm-up steps, each optimizer and size in a fresh process.",
+        "LSTM efficiency = time of its gate matmuls alone at its chunk size ÷ its optimizer step, "
+        "the two timed alternately in one process.",
         "",
         "| params | optimizer | train step ms | ratio vs Adam | opt step ms | state B/param | peak RSS MiB "
         "| gate matmuls ms | gate GFLOP/s | LSTM efficiency |",
