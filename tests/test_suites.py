@@ -145,6 +145,7 @@ def test_other_tables_are_kept_raw(tmp_path):
         (("steps = 50", "steps = -1"), r"steps must be a positive int"),
         (("[suite.family.settings]\nwidth = 8", "settings = 3"), r"\[suite.family\[1\]\].settings must be a table"),
         (("weight = 3", "weight = 0"), r"weight must be > 0"),
+        (("width = 8", 'width = 8\nactivation = "swish"'), r"\(spirals-long\): mlp_classification: activation \['swish'\] not supported"),
     ],
 )
 def test_bad_suite_files_name_file_and_key(tmp_path, edit, message):

@@ -116,10 +116,17 @@ class DataFamily(TaskFamily):
 
     def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)
-        allowed = spec_bounds(self.settings["dataset"])
-        bad = [d for d in allowed if d not in self.datasets] if isinstance(allowed, list) else allowed
+        # Names are checked here, not at sample time, so a typo in a suite file fails when it loads.
+        self._check_names("dataset", self.datasets)
+        if "activation" in self.settings:
+            self._check_names("activation", tuple(ACTIVATIONS))
+
+    def _check_names(self, key: str, known: Sequence[str]) -> None:
+        """ValueError unless every value setting ``key`` can draw is one of ``known``."""
+        values = spec_bounds(self.settings[key])
+        bad = [v for v in values if v not in known] if isinstance(values, list) else values
         if bad:
-            raise ValueError(f"{self.name}: dataset {bad} not supported; choose from {list(self.datasets)}")
+            raise ValueError(f"{self.name}: {key} {bad} not supported; choose from {list(known)}")
 
     def build(self, data: ds.Dataset, s: Mapping[str, Any]) -> nn.Module:
         """The model for ``data`` with drawn settings ``s``: an MLP (``depth`` 0, the default, is linear)."""
