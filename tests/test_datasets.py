@@ -76,6 +76,14 @@ def test_missing_mnist_names_directory_and_files(tmp_path):
     assert str(tmp_path / "nowhere") in msg and "t10k-images-idx3-ubyte" in msg and "train-labels-idx1-ubyte" in msg
 
 
+def test_half_a_training_pair_is_an_error(tmp_path):
+    write_mnist(tmp_path, n_train=30, n_test=8010)
+    (tmp_path / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train-labels-idx1-ubyte\[.gz\] is missing") as err:
+        ds.load_mnist(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
 @pytest.mark.parametrize("compress", [True, False])
 def test_truncated_file_is_an_error(tmp_path, compress):
     write_mnist(tmp_path, n_train=None, n_test=8010, compress=compress)

@@ -133,6 +133,10 @@ def _load_mnist_cached(directory: str) -> Dataset:
             f"MNIST not found in {d}: expected IDX files {expected} (the t10k pair at least). "
             "Pass the directory, or set LEARNED_OPT_DATA to a folder containing mnist/."
         )
+    if (found["train_images"] is None) != (found["train_labels"] is None):
+        # Half a training set is a broken download, not the test-only setup: say so, never fall back.
+        missing = MNIST_FILES["train_images" if found["train_images"] is None else "train_labels"]
+        raise FileNotFoundError(f"MNIST in {d} has only half of the training pair: {missing}[.gz] is missing")
 
     def pair(prefix: str) -> tuple[np.ndarray, np.ndarray]:
         images = read_idx(found[f"{prefix}_images"], "images")  # type: ignore[arg-type]
