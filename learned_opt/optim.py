@@ -84,7 +84,14 @@ class LearnedOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        try:
+            self._check_group(self.param_groups[-1])
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # a rejected group must not stay behind to be stepped
+            raise
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """ValueError for bad hyperparameters or parameters this optimizer cannot hold."""
         self._validate_group(group)
         for p in group["params"]:
             if p.is_complex():

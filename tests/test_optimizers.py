@@ -162,6 +162,10 @@ def test_add_param_group_and_validation(make) -> None:
     _train(opt, prob, 2)
     with pytest.raises(ValueError, match="lr"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": -1.0})
+    with pytest.raises(ValueError, match="complex"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))]})
+    assert len(opt.param_groups) == 2  # rejected groups are not left behind
+    _train(opt, prob, 1)
 
 
 def test_closure_returns_loss_with_grad_enabled(make) -> None:
@@ -478,6 +482,14 @@ def test_bad_hyperparameters(cls, kwargs, message) -> None:
 def test_unknown_hyperparameter_for_rule() -> None:
     with pytest.raises(ValueError, match="unknown hyperparameters"):
         LearnedOptimizer([torch.nn.Parameter(torch.zeros(2))], LSTMRule(), momentum=0.9)
+
+
+def test_state_dict_of_another_rule_is_rejected() -> None:
+    prob = Problem()
+    opt = HypergradientSGD(prob.params)
+    _train(opt, prob, 1)
+    with pytest.raises(ValueError, match="state_dict is for rule 'hypergradient-sgd', this optimizer runs 'lstm'"):
+        LSTMOptimizer(prob.params, weights=copy.deepcopy(LSTM_RULE)).load_state_dict(opt.state_dict())
 
 
 def test_sha256_mismatch_warns_on_load() -> None:
