@@ -141,7 +141,7 @@ def test_other_tables_are_kept_raw(tmp_path):
         ((", test = [110, 120]", ""), r"seeds.test must be a half-open range"),
         (("train = [0, 100]", "train = [0, 100], holdout = [7, 8]"), r"unknown key\(s\) \['holdout'\] in \[suite.seeds\]"),
         (('label = "spirals-long"', 'label = "quad"'), r"duplicate entry label\(s\) \['quad'\]"),
-        (("dim = { int = [2, 5] }", "dim = { int = [5, 2] }"), r"quadratic.dim: int needs numbers low <= high"),
+        (("dim = { int = [2, 5] }", "dim = { int = [5, 2] }"), r"quadratic.dim: int needs integers low <= high"),
         (("steps = 50", "steps = -1"), r"steps must be a positive int"),
         (("[suite.family.settings]\nwidth = 8", "settings = 3"), r"\[suite.family\[1\]\].settings must be a table"),
         (("weight = 3", "weight = 0"), r"weight must be > 0"),

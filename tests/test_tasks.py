@@ -216,6 +216,10 @@ def test_bad_settings_are_rejected():
         MLPClassificationFamily(width=[4, 4], depth=3).sample(0)
     with pytest.raises(ValueError, match="log_uniform"):
         MLPClassificationFamily(init_scale={"log_uniform": [0, 1]})
+    with pytest.raises(ValueError, match=r"width: int needs integers low <= high, got \[1.5, 4\]"):
+        MLPClassificationFamily(width={"int": [1.5, 4]})
+    with pytest.raises(ValueError, match="uniform needs numbers"):
+        MLPClassificationFamily(noise={"uniform": [False, 1]})
     with pytest.raises(ValueError, match="unknown task family 'nope'"):
         make_family("nope")
 

@@ -121,8 +121,10 @@ def validate_spec(spec: Any, where: str) -> None:
     if not (isinstance(value, (list, tuple)) and len(value) == 2):
         raise ValueError(f"{where}: {kind} needs [low, high], got {value!r}")
     lo, hi = value
-    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float))) or lo > hi:
-        raise ValueError(f"{where}: {kind} needs numbers low <= high, got {value!r}")
+    number = (int, float) if kind in ("uniform", "log_uniform") else (int,)
+    if not all(isinstance(v, number) and not isinstance(v, bool) for v in value) or lo > hi:
+        what = "numbers" if float in number else "integers"
+        raise ValueError(f"{where}: {kind} needs {what} low <= high, got {value!r}")
     if kind.startswith("log") and lo <= 0:
         raise ValueError(f"{where}: {kind} needs positive bounds, got {value!r}")
 
