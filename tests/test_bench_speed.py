@@ -28,7 +28,7 @@ def test_script_runs_end_to_end_on_the_smallest_size(tmp_path: Path, capsys) -> 
     assert list(rows) == ["adam", "lstm"]  # the baseline is always measured, first
     assert rows["adam"]["ratio_vs_adam"] == 1.0
     for r in rows.values():
-        assert abs(r["params"] - 10_000) < 200 and r["step_s"] > 0 and r["peak_rss_bytes"] > r["model_rss_bytes"] > 0
+        assert abs(r["params"] - 10_000) < 200 and r["step_s"] > 0 and r["peak_rss_bytes"] >= r["model_rss_bytes"] > 0
     assert rows["adam"]["state_bytes_per_param"] == pytest.approx(8.0, rel=0.01)
     lstm = rows["lstm"]
     assert lstm["state_bytes_per_param"] == pytest.approx(320.0, rel=0.01)
