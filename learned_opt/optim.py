@@ -134,7 +134,10 @@ class LearnedOptimizer(Optimizer):
         with torch.no_grad():
             group_state, per_param = self.rule.init_state(fresh)
         existing = self._group_state_of(group)
-        if not existing:
+        if existing:
+            with torch.no_grad():
+                per_param = self.rule.join_state({k: v for k, v in existing.items() if k != NONFINITE_KEY}, per_param)
+        else:
             existing = {**group_state, NONFINITE_KEY: torch.zeros((), dtype=fresh[0].dtype, device=fresh[0].device)}
         for p, ps in zip(fresh, per_param):
             clash = set(ps) & self.group_keys

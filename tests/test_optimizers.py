@@ -544,3 +544,21 @@ def test_state_bytes_per_parameter(factory, expected) -> None:
     opt.step()
     per_param = [v for v in opt.state[p].values() if v.shape[: p.dim()] == p.shape]
     assert sum(v.numel() * v.element_size() for v in per_param) / p.numel() == expected
+
+
+def test_late_joining_parameter_with_zero_gradient_does_not_move(make) -> None:
+    """A parameter whose grad was None for a while (frozen, then unfrozen) and then gets an all-zero
+    gradient must not move, though the group's state has advanced meanwhile."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5))
+    b = torch.nn.Parameter(torch.randn(4))
+    opt = make([a, b])
+    for _ in range(5):
+        a.grad = torch.randn(5)
+        opt.step()
+    before = b.detach().clone()
+    for _ in range(3):
+        a.grad = torch.randn(5)
+        b.grad = torch.zeros(4)
+        opt.step()
+    assert torch.equal(b.detach(), before)

@@ -59,6 +59,12 @@ class Rule(nn.Module):
         """Additive updates (``p_new = p + u``) for one group and the new state. Never mutates."""
         raise NotImplementedError
 
+    def join_state(self, group_state: GroupState, per_param: list[ParamState]) -> list[ParamState]:
+        """Fresh state of parameters joining a group whose state has already advanced (their grad
+        was None so far). A rule whose "fresh" means "equal to a group-wide reference" (the LSTM)
+        moves them onto it; by default fresh per-parameter state is kept as it is."""
+        return per_param
+
     def update_inplace(
         self,
         grads: Sequence[Tensor],

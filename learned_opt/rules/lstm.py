@@ -173,6 +173,13 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
         group = {"ref_h": self._zero_state((), like), "ref_c": self._zero_state((), like)}
         return group, per_param
 
+    def join_state(self, group_state: dict[str, Tensor], per_param: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """A late-joining parameter starts on the group's zero-gradient reference trajectory, so an
+        all-zero gradient still moves it exactly nothing (a zero state would not be "at rest")."""
+        ref_h, ref_c = group_state["ref_h"], group_state["ref_c"]
+        return [{"h": ref_h.to(s["h"]).expand_as(s["h"]).clone(), "c": ref_c.to(s["c"]).expand_as(s["c"]).clone()}
+                for s in per_param]
+
     def update(
         self,
         grads: Sequence[Tensor],
