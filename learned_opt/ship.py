@@ -59,10 +59,16 @@ def load_recipe(name: str, recipe_dir: Path = RECIPE_DIR) -> tuple[dict[str, Any
 
 
 def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Path = RECIPE_DIR,
-          pretrained_dir: Path = PRETRAINED_DIR) -> Path:
-    """Meta-train recipe ``name`` in ``work/name`` (resuming a run there) and export it as shipped weights."""
+          pretrained_dir: Path = PRETRAINED_DIR, threads: int = 1) -> Path:
+    """Meta-train recipe ``name`` in ``work/name`` (resuming a run there) and export it as shipped weights.
+
+    ``threads`` pins torch's intra-op threads: on CPU the same count makes a run bitwise reproducible.
+    """
+    import torch
+
     from learned_opt.meta.train import meta_train
 
+    torch.set_num_threads(threads)
     ship, table, path = load_recipe(name, recipe_dir)
     run_dir = Path(work) / name
     resume = (run_dir / "checkpoint.safetensors").exists()
@@ -73,6 +79,7 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
     meta["recipe"] = str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
     meta["exported"] = f"{ship['weights']} (validation-selected)" if ship["weights"] == "best" else "final"
     meta["command"] = command
+    meta["threads"] = threads
     return save_weights(rule, pretrained_dir / name, name=name, meta_training=meta, metrics={})
 
 
