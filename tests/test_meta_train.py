@@ -56,6 +56,17 @@ def test_paper_config_runs_and_writes_everything(tmp_path: Path) -> None:
     assert not torch.equal(before, params[0].detach())
     trained = load_file(out / "final.safetensors")
     assert all(torch.equal(v, result.rule.state_dict()[k].cpu()) for k, v in trained.items())
+    assert card["meta_training"]["inner_steps"] == result.inner_steps == 4 * 2 * 5  # steps x tasks x unroll
+    if _has("matplotlib"):
+        assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if _has("tensorboard"):
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def test_meta_training_improves_the_toy_rule(tmp_path: Path) -> None:
@@ -96,6 +107,61 @@ def test_nonfinite_meta_gradient_skips_update_and_is_counted(tmp_path: Path) -> 
     assert result.skipped == 1 and all(torch.isfinite(p).all() for p in rule.parameters())
     snapshots.append(rule.log_lr.item())
     assert math.isfinite(snapshots[0])
+
+
+def test_meta_gradient_is_clipped_to_its_norm_limit() -> None:
+    moved = {}
+    for clip in (0.0, 1e-3):
+        rule = ToyMomentum()
+        before = torch.stack([p.detach().clone() for p in rule.parameters()])
+        result = meta_train(rule, ToyFamily(), estimator="bptt", progress=False, meta_steps=1, tasks_per_step=1,
+                            unroll=5, horizon=5, eval_tasks=0, meta_optimizer="sgd", meta_lr=1.0, grad_clip=clip)
+        step = torch.linalg.vector_norm(torch.stack([p.detach() for p in rule.parameters()]) - before).item()
+        moved[clip] = (step, result.history[0]["grad_norm"])
+    step, raw = moved[0.0]
+    assert raw > 1e-2 and step == pytest.approx(raw, rel=1e-5)  # unclipped: SGD(lr=1) moves by the gradient
+    step, raw_again = moved[1e-3]
+    assert raw_again == pytest.approx(raw) and step == pytest.approx(1e-3, rel=1e-4)  # logged norm is pre-clip
+
+
+def _truncations(random_start: bool) -> tuple[list[int], int]:
+    """Truncation lengths of one slot, and the steps its first run took (log-uniform unrolls, horizon 40)."""
+    result = meta_train(ToyMomentum(), ToyFamily(), estimator="bptt", progress=False, meta_steps=12, tasks_per_step=1,
+                        unroll={"log_int": [2, 16]}, horizon=40, random_start=random_start, eval_tasks=0, seed=1)
+    totals = [r["inner_steps"] for r in result.history]
+    lengths = [b - a for a, b in zip([0, *totals], totals)]
+    first_run = next(t for t, r in zip(totals, result.history) if r["runs_finished"] == 1)
+    return lengths, first_run
+
+
+def test_log_uniform_unrolls_and_random_starting_iterations() -> None:
+    lengths, first_run = _truncations(random_start=False)
+    assert len(set(lengths)) >= 4 and all(1 <= n <= 16 for n in lengths), lengths
+    assert first_run == 40  # the whole horizon, in truncations of varying length
+    lengths, first_run = _truncations(random_start=True)
+    assert first_run < 40  # the first run started part-way (its first steps were trained without a graph)
+
+
+def test_missing_data_is_reported_before_any_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    suite = tmp_path / "mnist.toml"
+    suite.write_text((ROOT / "tasks" / "l2l_mnist.toml").read_text())
+    monkeypatch.setenv("LEARNED_OPT_DATA", str(tmp_path / "no-data"))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="entry 'mnist-mlp-20-sigmoid'.*MNIST not found"):
+        meta_train(config=suite, out=out, progress=False)
+    assert not out.exists()
+
+
+def test_cli_names_the_bad_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from learned_opt.meta.cli import main
+
+    for flag, value, message in [("--unroll", "abc", "argument --unroll: invalid value 'abc'"),
+                                 ("--horizon", "5:x", "argument --horizon: invalid range '5:x'"),
+                                 ("--rule-config", "[1]", "argument --rule-config: expected a JSON object")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["--config", str(QUAD), "--out", str(tmp_path / "o"), flag, value])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_config_errors_are_reported_before_any_work(tmp_path: Path) -> None:
@@ -144,6 +210,28 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path: Path) -> 
     (out / CHECKPOINT_NAME).write_bytes(bytes(data[:1000]))
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         meta_train(config=QUAD, out=out, resume=True, progress=False, **small)
+
+
+def test_temp_file_of_a_killed_checkpoint_write_is_ignored(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    small = {**SMALL, "rule_config": {"hidden_size": 3, "num_layers": 1}}
+    out.mkdir()  # killed while writing the very first checkpoint: only its temp file is there
+    (out / f".{CHECKPOINT_NAME}.a1b2c3.tmp").write_bytes(b"torn")
+    meta_train(config=QUAD, out=out, resume=True, progress=False, **{**small, "meta_steps": 2})
+    # killed while overwriting a later checkpoint: the old checkpoint and a torn temp file
+    (out / f".{CHECKPOINT_NAME}.d4e5f6.tmp").write_bytes((out / CHECKPOINT_NAME).read_bytes()[:500])
+    result = meta_train(config=QUAD, out=out, resume=True, progress=False, **{**small, "meta_steps": 3})
+    assert result.step == 3 and [int(r["step"]) for r in _rows(out)] == [1, 2, 3]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_resume_of_a_finished_run_keeps_its_final_meta_loss(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    small = {**SMALL, "meta_steps": 2, "rule_config": {"hidden_size": 3, "num_layers": 1}}
+    done = meta_train(config=QUAD, out=out, progress=False, **small)
+    again = meta_train(config=QUAD, out=out, resume=True, progress=False, **small)  # e.g. killed after the last checkpoint
+    assert again.step == 2 and not again.history and again.final_meta_loss == done.final_meta_loss is not None
+    assert json.loads((out / "final.json").read_text())["metrics"]["final_meta_loss"] == done.final_meta_loss
 
 
 def test_resume_alone_reuses_the_runs_settings(tmp_path: Path) -> None:

@@ -85,10 +85,16 @@ class MetaTrainResult:
     rank: int = 0
     local_slots: list[int] = field(default_factory=list)
     local_inner_steps: int = 0
+    last_meta_loss: float | None = None  # of the run's last meta-step (also when this call ran none)
 
     @property
     def final_meta_loss(self) -> float | None:
-        return self.history[-1]["meta_loss"] if self.history else None
+        return self.history[-1]["meta_loss"] if self.history else self.last_meta_loss
+
+    @property
+    def inner_steps_per_s(self) -> float | None:
+        """Meta-training throughput: optimizee steps per second, summed over the task batch (all ranks)."""
+        return self.inner_steps / self.wall_s if self.wall_s > 0 else None
 
 
 class MetaTrainingInterrupted(RuntimeError):
@@ -143,6 +149,17 @@ def _resolve_suite(tasks: Suite | TaskFamily | str | os.PathLike[str] | None, co
     if not name:
         raise ValueError("no tasks to meta-train on: pass a suite (name or .toml path) or a TaskFamily")
     return load_suite(name)
+
+
+def check_tasks_build(suite: Suite) -> None:
+    """Build one training task per entry, so missing data or a bad family setting is reported before
+    any output is written (the datasets they load stay cached for the run)."""
+    seed = suite.seeds["train"][0]
+    for entry in suite.entries:
+        try:
+            entry.family.sample(seed)
+        except (FileNotFoundError, ImportError) as exc:
+            raise ValueError(f"suite {suite.name!r}, entry {entry.label!r}: cannot build its tasks: {exc}") from exc
 
 
 def _suite_ref(suite: Suite) -> str:
@@ -483,6 +500,7 @@ def meta_train(
         _check_compatible(payload, cfg, rule, suite, estimator, ckpt_path)  # type: ignore[arg-type]
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
+    check_tasks_build(suite)
 
     ctx = init_distributed(cfg.device)
     try:
@@ -524,7 +542,7 @@ def _train(rule: Rule, suite: Suite, estimator: GradientEstimator, cfg: MetaTrai
                 "estimator_config": estimator.config(), "suite_entries": [e.label for e in suite.entries]}
 
     counters: dict[str, Any] = {"skipped": 0, "inner_steps": 0, "runs_finished": 0, "elapsed_s": 0.0,
-                                "best_val": None, "best_step": None}
+                                "best_val": None, "best_step": None, "last_meta_loss": None}
     start = 0
     mine = ctx.share(cfg.tasks_per_step)
     if payload is not None:
@@ -565,7 +583,8 @@ def _train(rule: Rule, suite: Suite, estimator: GradientEstimator, cfg: MetaTrai
             assert out is not None
             elapsed = counters["elapsed_s"] + (time.perf_counter() - t0)
             save_weights(rule, out / name, name=f"{rule.name} meta-trained on {suite.name}",
-                         meta_training={**card, "steps": step, "wall_time_s": round(elapsed, 3)},
+                         meta_training={**card, "steps": step, "wall_time_s": round(elapsed, 3),
+                                        "inner_steps": counters["inner_steps"]},
                          metrics=dict(extra_metrics))
 
     t0 = time.perf_counter()
@@ -601,6 +620,7 @@ def _train(rule: Rule, suite: Suite, estimator: GradientEstimator, cfg: MetaTrai
                 counters["inner_steps"] += int(flat[-2])
                 counters["runs_finished"] += int(flat[-1])
                 grad_norm = float(torch.linalg.vector_norm(meta_grad))
+                counters["last_meta_loss"] = meta_loss
                 if not (math.isfinite(meta_loss) and math.isfinite(grad_norm)):
                     counters["skipped"] += 1
                     log.warning("meta-step %d: non-finite meta-loss/gradient, update skipped", step)
@@ -643,6 +663,7 @@ def _train(rule: Rule, suite: Suite, estimator: GradientEstimator, cfg: MetaTrai
     result.step = step
     result.skipped, result.inner_steps = counters["skipped"], counters["inner_steps"]
     result.best_val, result.best_step = counters["best_val"], counters["best_step"]
+    result.last_meta_loss = counters["last_meta_loss"]
     result.wall_s = counters["elapsed_s"] + time.perf_counter() - t0
     if result.interrupted:
         raise MetaTrainingInterrupted(result, int(stop["signum"] or signal.SIGTERM))
