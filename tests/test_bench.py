@@ -557,6 +557,26 @@ def test_cli_reports_config_errors_before_running(capsys: pytest.CaptureFixture[
     assert not (tmp_path / "cache").exists()
 
 
+def test_cli_reports_bad_flags_devices_and_missing_data_before_running(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from learned_opt.bench.cli import main
+
+    for flag, value, message in [("--steps", "0", "argument --steps: steps must be a positive int"),
+                                 ("--seeds", "x", "argument --seeds: expected a count")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["--suite", "quickstart", flag, value])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert main(["--suite", "quickstart", "--device", "tpu", "--out", str(tmp_path)]) == 2
+    assert "invalid device 'tpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--suite", "quickstart", "--device", "cuda", "--out", str(tmp_path)]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    monkeypatch.setenv("LEARNED_OPT_DATA", str(tmp_path / "no-data"))
+    assert main(["--suite", "l2l_mnist", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "task 'mnist-mlp-20-sigmoid': cannot build it: MNIST not found" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_cli_dispatch_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     from learned_opt.cli import main
 

@@ -27,38 +27,49 @@ def build_parser(prog: str = "learned-opt benchmark") -> argparse.ArgumentParser
     tune.add_argument("--tune", dest="tune", action="store_true", default=None,
                       help="tune each tunable optimizer's lr per task (grid 1e-4 … 1, half-decades, extended)")
     tune.add_argument("--no-tune", dest="tune", action="store_false", help="run untuned (tuned Adam still tuned)")
-    p.add_argument("--seeds", help="number of test seeds, or a comma-separated list of test seeds")
-    p.add_argument("--steps", help="horizon override: N steps, or Nx to multiply each task's horizon (e.g. 10x)")
+    p.add_argument("--seeds", type=_seeds, help="number of test seeds, or a comma-separated list of test seeds")
+    p.add_argument("--steps", type=_steps,
+                   help="horizon override: N steps, or Nx to multiply each task's horizon (e.g. 10x)")
     p.add_argument("--out", type=Path, help="output directory (run cache, report.md, results.json, plots/)")
     p.add_argument("--device", default="cpu", help="torch device for the tasks (default cpu)")
     p.add_argument("--eval-every", type=int, help="evaluate the full-data loss every K steps (0 = auto)")
     p.add_argument("--timing-steps", type=int, help="steps of the timing pass (0 = skip it)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (1 is much faster on a machine shared "
+                   "with other busy processes)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def _seeds(text: str | None) -> int | list[int] | None:
-    if text is None:
-        return None
+def _seeds(text: str) -> int | list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()] if "," in text else int(text)
     except ValueError:
-        raise SystemExit(f"--seeds must be a count or a comma-separated list of ints, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a count or a comma-separated list of ints, got {text!r}") from None
+
+
+def _steps(text: str) -> int | str:
+    try:
+        steps = check_steps_override(text, "--steps")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--steps: ")) from None
+    assert steps is not None
+    return steps
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "learned-opt benchmark") -> int:
     """Parse flags, run the benchmark, print the report and where the files are."""
     args = build_parser(prog).parse_args(argv)
-    steps = args.steps
-    try:
-        steps = check_steps_override(steps, "--steps")
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+    if args.threads is not None:
+        if args.threads < 1:
+            build_parser(prog).error(f"argument --threads: must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     command = " ".join([prog, shlex.join(list(sys.argv[1:] if argv is None else argv))])
     try:
         result = benchmark(
-            args.suite, args.optimizers, tune=args.tune, seeds=_seeds(args.seeds), steps=steps, out=args.out,
+            args.suite, args.optimizers, tune=args.tune, seeds=args.seeds, steps=args.steps, out=args.out,
             device=args.device, eval_every=args.eval_every, timing_steps=args.timing_steps,
             progress=not args.quiet, plots=not args.no_plots, command=command,
         )
@@ -67,8 +78,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "learned-opt benchmark")
         return 2
     print(result.report)
     if result.out is not None:
-        print(f"\nWrote {result.out / 'report.md'}, {result.out / 'results.json'} and plots in "
-              f"{result.out / 'plots'}/")
+        plots = f" and plots in {result.out / 'plots'}/" if any(f.suffix == ".png" for f in result.files) else ""
+        print(f"\nWrote {result.out / 'report.md'}, {result.out / 'results.json'}{plots}")
     return 0
 
 

@@ -234,10 +234,22 @@ class BenchmarkConfigError(ValueError):
     """A bad suite, table, optimizer spec or option, found before any run starts."""
 
 
+def check_device(device: str) -> torch.device:
+    """The torch device ``device`` names; ValueError if it is not one, or not available here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"invalid device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
 def _configure(suite: Any, optimizers: Any, tune: bool | None, seeds: Any, steps: int | str | None,
-               eval_every: int | None, timing_steps: int | None) -> tuple[Any, ...]:
+               eval_every: int | None, timing_steps: int | None, device: str) -> tuple[Any, ...]:
     """Resolve and validate everything (function arguments over the suite's [benchmark] table)."""
     check_steps_override(steps, "steps")
+    check_device(device)
     src = _resolve_suite(suite, steps)
     table = read_benchmark_table(src.tables, src.path) if src.tables.get("benchmark") is not None \
         else dict(BENCHMARK_DEFAULTS)
@@ -279,7 +291,7 @@ def benchmark(
     """
     try:
         src, specs, seed_list, tune, steps, every_cfg, timing_n = _configure(
-            suite, optimizers, tune, seeds, steps, eval_every, timing_steps)
+            suite, optimizers, tune, seeds, steps, eval_every, timing_steps, device)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         raise BenchmarkConfigError(str(exc)) from exc
 
@@ -290,6 +302,12 @@ def benchmark(
     pbar = tqdm(total=len(src.tasks) * len(seed_list) * per_task, desc="benchmark", unit="run",
                 disable=not progress, file=sys.stderr, dynamic_ncols=True)
     h = _Harness(src.name, seed_list, cache, device, pbar)
+    for bt in src.tasks:  # build each task once up front: missing data is reported before any run
+        try:
+            h.task(bt, seed_list[0])
+        except (FileNotFoundError, ImportError) as exc:
+            pbar.close()
+            raise BenchmarkConfigError(f"task {bt.label!r}: cannot build it: {exc}") from exc
     tasks = []
     try:
         for bt in src.tasks:
