@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"learned-opt meta-train: error: {exc}", file=sys.stderr)
         return 2
-    if result.step == 0 or result.out is None:
+    if result.step == 0 or result.out is None or result.rank != 0:  # one summary per job
         return 0
     rate = result.inner_steps_per_s
     print(f"meta-trained {result.step} steps in {result.wall_s:.1f}s ({result.inner_steps} optimizee steps"
