@@ -76,6 +76,9 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
     meta_train(tasks=ship["suite"], config=table, out=run_dir, resume=resume, progress=progress, command=command)
     rule, card = load_rule(run_dir / f"{ship['weights']}.safetensors")
     meta = dict(card["meta_training"])
+    if ship["weights"] == "best":  # the best card's steps/wall time stop at the selected step
+        final = read_card(run_dir / "final.safetensors")["meta_training"]
+        meta.update(selected_step=meta["steps"], steps=final["steps"], wall_time_s=final["wall_time_s"])
     meta["recipe"] = str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
     meta["exported"] = f"{ship['weights']} (validation-selected)" if ship["weights"] == "best" else "final"
     meta["command"] = command
