@@ -586,3 +586,26 @@ def test_cli_dispatch_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["benchmark", "--help"])
     assert "--tune" in capsys.readouterr().out
+
+
+def test_validation_split_runs_on_validation_seeds_and_says_so(tmp_path):
+    """Settings are chosen on validation seeds; reports use test seeds; the report names the split."""
+    import learned_opt
+    from learned_opt.bench.harness import BenchmarkConfigError
+    from learned_opt.suites import load_suite
+
+    suite_file = tmp_path / "s.toml"
+    suite_file.write_text(
+        '[suite]\nsteps = 5\nseeds = { train = [0, 10], validation = [10, 20], test = [20, 30] }\n'
+        '[[suite.family]]\nlabel = "q"\nfamily = "quadratic"\n[suite.family.settings]\ndim = 3\n'
+    )
+    res = learned_opt.benchmark(str(suite_file), ["sgd[lr=0.01]"], seeds=2, split="validation", progress=False,
+                                timing_steps=0)
+    assert res.results["seeds"] == [10, 11] and res.results["split"] == "validation"
+    assert "validation split" in res.report
+    assert learned_opt.benchmark(load_suite(suite_file), ["sgd[lr=0.01]"], seeds=1, progress=False,
+                                 timing_steps=0).results["seeds"] == [20]
+    with pytest.raises(BenchmarkConfigError, match="validation split"):
+        learned_opt.benchmark(str(suite_file), ["sgd[lr=0.01]"], seeds=[20], split="validation", progress=False)
+    with pytest.raises(BenchmarkConfigError, match="split"):
+        learned_opt.benchmark(str(suite_file), ["sgd[lr=0.01]"], seeds=1, split="train", progress=False)

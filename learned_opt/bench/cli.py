@@ -28,6 +28,8 @@ def build_parser(prog: str = "learned-opt benchmark") -> argparse.ArgumentParser
                       help="tune each tunable optimizer's lr per task (grid 1e-4 … 1, half-decades, extended)")
     tune.add_argument("--no-tune", dest="tune", action="store_false", help="run untuned (tuned Adam still tuned)")
     p.add_argument("--seeds", type=_seeds, help="number of test seeds, or a comma-separated list of test seeds")
+    p.add_argument("--split", choices=["test", "validation"], default="test",
+                   help="task seeds to run on: test (reports) or validation (choosing settings); default test")
     p.add_argument("--steps", type=_steps,
                    help="horizon override: N steps, or Nx to multiply each task's horizon (e.g. 10x)")
     p.add_argument("--out", type=Path, help="output directory (run cache, report.md, results.json, plots/)")
@@ -71,7 +73,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "learned-opt benchmark")
         result = benchmark(
             args.suite, args.optimizers, tune=args.tune, seeds=args.seeds, steps=args.steps, out=args.out,
             device=args.device, eval_every=args.eval_every, timing_steps=args.timing_steps,
-            progress=not args.quiet, plots=not args.no_plots, command=command,
+            progress=not args.quiet, plots=not args.no_plots, command=command, split=args.split,
         )
     except BenchmarkConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

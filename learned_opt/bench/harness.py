@@ -48,34 +48,38 @@ class _SuiteSource:
     name: str
     path: Path | None
     tasks: list[BenchTask]
-    test_seeds: Sequence[int] | None
+    test_seeds: Sequence[int] | None  # the chosen split's seeds (None: any seed)
     tables: dict[str, Any]
+    split: str = "test"
 
 
-def _resolve_suite(suite: Any, steps: int | str | None) -> _SuiteSource:
+SPLITS = ("test", "validation")
+
+
+def _resolve_suite(suite: Any, steps: int | str | None, split: str = "test") -> _SuiteSource:
     if isinstance(suite, (str, Path)):
         from learned_opt.suites import load_suite
 
         suite = load_suite(suite)
     if hasattr(suite, "entries") and hasattr(suite, "seeds"):
         return _SuiteSource(suite.name, suite.path, as_bench_tasks(suite.entries, None),
-                            suite.seeds["test"], dict(suite.tables))
+                            suite.seeds[split], dict(suite.tables), split)
     if isinstance(suite, (Task, BenchTask)) or hasattr(suite, "sample"):
         suite = [suite]
     if isinstance(steps, str) or steps is None:
         fixed = None
     else:
         fixed = int(steps)
-    return _SuiteSource("custom", None, as_bench_tasks(list(suite), fixed), None, {})
+    return _SuiteSource("custom", None, as_bench_tasks(list(suite), fixed), None, {}, "custom")
 
 
-def _pick_seeds(seeds: int | Sequence[int], test_seeds: Sequence[int] | None) -> list[int]:
+def _pick_seeds(seeds: int | Sequence[int], test_seeds: Sequence[int] | None, split: str = "test") -> list[int]:
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         if seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {seeds}")
         pool = test_seeds if test_seeds is not None else range(seeds)
         if seeds > len(pool):
-            raise ValueError(f"asked for {seeds} seeds but the suite's test split has only {len(pool)}")
+            raise ValueError(f"asked for {seeds} seeds but the suite's {split} split has only {len(pool)}")
         return [int(s) for s in list(pool)[:seeds]]
     out = [int(s) for s in seeds]
     if not out:
@@ -83,7 +87,7 @@ def _pick_seeds(seeds: int | Sequence[int], test_seeds: Sequence[int] | None) ->
     if test_seeds is not None:
         outside = [s for s in out if s not in test_seeds]
         if outside:
-            raise ValueError(f"seeds {outside} are not in the suite's test split {test_seeds}")
+            raise ValueError(f"seeds {outside} are not in the suite's {split} split {test_seeds}")
     return out
 
 
@@ -246,11 +250,13 @@ def check_device(device: str) -> torch.device:
 
 
 def _configure(suite: Any, optimizers: Any, tune: bool | None, seeds: Any, steps: int | str | None,
-               eval_every: int | None, timing_steps: int | None, device: str) -> tuple[Any, ...]:
+               eval_every: int | None, timing_steps: int | None, device: str, split: str = "test") -> tuple[Any, ...]:
     """Resolve and validate everything (function arguments over the suite's [benchmark] table)."""
     check_steps_override(steps, "steps")
     check_device(device)
-    src = _resolve_suite(suite, steps)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    src = _resolve_suite(suite, steps, split)
     table = read_benchmark_table(src.tables, src.path) if src.tables.get("benchmark") is not None \
         else dict(BENCHMARK_DEFAULTS)
     tune = table["tune"] if tune is None else bool(tune)
@@ -259,7 +265,7 @@ def _configure(suite: Any, optimizers: Any, tune: bool | None, seeds: Any, steps
     timing_n = table["timing_steps"] if timing_steps is None else timing_steps
     if every_cfg < 0 or timing_n < 0:
         raise ValueError(f"eval_every and timing_steps must be >= 0, got {every_cfg}, {timing_n}")
-    seed_list = _pick_seeds(table["seeds"] if seeds is None else seeds, src.test_seeds)
+    seed_list = _pick_seeds(table["seeds"] if seeds is None else seeds, src.test_seeds, src.split)
     user_specs = resolve_optimizers(table["optimizers"] if optimizers is None else optimizers)
     specs = list(reference_specs()) + [s for s in user_specs if not _same_as_reference(s, tune)]
     return src, specs, seed_list, tune, steps, every_cfg, timing_n
@@ -279,19 +285,20 @@ def benchmark(
     progress: bool = True,
     plots: bool = True,
     command: str | None = None,
+    split: str = "test",
 ) -> BenchmarkResult:
     """Benchmark ``optimizers`` on ``suite`` against tuned Adam and Adam(lr=1e-3); see the module doc.
 
     ``suite``: a suite name or file (its ``[benchmark]`` table supplies defaults), a Suite, or a
     list of SuiteEntry / TaskFamily / Task objects (the latter two need ``steps``).
     ``optimizers``: spec strings (see :mod:`learned_opt.bench.baselines`), OptimizerSpec objects, or
-    ``{label: factory}`` with ``factory(params[, lr=...])``. ``seeds``: how many of the suite's test
-    seeds, or an explicit list. ``steps``: horizon override, an int or ``"10x"``. ``out``: directory
+    ``{label: factory}`` with ``factory(params[, lr=...])``. ``seeds``: how many of the suite's
+    ``split`` seeds (``"test"`` for reports, ``"validation"`` for choosing settings), or a list of them. ``steps``: horizon override, an int or ``"10x"``. ``out``: directory
     for the run cache, report.md, results.json and plots (None: nothing written, nothing cached).
     """
     try:
         src, specs, seed_list, tune, steps, every_cfg, timing_n = _configure(
-            suite, optimizers, tune, seeds, steps, eval_every, timing_steps, device)
+            suite, optimizers, tune, seeds, steps, eval_every, timing_steps, device, split)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         raise BenchmarkConfigError(str(exc)) from exc
 
@@ -330,7 +337,7 @@ def benchmark(
         "version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "suite": src.name, "suite_path": None if src.path is None else str(src.path),
-        "seeds": seed_list, "device": device, "tune": tune, "steps_override": steps,
+        "seeds": seed_list, "split": src.split, "device": device, "tune": tune, "steps_override": steps,
         "timing_steps": timing_n, "torch": torch.__version__,
         "optimizers": [{"label": s.label, "key": s.key, "reference": s.label in (TUNED_ADAM, ADAM_1E3)} for s in specs],
         "cache": {"hits": cache.hits, "misses": cache.misses},

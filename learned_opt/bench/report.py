@@ -48,7 +48,7 @@ def render_report(results: dict[str, Any]) -> str:
         "",
         f"`{results['command']}`",
         "",
-        f"{n_tasks} tasks × {len(results['seeds'])} seeds (test split: {results['seeds']}); "
+        f"{n_tasks} tasks × {len(results['seeds'])} seeds ({results.get('split', 'test')} split: {results['seeds']}); "
         f"baselines tuned: {'yes' if results['tune'] else 'no (tuned Adam only)'}; device {results['device']}; "
         f"learned_opt {results['version']}, torch {results['torch']}.",
         "",
