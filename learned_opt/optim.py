@@ -280,8 +280,9 @@ class LSTMOptimizer(LearnedOptimizer):
 class MLPOptimizer(LearnedOptimizer):
     """The per-coordinate MLP learned optimizer (:mod:`learned_opt.rules.mlp`) as a ``torch.optim.Optimizer``.
 
-    ``weights``: a shipped name (default ``"default"``), a ``.safetensors`` path, an ``MLPRule``
-    instance, or ``None`` for an explicitly *untrained* rule (meta-training's start: tiny steps,
+    ``weights`` (required: no MLP weights ship; the shipped ``default`` is a meta-trained
+    hypergradient Adam, which beat this rule on the validation split, see docs/ablations.md): a
+    ``.safetensors`` path, an ``MLPRule`` instance, or ``None`` for an explicitly *untrained* rule (meta-training's start: tiny steps,
     or exactly Adam(1e-3) with ``MLPRule(adam_residual=True)``). ``lr`` multiplies the learned
     update: 1.0 is the step the rule was trained to take, 0 freezes. The loaded card is
     ``self.card`` (None for an instance or ``weights=None``).
@@ -291,8 +292,8 @@ class MLPOptimizer(LearnedOptimizer):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 1.0,
-        weights: str | Path | Rule | None = "default",
         *,
+        weights: str | Path | Rule | None,
         weight_decay: float = 0.0,
         maximize: bool = False,
     ) -> None:

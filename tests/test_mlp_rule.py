@@ -195,8 +195,11 @@ def test_weights_round_trip_and_names(tmp_path: Path) -> None:
             opt.step()
     assert torch.equal(p1, p2)
     assert isinstance(MLPOptimizer([p1], weights=path).rule, MLPRule)
-    with pytest.raises(NotShippedError, match="not shipped yet"):
-        learned_opt.MLPOptimizer([p1])  # weights="default"
+    with pytest.raises(TypeError, match="weights"):
+        learned_opt.MLPOptimizer([p1])  # no MLP weights ship: the caller must say which (or None)
+    shipped = "default" in learned_opt.list_pretrained()
+    with pytest.raises(ValueError if shipped else NotShippedError, match="needs 'mlp' weights" if shipped else "not shipped"):
+        learned_opt.MLPOptimizer([p1], weights="default")  # the shipped default is another rule
     with pytest.raises(ValueError, match="needs 'mlp' weights"):
         MLPOptimizer([p1], weights=LSTMRule())
     with pytest.raises(ValueError, match="needs 'lstm' weights"):
