@@ -48,11 +48,15 @@ def test_round_trip_and_card_fields(tmp_path: Path) -> None:
     assert torch.equal(loaded_by_str.head.weight, rule.head.weight)
 
 
-@pytest.mark.parametrize("name", PLANNED_NAMES)
-def test_planned_names_say_not_shipped(name: str) -> None:
-    assert name not in learned_opt.list_pretrained()
+@pytest.mark.parametrize("name", [n for n in PLANNED_NAMES if n not in learned_opt.list_pretrained()])
+def test_planned_names_not_shipped_say_so(name: str) -> None:
     with pytest.raises(NotShippedError, match="not shipped yet"):
         load_rule(name)
+
+
+def test_unknown_names_are_not_mistaken_for_planned_ones() -> None:
+    with pytest.raises(ValueError, match="unknown pretrained weights"):
+        load_rule("no-such-weights")
 
 
 def test_lstm_optimizer_default_weights_not_shipped_and_none_is_untrained() -> None:

@@ -71,8 +71,8 @@ class OptimizerSpec:
 def default_optimizers() -> list[OptimizerSpec]:
     """Adam (the baseline) and every library optimizer, at default hyperparameters.
 
-    Learned rules run with untrained weights where no trained ones ship: a step costs the same
-    whatever the weights' values. The MLP rule is included when this install has it.
+    Learned rules without shipped weights run untrained: a step costs the same whatever the
+    weights' values. The shipped ``default`` is measured when this install has it.
     """
     specs = [
         OptimizerSpec(BASELINE, functools.partial(torch.optim.Adam, lr=1e-3, foreach=True)),
@@ -81,14 +81,12 @@ def default_optimizers() -> list[OptimizerSpec]:
         OptimizerSpec("hypergradient-sgd", HypergradientSGD),
         OptimizerSpec("grad-norm-decay-sgd", GradNormDecaySGD),
     ]
-    try:
-        from learned_opt.optim import MLPOptimizer
-    except ImportError:  # an install without the MLP rule
-        return specs
+    from learned_opt.optim import MLPOptimizer, load_optimizer
     from learned_opt.weights import list_pretrained
 
-    weights = "default" if "default" in list_pretrained() else None
-    specs.append(OptimizerSpec("mlp" if weights else "mlp (untrained)", functools.partial(MLPOptimizer, weights=weights)))
+    specs.append(OptimizerSpec("mlp (untrained)", functools.partial(MLPOptimizer, weights=None)))
+    if "default" in list_pretrained():
+        specs.append(OptimizerSpec("default", functools.partial(load_optimizer, "default")))
     return specs
 
 
