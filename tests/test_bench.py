@@ -609,3 +609,23 @@ def test_validation_split_runs_on_validation_seeds_and_says_so(tmp_path):
         learned_opt.benchmark(str(suite_file), ["sgd[lr=0.01]"], seeds=[20], split="validation", progress=False)
     with pytest.raises(BenchmarkConfigError, match="split"):
         learned_opt.benchmark(str(suite_file), ["sgd[lr=0.01]"], seeds=1, split="train", progress=False)
+
+
+def test_report_counts_how_often_the_decay_branch_fired(tmp_path):
+    """Issue 6 asks how often grad-norm decay fires per task: runs record the rules' end state."""
+    import learned_opt
+
+    suite_file = tmp_path / "s.toml"
+    suite_file.write_text(
+        '[suite]\nsteps = 20\nseeds = { train = [0, 10], validation = [10, 20], test = [20, 30] }\n'
+        '[[suite.family]]\nlabel = "q"\nfamily = "quadratic"\n[suite.family.settings]\ndim = 3\n'
+    )
+    res = learned_opt.benchmark(str(suite_file), {"always": "GradNormDecaySGD[threshold=1e6,lr=0.001]",
+                                                  "never": "GradNormDecaySGD[threshold=1e-12,lr=0.001]"},
+                                seeds=2, progress=False, timing_steps=0)
+    runs = res.results["tasks"][0]["results"]
+    assert [r["extra"]["state"]["decay_count"] for r in runs["always"]["runs"]] == [20.0, 20.0]
+    assert [r["extra"]["state"]["decay_count"] for r in runs["never"]["runs"]] == [0.0, 0.0]
+    assert "always: decay fired (steps)" in res.report
+    assert "| q | 20 | 20 | 0.122 | 0 | 1 |" in res.report  # fired 20 times: lr factor 0.9**20
+    assert "state" not in runs["adam (tuned)"]["runs"][0]["extra"]

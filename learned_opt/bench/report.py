@@ -104,8 +104,33 @@ def render_report(results: dict[str, Any]) -> str:
             ])
         lines += _table(["task", "lr", "final loss", "ratio to tuned Adam", "speedup", "win tuned Adam",
                          "win Adam 1e-3", "test acc", "step ms (× Adam)", "state B/param"], rows)
+    lines += _state_section(tasks, labels)
     lines += ["", "Plots: `plots/summary.png` and one `plots/<task>.png` per task (loss curves).", ""]
     return "\n".join(lines)
+
+
+STATE_KEYS = {"decay_count": "decay fired (steps)", "lr_factor": "final lr factor"}
+
+
+def _state_section(tasks: list[dict[str, Any]], labels: list[str]) -> list[str]:
+    """How the adaptive-rate rules adapted: mean over seeds of their end-of-run group state."""
+    cols = []
+    for label in labels:
+        for key, name in STATE_KEYS.items():
+            if any(key in run.get("extra", {}).get("state", {}) for t in tasks for run in t["results"][label]["runs"]):
+                cols.append((label, key, name))
+    if not cols:
+        return []
+    rows = []
+    for t in tasks:
+        row = [t["label"], str(t["steps"])]
+        for label, key, _ in cols:
+            values = [run["extra"]["state"][key] for run in t["results"][label]["runs"]
+                      if run.get("extra", {}).get("state", {}).get(key) is not None]  # None: non-finite
+            row.append(_num(sum(values) / len(values)) if values else "—")
+        rows.append(row)
+    return ["", "## Adaptive rules: end-of-run state (mean over seeds, runs at the reported lr)", "",
+            *_table(["task", "steps", *(f"{label}: {name}" for label, _, name in cols)], rows)]
 
 
 def plot_name(label: str) -> str:

@@ -144,8 +144,20 @@ def run(
             metrics = task.test_metrics(params)
         set_eval_mode(optimizer, False)
         test = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-    extra = {"lr": float(lr)} if isinstance(lr, (int, float)) else {}
+    extra: dict[str, Any] = {"lr": float(lr)} if isinstance(lr, (int, float)) else {}
+    state = final_group_state(optimizer)
+    if state:
+        extra["state"] = state
     return RunResult(seed, evaluated, losses, diverged, test, time.perf_counter() - start, extra)
+
+
+def final_group_state(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Scalar group-wide state of a library optimizer's first group at the end of a run (how often
+    the gradient-norm decay fired, the adapted lr factor, skipped steps); empty for other optimizers."""
+    group_state = getattr(optimizer, "group_state", None)
+    if not callable(group_state) or not optimizer.param_groups:
+        return {}
+    return {k: float(v) for k, v in group_state(0).items() if v.dim() == 0}
 
 
 def _evaluate(task: Task, params: list[Tensor], optimizer: torch.optim.Optimizer) -> float:
