@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from learned_opt.rules.base import Rule, RuleState
+from learned_opt.rules.chunks import Segment, cast_parameters, concat, gather, plan_chunks
 
 PREPROCESSINGS = ("log_sign", "none")
 DEFAULT_CHUNK_SIZE = 2**14  # among the fastest on a 2-core AVX-512 CPU (docs/speed.md); any size gives the same steps
@@ -217,10 +218,7 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
 
     def _weights_for(self, cache: dict[Any, dict[str, Tensor]], like: Tensor) -> dict[str, Tensor]:
         """θ on ``like``'s dtype and device (the rule may live on the CPU, params on a GPU)."""
-        key = (like.dtype, like.device)
-        if key not in cache:
-            cache[key] = {k: v.to(dtype=like.dtype, device=like.device) for k, v in self.named_parameters()}
-        return cache[key]
+        return cast_parameters(self, like, cache)
 
     def _reference_step(
         self, group_state: Mapping[str, Tensor], cache: dict[Any, dict[str, Tensor]]
@@ -233,25 +231,8 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
     def _plan_chunks(self, grads: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]]) -> list[list[Segment]]:
         """Chunks of ``(param index, start, stop)`` segments, <= chunk_size coordinates and one
         state dtype/device each: small tensors packed together, large ones split."""
-        chunks: list[list[Segment]] = [[]]
-        filled = 0
-        kind = None
-        for idx, g in enumerate(grads):
-            this_kind = (per_param[idx]["h"].dtype, per_param[idx]["h"].device)
-            if this_kind != kind and filled:
-                chunks.append([])
-                filled = 0
-            kind = this_kind
-            start, n = 0, g.numel()
-            while start < n:
-                take = min(n - start, self.chunk_size - filled)
-                chunks[-1].append((idx, start, start + take))
-                filled += take
-                start += take
-                if filled == self.chunk_size:
-                    chunks.append([])
-                    filled = 0
-        return [segments for segments in chunks if segments]
+        kinds = [(st["h"].dtype, st["h"].device) for st in per_param]
+        return plan_chunks([g.numel() for g in grads], kinds, self.chunk_size)
 
     def update_reference(
         self,
@@ -272,7 +253,7 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
         flat_c = [s["c"].reshape(-1, self.num_layers, self.hidden_size) for s in per_param]
         pieces: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in grads]
         for segments in self._plan_chunks(grads, per_param):
-            h, c, g = (_gather(flat, segments) for flat in (flat_h, flat_c, flat_g))
+            h, c, g = (gather(flat, segments) for flat in (flat_h, flat_c, flat_g))
             g = g.to(h.dtype)
             out, h_new, c_new = self.cell(self.features(g), h, c, self._weights_for(casts, h))
             # Pin coordinates still at rest (zero gradient, reference state) to the reference
@@ -298,7 +279,7 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
                 updates.append(torch.zeros_like(p))
                 new_per_param.append(dict(per_param[i]))
                 continue
-            out, h, c = (_concat([piece[k] for piece in pieces[i]]) for k in range(3))
+            out, h, c = (concat([piece[k] for piece in pieces[i]]) for k in range(3))
             h = h.reshape(per_param[i]["h"].shape)
             c = c.reshape(per_param[i]["c"].shape)
             step = (out - ref_out.to(dtype=out.dtype, device=out.device)).reshape(p.shape) * lr
@@ -415,7 +396,6 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
         return updates, (_new_group(group_state, new_ref_h, new_ref_c), new_per_param)
 
 
-Segment = tuple[int, int, int]
 
 
 class _FastKind:
@@ -563,15 +543,6 @@ def _new_group(group_state: Mapping[str, Tensor], new_ref_h: Tensor, new_ref_c: 
     new_group["ref_h"] = new_ref_h.squeeze(0)
     new_group["ref_c"] = new_ref_c.squeeze(0)
     return new_group
-
-
-def _gather(flat: list[Tensor], segments: list[tuple[int, int, int]]) -> Tensor:
-    """The chunk's rows: a view when it is one slice of one tensor, else a concatenation."""
-    return _concat([flat[i][a:b] for i, a, b in segments])
-
-
-def _concat(pieces: list[Tensor]) -> Tensor:
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
