@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from learned_opt.rules.base import Rule, RuleState
 from learned_opt.rules.chunks import Segment, cast_parameters, concat, gather, plan_chunks
+from learned_opt.rules.lstm_kernels import chunk_step, fuse_weights, layer_forward
 
 PREPROCESSINGS = ("log_sign", "none")
 DEFAULT_CHUNK_SIZE = 2**14  # among the fastest on a 2-core AVX-512 CPU (docs/speed.md); any size gives the same steps
@@ -189,8 +190,9 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
         hparams: Mapping[str, Tensor | float],
     ) -> tuple[list[Tensor], RuleState]:
         """One step. While autograd records (grad mode on and θ, a gradient, the state or ``lr``
-        requires grad) this runs the differentiable :meth:`update_reference`; otherwise the fused
-        no-grad :meth:`update_fast`, the same math (tests check they agree)."""
+        requires grad) this runs a differentiable path: :meth:`update_first_order` when the
+        gradients are constants (first-order meta-training), else :meth:`update_reference`;
+        otherwise the fused no-grad :meth:`update_fast`. One math (tests check they agree)."""
         return self._dispatch(grads, params, state, hparams, donate_state=False)
 
     def update_inplace(
@@ -212,9 +214,11 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
         *,
         donate_state: bool,
     ) -> tuple[list[Tensor], RuleState]:
-        if _records_graph(self, grads, state, hparams):
+        if not _records_graph(self, grads, state, hparams):
+            return self.update_fast(grads, params, state, hparams, donate_state=donate_state)
+        if any(g.requires_grad for g in grads):  # second order: differentiate through the gradients too
             return self.update_reference(grads, params, state, hparams)
-        return self.update_fast(grads, params, state, hparams, donate_state=donate_state)
+        return self.update_first_order(grads, params, state, hparams)
 
     def _weights_for(self, cache: dict[Any, dict[str, Tensor]], like: Tensor) -> dict[str, Tensor]:
         """θ on ``like``'s dtype and device (the rule may live on the CPU, params on a GPU)."""
@@ -228,11 +232,22 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
         zero = torch.zeros(1, dtype=ref_h.dtype, device=ref_h.device)
         return self.cell(self.features(zero), ref_h.unsqueeze(0), ref_c.unsqueeze(0), self._weights_for(cache, ref_h))
 
-    def _plan_chunks(self, grads: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]]) -> list[list[Segment]]:
+    def _plan_chunks(self, grads: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]], *,
+                     large_apart: bool = False) -> list[list[Segment]]:
         """Chunks of ``(param index, start, stop)`` segments, <= chunk_size coordinates and one
-        state dtype/device each: small tensors packed together, large ones split."""
+        state dtype/device each: small tensors packed together, large ones split.
+
+        ``large_apart``: tensors of at least half a chunk are never packed with others (their
+        chunks are views, not copies); the small ones are packed together after them.
+        """
         kinds = [(st["h"].dtype, st["h"].device) for st in per_param]
-        return plan_chunks([g.numel() for g in grads], kinds, self.chunk_size)
+        sizes = [g.numel() for g in grads]
+        order = list(range(len(sizes)))
+        if large_apart:
+            order.sort(key=lambda i: sizes[i] < self.chunk_size // 2)
+            kinds = [(*k, i if n >= self.chunk_size // 2 else -1) for i, (k, n) in enumerate(zip(kinds, sizes))]
+        chunks = plan_chunks([sizes[i] for i in order], [kinds[i] for i in order], self.chunk_size)
+        return [[(order[j], a, b) for j, a, b in chunk] for chunk in chunks]
 
     def update_reference(
         self,
@@ -285,6 +300,65 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
             step = (out - ref_out.to(dtype=out.dtype, device=out.device)).reshape(p.shape) * lr
             updates.append(step.to(p.dtype))
             new_per_param.append({"h": h, "c": c})
+        return updates, (_new_group(group_state, new_ref_h, new_ref_c), new_per_param)
+
+    def update_first_order(
+        self,
+        grads: Sequence[Tensor],
+        params: Sequence[Tensor],
+        state: RuleState,
+        hparams: Mapping[str, Tensor | float],
+    ) -> tuple[list[Tensor], RuleState]:
+        """The step differentiable in θ, ``lr`` and the state, the gradients taken as constants.
+
+        :meth:`update_reference`'s math on feature-major chunks through the fused
+        :class:`~learned_opt.rules.lstm_kernels.ChunkStep` (its backward written out): the path of
+        first-order meta-training, several times faster than autograd op by op. Coordinates at
+        rest are pinned to the reference on their indices, as in :meth:`update_fast`.
+        """
+        group_state, per_param = state
+        L, H = self.num_layers, self.hidden_size
+        casts: dict[Any, dict[str, Tensor]] = {}
+        fused: dict[Any, list[Tensor]] = {}
+        ref_out, new_ref_h, new_ref_c = self._reference_step(group_state, casts)
+        flat_g = [g.detach().reshape(-1) for g in grads]
+        h_in = [_feature_rows(s["h"]) for s in per_param]
+        c_in = [_feature_rows(s["c"]) for s in per_param]
+        pieces: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in grads]
+        for segments in self._plan_chunks(grads, per_param, large_apart=True):
+            like = h_in[segments[0][0]]
+            key = (like.dtype, like.device)
+            w = self._weights_for(casts, like)
+            if key not in fused:
+                fused[key] = fuse_weights(w, L, H)
+            opts = {"dtype": like.dtype, "device": like.device}
+            g = gather(flat_g, segments).to(like.dtype)
+            h = _gather_columns(h_in, segments)
+            c = _gather_columns(c_in, segments)
+            x = self.features(g).t()
+            lr = torch.as_tensor(hparams.get("lr", 1.0), **opts)
+            rest = _at_rest_columns(g, [h.detach()], c.detach(), group_state["ref_h"].to(**opts).reshape(-1, 1),
+                                    group_state["ref_c"].to(**opts).reshape(-1, 1))
+            u, h_new, c_new = chunk_step((L, H, self.output_scale), x, h, c, lr, ref_out.to(**opts).reshape(()),
+                                         new_ref_h.detach().to(**opts).reshape(-1),
+                                         new_ref_c.detach().to(**opts).reshape(-1), rest,
+                                         w["head.weight"], w["head.bias"], fused[key])
+            sizes = [b - a for _, a, b in segments]
+            for (i, _, _), *piece in zip(segments, u.split(sizes), h_new.split(sizes, 1), c_new.split(sizes, 1)):
+                pieces[i].append(tuple(piece))
+
+        updates, new_per_param = [], []
+        for i, p in enumerate(params):
+            if not pieces[i]:  # zero-element parameter
+                updates.append(torch.zeros_like(p))
+                new_per_param.append(dict(per_param[i]))
+                continue
+            u = concat([piece[0] for piece in pieces[i]])
+            h, c = (_concat_columns([piece[k] for piece in pieces[i]]) for k in (1, 2))
+            ndim = p.dim()
+            updates.append(u.reshape(p.shape).to(p.dtype))
+            new_per_param.append({"h": _from_feature_rows(h.reshape(L, H, *p.shape), ndim),
+                                  "c": _from_feature_rows(c.reshape(L, H, *p.shape), ndim)})
         return updates, (_new_group(group_state, new_ref_h, new_ref_c), new_per_param)
 
     @torch.no_grad()
@@ -357,13 +431,7 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
             rest = k.at_rest(g, v.h, c)
             for layer in range(L):
                 rows_l = slice(layer * H, (layer + 1) * H)
-                torch.mm(k.weight[layer], v.z[layer], out=v.gates)
-                v.sigmoid_part.sigmoid_()  # i, f, o
-                v.g.tanh_()
-                torch.mul(v.f, c[rows_l], out=c_new[rows_l])
-                c_new[rows_l].addcmul_(v.i, v.g)
-                torch.tanh(c_new[rows_l], out=v.tmp)
-                torch.mul(v.o, v.tmp, out=h_new[rows_l])
+                layer_forward(k.weight[layer], v.z[layer], c[rows_l], v.gates, v.tmp, c_new[rows_l], h_new[rows_l])
                 if layer + 1 < L:
                     v.inputs[layer + 1].copy_(h_new[rows_l])
             torch.addmv(k.head_bias, h_new[(L - 1) * H :].t(), k.head_weight, out=u)
@@ -417,19 +485,7 @@ class _FastKind:
         self.num_layers, self.hidden_size, self.input_size = L, H, I
         opts = {"dtype": like.dtype, "device": like.device}
         w = {k: v.detach().to(**opts) for k, v in rule.named_parameters()}
-        order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
-        order = order.to(like.device)
-        self.weight = [
-            torch.cat(
-                [
-                    (w[f"lstm.bias_ih_l{l}"] + w[f"lstm.bias_hh_l{l}"]).unsqueeze(1),
-                    w[f"lstm.weight_ih_l{l}"],
-                    w[f"lstm.weight_hh_l{l}"],
-                ],
-                dim=1,
-            )[order].contiguous()
-            for l in range(L)
-        ]
+        self.weight = [wl.contiguous() for wl in fuse_weights(w, L, H)]
         self.head_weight = w["head.weight"][0]
         self.head_bias = w["head.bias"]
         ref_out, new_ref_h, new_ref_c = (t.to(**opts) for t in ref)
@@ -454,18 +510,12 @@ class _FastKind:
         if n not in self._views:
             H, I = self.hidden_size, self.input_size
             z = [b[:, :n] for b in self.z]
-            gates = self.gates[:, :n]
             self._views[n] = SimpleNamespace(
                 z=z,
                 x=z[0][1 : 1 + I],
                 inputs=[None] + [b[1 : 1 + H] for b in z[1:]],
                 h=[b[-H:] for b in z],
-                gates=gates,
-                sigmoid_part=gates[: 3 * H],
-                i=gates[:H],
-                f=gates[H : 2 * H],
-                o=gates[2 * H : 3 * H],
-                g=gates[3 * H :],
+                gates=self.gates[:, :n],
                 tmp=self.tmp[:, :n],
                 c_in=self.c_in[:, :n],
                 h_out=self.h_out[:, :n],
@@ -483,13 +533,7 @@ class _FastKind:
             for layer, rows in enumerate(h):
                 rest &= (rows == self.ref_h[layer * H : (layer + 1) * H]).all(0)
             return rest
-        idx = (g == 0).nonzero().squeeze(1)
-        if idx.numel():
-            keep = (c[:, idx] == self.ref_c).all(0)
-            for layer, rows in enumerate(h):
-                keep &= (rows[:, idx] == self.ref_h[layer * H : (layer + 1) * H]).all(0)
-            idx = idx[keep]
-        return idx
+        return _at_rest_columns(g, h, c, self.ref_h, self.ref_c)
 
     def pin(self, rest: Tensor, u: Tensor, h_new: Tensor, c_new: Tensor) -> None:
         """Coordinates at rest take the reference's new state and a zero update, exactly."""
@@ -520,6 +564,35 @@ def _feature_rows(state: Tensor) -> Tensor:
 def _from_feature_rows(rows: Tensor, ndim: int) -> Tensor:
     """``(L, H, *shape)`` memory presented as the state's ``(*shape, L, H)`` (a permuted view)."""
     return rows.permute(*range(2, ndim + 2), 0, 1)
+
+
+def _at_rest_columns(g: Tensor, h: Sequence[Tensor], c: Tensor, ref_h: Tensor, ref_c: Tensor) -> Tensor:
+    """Indices of a chunk's coordinates at rest: zero gradient and exactly the reference state.
+
+    ``h``: blocks of rows of the (L·H, n) hidden state; ``c``: (L·H, n) rows; ``ref_h``, ``ref_c``:
+    (L·H, 1). Only zero-gradient columns are read, and those whose first cell-state row already
+    differs are dropped before the full test.
+    """
+    idx = (g == 0).nonzero().squeeze(1)
+    if idx.numel():
+        idx = idx[c[0, idx] == ref_c[0]]
+    if idx.numel():
+        keep = (c[:, idx] == ref_c).all(0)
+        pos = 0
+        for rows in h:
+            keep &= (rows[:, idx] == ref_h[pos : pos + rows.shape[0]]).all(0)
+            pos += rows.shape[0]
+        idx = idx[keep]
+    return idx
+
+
+def _gather_columns(rows: Sequence[Tensor], segments: Sequence[Segment]) -> Tensor:
+    """A chunk's columns of ``(L·H, numel)`` row blocks: a view when it is one slice of one tensor."""
+    return _concat_columns([rows[i][:, a:b] for i, a, b in segments])
+
+
+def _concat_columns(pieces: Sequence[Tensor]) -> Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces), dim=1)
 
 
 def _records_graph(rule: LSTMRule, grads: Sequence[Tensor], state: RuleState, hparams: Mapping[str, Any]) -> bool:
