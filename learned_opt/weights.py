@@ -70,6 +70,17 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its JSON header's keys sorted, so equal tensors and
+    metadata give byte-equal files (safetensors writes its metadata in hash-map order, which
+    varies between processes) and hence an equal sha256. Offsets and tensor bytes are unchanged."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the tensor data to 8 bytes
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
 def save_weights(
     rule: Rule,
     path: str | Path,
@@ -85,7 +96,7 @@ def save_weights(
     """
     weights_path, card_path = _paths(path)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in rule.state_dict().items()}
-    data = st_save(tensors, metadata={"rule": rule.name, "format_version": str(FORMAT_VERSION)})
+    data = canonical_safetensors(st_save(tensors, metadata={"rule": rule.name, "format_version": str(FORMAT_VERSION)}))
     atomic_write_bytes(weights_path, data)
     card = {
         "format_version": FORMAT_VERSION,

@@ -172,3 +172,22 @@ def test_load_optimizer_lstm(tmp_path: Path) -> None:
     assert isinstance(opt, LSTMOptimizer) and opt.param_groups[0]["lr"] == 0.5
     assert opt.rule.hidden_size == 5 and torch.equal(opt.rule.head.weight, rule.head.weight)
     assert opt.weights_sha256 == file_sha256(path)
+
+
+def test_canonical_safetensors_is_independent_of_header_key_order() -> None:
+    """Equal tensors and metadata give byte-equal files whatever order the header was written in."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from learned_opt.weights import canonical_safetensors
+
+    data = st_save({"b": torch.arange(3.0), "a": torch.ones(2, 2)}, metadata={"x": "1", "rule": "lstm"})
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    reordered = json.dumps(dict(reversed(list(header.items()))), indent=1).encode()
+    reordered += b" " * (-len(reordered) % 8)
+    shuffled = len(reordered).to_bytes(8, "little") + reordered + data[8 + n :]
+    assert shuffled != data
+    assert canonical_safetensors(shuffled) == canonical_safetensors(data)
+    loaded = st_load(canonical_safetensors(shuffled))
+    assert torch.equal(loaded["a"], torch.ones(2, 2)) and torch.equal(loaded["b"], torch.arange(3.0))
