@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "benchmark": ("learned_opt.bench.cli", "benchmark optimizers on a suite against tuned baselines"),
     "meta-train": ("learned_opt.meta.cli", "meta-train a learned optimizer on a suite of tasks"),
     "bench-speed": ("learned_opt.bench.speed", "step cost: training-step time vs Adam, LSTM matmul efficiency, memory"),
+    "bench-meta-speed": ("learned_opt.bench.meta_speed", "meta-training throughput vs the plain loop and the matmul bound"),
 }
 
 

@@ -113,6 +113,9 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
         self.chunk_size = chunk_size
         self.lstm = nn.LSTM(self.input_size, hidden_size, num_layers)
         self.head = nn.Linear(hidden_size, 1)
+        # Not part of the config: False sends first-order meta-training through autograd's
+        # op-by-op reference path (the plain baseline the meta-training speed benchmark measures).
+        self.fused_training = True
 
     @property
     def input_size(self) -> int:
@@ -216,7 +219,7 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
     ) -> tuple[list[Tensor], RuleState]:
         if not _records_graph(self, grads, state, hparams):
             return self.update_fast(grads, params, state, hparams, donate_state=donate_state)
-        if any(g.requires_grad for g in grads):  # second order: differentiate through the gradients too
+        if not self.fused_training or any(g.requires_grad for g in grads):  # (second order: through the gradients too)
             return self.update_reference(grads, params, state, hparams)
         return self.update_first_order(grads, params, state, hparams)
 
