@@ -356,7 +356,8 @@ class GradNormDecaySGD(LearnedOptimizer):
 
 
 class HypergradientSGD(LearnedOptimizer):
-    """SGD-HD (Baydin et al. 2018): the rate adapts online, ``α ← max(0, α + hyper_lr · g_t·u_{t-1})``.
+    """SGD-HD (Baydin et al. 2018): the rate adapts online, ``α ← max(0, α + hyper_lr · g_t·u_{t-1})``;
+    ``normalized=True``: ``α ← α · exp(hyper_lr · cos(g_t, u_{t-1}))``, the same β for any loss scale.
 
     ``α = group['lr'] × state['lr_factor']``: the hypergradient step is taken on α and stored as a
     factor of ``lr``, so a scheduler rescales the online rate multiplicatively (see
@@ -371,6 +372,7 @@ class HypergradientSGD(LearnedOptimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         *,
+        normalized: bool = False,
         maximize: bool = False,
     ) -> None:
         super().__init__(
@@ -380,6 +382,7 @@ class HypergradientSGD(LearnedOptimizer):
             hyper_lr=hyper_lr,
             momentum=momentum,
             weight_decay=weight_decay,
+            normalized=normalized,
             maximize=maximize,
         )
 
@@ -399,6 +402,7 @@ class HypergradientAdam(LearnedOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
+        normalized: bool = False,
         maximize: bool = False,
     ) -> None:
         super().__init__(
@@ -409,6 +413,7 @@ class HypergradientAdam(LearnedOptimizer):
             betas=tuple(betas),
             eps=eps,
             weight_decay=weight_decay,
+            normalized=normalized,
             maximize=maximize,
         )
 

@@ -207,3 +207,52 @@ def test_adam_direction_meta_gradient_is_finite_for_always_zero_gradients():
     w = torch.zeros(3, requires_grad=True)
     group_norm([w]).backward()
     assert torch.isfinite(w.grad).all()
+
+
+def test_normalized_hypergradient_adam_worked_example() -> None:
+    # normalized Adam-HD on a 2-d quadratic: alpha_t = alpha_{t-1} exp(beta cos(g_t, u_{t-1}))
+    b1, b2, eps, alpha, beta = 0.9, 0.999, 1e-8, 0.05, 0.3
+    scales = [3.0, 0.5]
+    x, m, v, u_prev = [1.0, -2.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]
+    want = []
+    for t in range(1, 6):
+        g = [s * xi for s, xi in zip(scales, x)]
+        dot = sum(a * b for a, b in zip(g, u_prev))
+        norms = math.sqrt(sum(a * a for a in g) * sum(b * b for b in u_prev))
+        if norms > 0:
+            alpha *= math.exp(beta * dot / norms)
+        m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
+        v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, g)]
+        u_prev = [(mi / (1 - b1**t)) / (math.sqrt(vi) / math.sqrt(1 - b2**t) + eps) for mi, vi in zip(m, v)]
+        x = [xi - alpha * ui for xi, ui in zip(x, u_prev)]
+        want.append(list(x))
+    traj, opt = _quadratic_run(
+        lambda p: HypergradientAdam(p, lr=0.05, hyper_lr=beta, normalized=True), 5, torch.tensor(scales),
+        torch.tensor([1.0, -2.0], dtype=torch.float64),
+    )
+    assert [t.tolist() for t in traj] == [pytest.approx(w, rel=1e-12) for w in want]
+    assert float(opt.state[opt.param_groups[0]["params"][0]]["lr_factor"]) * 0.05 == pytest.approx(alpha, rel=1e-12)
+
+
+@pytest.mark.parametrize("opt_cls", [HypergradientSGD, HypergradientAdam])
+def test_normalized_hypergradient_is_invariant_to_the_loss_scale(opt_cls) -> None:
+    """The rate's trajectory is the same when the loss (so every gradient) is scaled by 1000."""
+    factors = []
+    for scale in (1.0, 1000.0):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+        opt = opt_cls([w], lr=0.01 / scale if opt_cls is HypergradientSGD else 0.01, hyper_lr=0.1, normalized=True)
+        for step in range(8):
+            opt.zero_grad()
+            (scale * ((w - torch.arange(5.0, dtype=torch.float64)) ** 2).sum()).backward()
+            opt.step()
+        factors.append(float(opt.state[w]["lr_factor"]))
+    assert factors[0] == pytest.approx(factors[1], rel=1e-9)
+    assert factors[0] != 1.0
+
+
+def test_normalized_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="normalized"):
+        HypergradientAdam([torch.nn.Parameter(torch.ones(1))], normalized=1)
+    with pytest.raises(ValueError, match="normalized"):
+        HypergradientAdamRule(normalized="yes")

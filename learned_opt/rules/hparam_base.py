@@ -62,6 +62,8 @@ class HyperparameterRule(Rule):
             check_betas(hparams["betas"])
         if "eps" in hparams:
             check_nonnegative("eps", hparams["eps"])
+        if "normalized" in hparams and not isinstance(hparams["normalized"], bool):
+            raise ValueError(f"invalid normalized: {hparams['normalized']!r} (must be True or False)")
 
     def optimizer_defaults(self) -> dict[str, Any]:
         """The learned hyperparameters as floats: defaults of the matching public optimizer."""

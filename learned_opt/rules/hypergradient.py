@@ -18,6 +18,12 @@ step is taken in the paper's units (on α) and converted to the factor by dividi
 both the parameters and the factor.
 
 Hand-set defaults are the paper's: β = 1e-3 for SGD-HD, β = 1e-7 for Adam-HD.
+
+``normalized=True`` is a scale-free variant: the factor moves multiplicatively by the *cosine*
+between the gradient and the previous direction, ``f_t = f_{t-1} · exp(β cos(g_t, u_{t-1}))``, so
+β is a log-rate change per step whatever the loss's scale (the paper's step ``β g·u`` is in the
+loss's units, so one β cannot suit tasks whose gradients differ by orders of magnitude). The rate
+stays positive by construction; β of a few hundredths lets it move 10× within ~100 steps.
 """
 
 from __future__ import annotations
@@ -34,14 +40,33 @@ from learned_opt.rules.hparam_base import HyperparameterRule, check_betas, log_p
 
 
 def hypergradient_factor(
-    factor: Tensor, grads: Sequence[Tensor], prev_dirs: Sequence[Tensor], lr: Tensor | float, hyper_lr: Tensor | float
+    factor: Tensor,
+    grads: Sequence[Tensor],
+    prev_dirs: Sequence[Tensor],
+    lr: Tensor | float,
+    hyper_lr: Tensor | float,
+    normalized: bool = False,
 ) -> Tensor:
-    """The adapted factor after one hypergradient step: ``max(0, f + β (g·u_prev) / lr)``; lr = 0 keeps f."""
+    """The adapted factor after one hypergradient step; lr = 0 keeps f.
+
+    Paper: ``max(0, f + β (g·u_prev) / lr)``; ``normalized``: ``f · exp(β cos(g, u_prev))`` (cos = 0
+    while either is all zero).
+    """
     h = group_dot(grads, prev_dirs)
     lr_t = torch.as_tensor(lr, dtype=factor.dtype, device=factor.device)
     positive = lr_t > 0
-    step = hyper_lr * h / torch.where(positive, lr_t, torch.ones_like(lr_t))
-    return torch.where(positive, factor + step, factor).clamp_min(0.0)
+    if normalized:
+        norms = (group_dot(grads, grads) * group_dot(prev_dirs, prev_dirs)).clamp_min(1e-30).sqrt()
+        new = factor * torch.exp(hyper_lr * h / norms)
+    else:
+        new = (factor + hyper_lr * h / torch.where(positive, lr_t, torch.ones_like(lr_t))).clamp_min(0.0)
+    return torch.where(positive, new, factor)
+
+
+def _check_normalized(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"invalid normalized: {value!r} (must be True or False)")
+    return value
 
 
 def _group_init(params: Sequence[Tensor], with_step: bool) -> dict[str, Tensor]:
@@ -60,24 +85,28 @@ class HypergradientSGDRule(HyperparameterRule):
     """
 
     name: ClassVar[str] = "hypergradient-sgd"
-    hyperparameters: ClassVar[dict[str, Any]] = {"lr": 0.01, "hyper_lr": 1e-3, "momentum": 0.0}
+    hyperparameters: ClassVar[dict[str, Any]] = {"lr": 0.01, "hyper_lr": 1e-3, "momentum": 0.0, "normalized": False}
 
-    def __init__(self, init_lr: float = 0.01, init_hyper_lr: float = 1e-3, momentum: float = 0.0) -> None:
+    def __init__(self, init_lr: float = 0.01, init_hyper_lr: float = 1e-3, momentum: float = 0.0,
+                 normalized: bool = False) -> None:
         super().__init__()
         check_in_range("momentum", momentum, 0.0, 1.0)
         self.log_lr = log_param(init_lr, "init_lr")
         self.log_hyper_lr = log_param(init_hyper_lr, "init_hyper_lr")
         self.momentum = float(momentum)
+        self.normalized = _check_normalized(normalized)
 
     def config(self) -> dict[str, Any]:
         return {
             "init_lr": float(self.log_lr.detach().exp()),
             "init_hyper_lr": float(self.log_hyper_lr.detach().exp()),
             "momentum": self.momentum,
+            "normalized": self.normalized,
         }
 
     def meta_hparams(self) -> dict[str, Tensor | float]:
-        return {"lr": self.log_lr.exp(), "hyper_lr": self.log_hyper_lr.exp(), "momentum": self.momentum}
+        return {"lr": self.log_lr.exp(), "hyper_lr": self.log_hyper_lr.exp(), "momentum": self.momentum,
+                "normalized": self.normalized}
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
         return _group_init(params, with_step=False), [{"prev_dir": torch.zeros_like(p)} for p in params]
@@ -92,7 +121,8 @@ class HypergradientSGDRule(HyperparameterRule):
         group_state, per_param = state
         lr = hparams["lr"]
         factor = hypergradient_factor(
-            group_state["lr_factor"], grads, [st["prev_dir"] for st in per_param], lr, hparams["hyper_lr"]
+            group_state["lr_factor"], grads, [st["prev_dir"] for st in per_param], lr, hparams["hyper_lr"],
+            bool(hparams.get("normalized", False)),
         )
         updates, new_per_param = [], []
         for g, st in zip(grads, per_param):
@@ -112,7 +142,8 @@ class HypergradientAdamRule(HyperparameterRule):
     """
 
     name: ClassVar[str] = "hypergradient-adam"
-    hyperparameters: ClassVar[dict[str, Any]] = {"lr": 1e-3, "hyper_lr": 1e-7, "betas": (0.9, 0.999), "eps": 1e-8}
+    hyperparameters: ClassVar[dict[str, Any]] = {"lr": 1e-3, "hyper_lr": 1e-7, "betas": (0.9, 0.999), "eps": 1e-8,
+                                                 "normalized": False}
 
     def __init__(
         self,
@@ -120,8 +151,10 @@ class HypergradientAdamRule(HyperparameterRule):
         init_hyper_lr: float = 1e-7,
         init_betas: tuple[float, float] = (0.9, 0.999),
         init_eps: float = 1e-8,
+        normalized: bool = False,
     ) -> None:
         super().__init__()
+        self.normalized = _check_normalized(normalized)
         check_betas(init_betas)
         self.log_lr = log_param(init_lr, "init_lr")
         self.log_hyper_lr = log_param(init_hyper_lr, "init_hyper_lr")
@@ -136,6 +169,7 @@ class HypergradientAdamRule(HyperparameterRule):
             "init_hyper_lr": hp["hyper_lr"],
             "init_betas": list(hp["betas"]),
             "init_eps": hp["eps"],
+            "normalized": self.normalized,
         }
 
     def meta_hparams(self) -> dict[str, Tensor | float]:
@@ -144,6 +178,7 @@ class HypergradientAdamRule(HyperparameterRule):
             "hyper_lr": self.log_hyper_lr.exp(),
             "betas": (torch.sigmoid(self.logit_beta1), torch.sigmoid(self.logit_beta2)),
             "eps": self.log_eps.exp(),
+            "normalized": self.normalized,
         }
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
@@ -164,7 +199,8 @@ class HypergradientAdamRule(HyperparameterRule):
         lr = hparams["lr"]
         step = group_state["step"] + 1
         factor = hypergradient_factor(
-            group_state["lr_factor"], grads, [st["prev_dir"] for st in per_param], lr, hparams["hyper_lr"]
+            group_state["lr_factor"], grads, [st["prev_dir"] for st in per_param], lr, hparams["hyper_lr"],
+            bool(hparams.get("normalized", False)),
         )
         updates, new_per_param = [], []
         for g, st in zip(grads, per_param):
