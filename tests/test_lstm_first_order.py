@@ -107,3 +107,14 @@ def test_chunk_step_gradcheck() -> None:
     inputs = (rand(2, n), rand(L * H, n), rand(L * H, n), rand(()), rand(()), torch.zeros(L * H, dtype=torch.float64), torch.zeros(L * H, dtype=torch.float64), rand(1, H),
               rand(1), *weights.values())
     assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_first_order_chunk_plan_keeps_large_tensors_apart() -> None:
+    """Large tensors get chunks of their own (views, no copies); small ones are packed after them."""
+    rule = LSTMRule(chunk_size=100)
+    params = [torch.zeros(s) for s in [(120,), (3,), (60,), (4,), (2, 3)]]
+    _, per_param = rule.init_state(params)
+    plan = rule._plan_chunks(params, per_param, large_apart=True)
+    assert plan == [[(0, 0, 100)], [(0, 100, 120)], [(2, 0, 60)], [(1, 0, 3), (3, 0, 4), (4, 0, 6)]]
+    packed = rule._plan_chunks(params, per_param)
+    assert sorted(seg for chunk in packed for seg in chunk) == sorted(seg for chunk in plan for seg in chunk)

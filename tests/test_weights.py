@@ -59,10 +59,13 @@ def test_unknown_names_are_not_mistaken_for_planned_ones() -> None:
         load_rule("no-such-weights")
 
 
-def test_lstm_optimizer_default_weights_not_shipped_and_none_is_untrained() -> None:
+def test_lstm_optimizer_defaults_to_lstm_general_and_none_is_untrained() -> None:
     p = torch.nn.Parameter(torch.zeros(3))
-    with pytest.raises(NotShippedError, match="lstm-general"):
-        LSTMOptimizer([p])
+    if "lstm-general" in learned_opt.list_pretrained():
+        assert LSTMOptimizer([p]).card["name"] == "lstm-general"
+    else:
+        with pytest.raises(NotShippedError, match="lstm-general"):
+            LSTMOptimizer([p])
     opt = LSTMOptimizer([p], weights=None)
     assert isinstance(opt.rule, LSTMRule) and opt.card is None and opt.weights_sha256 is None
 
