@@ -256,6 +256,14 @@ def _cli(out: Path, *extra: str) -> subprocess.Popen:
                              *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def _logged_steps(out: Path) -> int:
+    """Rows in a run's metrics.csv so far (0 before it exists); read while the run writes it."""
+    try:
+        return max((out / "metrics.csv").read_text().count("\n") - 1, 0)
+    except OSError:
+        return 0
+
+
 def _final(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final.safetensors")
 
@@ -269,8 +277,18 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_equal(tmp_path: Path) 
     rng = random.Random(os.getpid())
     out, kills = tmp_path / "killed", 0
     proc = _cli(out)
+    # The first kill lands mid-run for sure: once a random number of meta-steps is logged (a fixed
+    # timeout could outlast a run that is faster than the reference, e.g. with warm caches).
+    logged = rng.randint(1, 15)
+    while proc.poll() is None and _logged_steps(out) < logged:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kills += 1
+    proc = _cli(out, "--resume")
     while True:
-        try:  # kill up to three times at random moments (startup, mid-interval, mid-write), then finish
+        try:  # then up to two more kills at random moments (startup, mid-interval, mid-write), then finish
             proc.wait(timeout=rng.uniform(0.3, duration) if kills < 3 else None)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
