@@ -12,7 +12,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 # (group-wide state, one dict per parameter). Group state holds quantities shared by the whole
@@ -94,6 +93,13 @@ def check_nonnegative(key: str, value: Any) -> None:
     v = float(value)
     if not (math.isfinite(v) and v >= 0.0):
         raise ValueError(f"invalid {key}: {value!r} (must be a finite number >= 0)")
+
+
+def check_bool(key: str, value: Any) -> bool:
+    """ValueError unless ``value`` is a bool (1, "yes" and None are refused, not coerced)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"invalid {key}: {value!r} (must be True or False)")
+    return value
 
 
 def check_in_range(key: str, value: Any, low: float, high: float) -> None:

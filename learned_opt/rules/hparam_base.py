@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from learned_opt.rules.base import Rule, check_in_range, check_nonnegative
+from learned_opt.rules.base import Rule, check_bool, check_in_range, check_nonnegative
 
 
 def log_param(value: float, key: str) -> nn.Parameter:
@@ -62,8 +62,8 @@ class HyperparameterRule(Rule):
             check_betas(hparams["betas"])
         if "eps" in hparams:
             check_nonnegative("eps", hparams["eps"])
-        if "normalized" in hparams and not isinstance(hparams["normalized"], bool):
-            raise ValueError(f"invalid normalized: {hparams['normalized']!r} (must be True or False)")
+        if "normalized" in hparams:
+            check_bool("normalized", hparams["normalized"])
 
     def optimizer_defaults(self) -> dict[str, Any]:
         """The learned hyperparameters as floats: defaults of the matching public optimizer."""

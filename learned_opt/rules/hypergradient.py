@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from learned_opt.rules.base import RuleState, check_in_range
+from learned_opt.rules.base import RuleState, check_bool, check_in_range
 from learned_opt.rules.directions import adam_direction, group_dot, momentum_direction
 from learned_opt.rules.hparam_base import HyperparameterRule, check_betas, log_param, logit_param
 
@@ -63,12 +63,6 @@ def hypergradient_factor(
     return torch.where(positive, new, factor)
 
 
-def _check_normalized(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"invalid normalized: {value!r} (must be True or False)")
-    return value
-
-
 def _group_init(params: Sequence[Tensor], with_step: bool) -> dict[str, Tensor]:
     like = params[0] if params else torch.zeros(())
     zero = torch.zeros((), dtype=like.dtype, device=like.device)
@@ -94,7 +88,7 @@ class HypergradientSGDRule(HyperparameterRule):
         self.log_lr = log_param(init_lr, "init_lr")
         self.log_hyper_lr = log_param(init_hyper_lr, "init_hyper_lr")
         self.momentum = float(momentum)
-        self.normalized = _check_normalized(normalized)
+        self.normalized = check_bool("normalized", normalized)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -154,7 +148,7 @@ class HypergradientAdamRule(HyperparameterRule):
         normalized: bool = False,
     ) -> None:
         super().__init__()
-        self.normalized = _check_normalized(normalized)
+        self.normalized = check_bool("normalized", normalized)
         check_betas(init_betas)
         self.log_lr = log_param(init_lr, "init_lr")
         self.log_hyper_lr = log_param(init_hyper_lr, "init_hyper_lr")

@@ -80,7 +80,7 @@ class LSTMRule(Rule):
     The weights live in ``self.lstm`` (a ``torch.nn.LSTM`` used as the weight container, so its
     parameter names are torch's) and ``self.head``; the math is written out in :meth:`cell` with
     ``F.linear`` so it stays twice differentiable on every backend. θ is cast to each parameter's
-dtype and device inside ``update``, so the rule module itself may stay on the CPU.
+    dtype and device inside ``update``, so the rule module itself may stay on the CPU.
     """
 
     name: ClassVar[str] = "lstm"
@@ -322,30 +322,36 @@ dtype and device inside ``update``, so the rule module itself may stay on the CP
         group_state, per_param = state
         L, H = self.num_layers, self.hidden_size
         casts: dict[Any, dict[str, Tensor]] = {}
-        fused: dict[Any, list[Tensor]] = {}
         ref_out, new_ref_h, new_ref_c = self._reference_step(group_state, casts)
+        kinds: dict[Any, SimpleNamespace] = {}  # per dtype/device: θ, fused weights, reference, lr
+
+        def kind(like: Tensor) -> SimpleNamespace:
+            key = (like.dtype, like.device)
+            if key not in kinds:
+                opts = {"dtype": like.dtype, "device": like.device}
+                w = self._weights_for(casts, like)
+                kinds[key] = SimpleNamespace(
+                    head_w=w["head.weight"], head_b=w["head.bias"], fused=fuse_weights(w, L, H),
+                    lr=torch.as_tensor(hparams.get("lr", 1.0), **opts), ref_out=ref_out.to(**opts).reshape(()),
+                    ref_h=group_state["ref_h"].to(**opts).reshape(-1, 1),
+                    ref_c=group_state["ref_c"].to(**opts).reshape(-1, 1),
+                    new_ref_h=new_ref_h.detach().to(**opts).reshape(-1),
+                    new_ref_c=new_ref_c.detach().to(**opts).reshape(-1),
+                )
+            return kinds[key]
+
         flat_g = [g.detach().reshape(-1) for g in grads]
         h_in = [_feature_rows(s["h"]) for s in per_param]
         c_in = [_feature_rows(s["c"]) for s in per_param]
         pieces: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in grads]
         for segments in self._plan_chunks(grads, per_param, large_apart=True):
-            like = h_in[segments[0][0]]
-            key = (like.dtype, like.device)
-            w = self._weights_for(casts, like)
-            if key not in fused:
-                fused[key] = fuse_weights(w, L, H)
-            opts = {"dtype": like.dtype, "device": like.device}
-            g = gather(flat_g, segments).to(like.dtype)
+            k = kind(h_in[segments[0][0]])
             h = _gather_columns(h_in, segments)
             c = _gather_columns(c_in, segments)
-            x = self.features(g).t()
-            lr = torch.as_tensor(hparams.get("lr", 1.0), **opts)
-            rest = _at_rest_columns(g, [h.detach()], c.detach(), group_state["ref_h"].to(**opts).reshape(-1, 1),
-                                    group_state["ref_c"].to(**opts).reshape(-1, 1))
-            u, h_new, c_new = chunk_step((L, H, self.output_scale), x, h, c, lr, ref_out.to(**opts).reshape(()),
-                                         new_ref_h.detach().to(**opts).reshape(-1),
-                                         new_ref_c.detach().to(**opts).reshape(-1), rest,
-                                         w["head.weight"], w["head.bias"], fused[key])
+            g = gather(flat_g, segments).to(h.dtype)
+            rest = _at_rest_columns(g, [h.detach()], c.detach(), k.ref_h, k.ref_c)
+            u, h_new, c_new = chunk_step((L, H, self.output_scale), self.features(g).t(), h, c, k.lr, k.ref_out,
+                                         k.new_ref_h, k.new_ref_c, rest, k.head_w, k.head_b, k.fused)
             sizes = [b - a for _, a, b in segments]
             for (i, _, _), *piece in zip(segments, u.split(sizes), h_new.split(sizes, 1), c_new.split(sizes, 1)):
                 pieces[i].append(tuple(piece))
