@@ -10,6 +10,7 @@ from learned_opt.optim import (
     LearnedOptimizer,
     LSTMOptimizer,
     MLPOptimizer,
+    RelativeAdam,
     load_optimizer,
 )
 from learned_opt.suites import Suite, SuiteEntry, load_suite
@@ -22,6 +23,7 @@ __all__ = [
     "LSTMOptimizer",
     "LearnedOptimizer",
     "MLPOptimizer",
+    "RelativeAdam",
     "Suite",
     "SuiteEntry",
     "list_pretrained",

@@ -31,6 +31,7 @@ from learned_opt.rules.hypergradient import HypergradientAdamRule, Hypergradient
 from learned_opt.rules.learnable import LearnableAdamRule, LearnableSGDRule
 from learned_opt.rules.lstm import LSTMRule
 from learned_opt.rules.mlp import MLPRule
+from learned_opt.rules.relative import RelativeAdamRule
 from learned_opt.weights import load_rule
 
 NONFINITE_KEY = "nonfinite_skips"
@@ -414,6 +415,45 @@ class HypergradientAdam(LearnedOptimizer):
             eps=eps,
             weight_decay=weight_decay,
             normalized=normalized,
+            maximize=maximize,
+        )
+
+
+class RelativeAdam(LearnedOptimizer):
+    """Parameter-relative Adam, hand-set: each step moves a tensor by ``α · s(t)`` of its own RMS
+    along Adam's direction (:mod:`learned_opt.rules.relative`), untuned across tasks.
+
+    ``lr`` multiplies the rule's own rate (1.0 = ``alpha``), so schedulers scale it. ``total_steps``
+    (optional, as ``OneCycleLR``'s) turns on the warm-up + cosine-to-zero schedule over the run;
+    without it the step stays at ``alpha`` after a short warm-up (``warmup × 200`` steps).
+    ``floor`` keeps zero-initialised tensors (biases) moving: the step scale is ``RMS(p) + floor``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        alpha: float = 0.03,
+        total_steps: int | None = None,
+        warmup: float = 0.05,
+        floor: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            RelativeAdamRule(),
+            lr=lr,
+            alpha=alpha,
+            total_steps=total_steps,
+            warmup=warmup,
+            floor=floor,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
             maximize=maximize,
         )
 

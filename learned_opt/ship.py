@@ -47,14 +47,16 @@ def load_recipe(name: str, recipe_dir: Path = RECIPE_DIR) -> tuple[dict[str, Any
     if not path.exists():
         raise ValueError(f"no recipe for {name!r}: {path} does not exist (recipes: {list_recipes(recipe_dir)})")
     data = tomllib.loads(path.read_text(encoding="utf-8"))
-    unknown = sorted(set(data) - {"ship", "meta_train"})
+    unknown = sorted(set(data) - {"ship", "meta_train", "population_es"})
     if unknown:
-        raise ValueError(f"{path}: unknown table(s) {unknown}; allowed: ['meta_train', 'ship']")
+        raise ValueError(f"{path}: unknown table(s) {unknown}; allowed: ['meta_train', 'population_es', 'ship']")
     ship = check_table(data.get("ship", {}), SHIP_DEFAULTS, file=path, table_name="ship")
     if ship["weights"] not in ("best", "final"):
         raise ValueError(f"{path}: [ship] weights must be 'best' or 'final', got {ship['weights']!r}")
-    if "meta_train" not in data:
-        raise ValueError(f"{path}: a recipe needs a [meta_train] table")
+    if ("meta_train" in data) == ("population_es" in data):
+        raise ValueError(f"{path}: a recipe needs exactly one of a [meta_train] or a [population_es] table")
+    if "population_es" in data:
+        return ship, {"population_es": dict(data["population_es"])}, path
     return ship, dict(data["meta_train"]), path
 
 
@@ -73,7 +75,13 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
     run_dir = Path(work) / name
     resume = (run_dir / "checkpoint.safetensors").exists()
     command = f"python scripts/ship_pretrained.py {shlex.quote(name)} (recipe {_repo_relative(path)})"
-    meta_train(tasks=ship["suite"], config=table, out=run_dir, resume=resume, progress=progress, command=command)
+    if "population_es" in table:
+        from learned_opt.meta.es import ESConfig, train_es
+
+        cfg = ESConfig.from_table({"suite": ship["suite"], **table["population_es"]}, f"{path}: [population_es]")
+        train_es(cfg, run_dir, progress=progress, command=command)
+    else:
+        meta_train(tasks=ship["suite"], config=table, out=run_dir, resume=resume, progress=progress, command=command)
     rule, card = load_rule(run_dir / f"{ship['weights']}.safetensors")
     meta = dict(card["meta_training"])
     if ship["weights"] == "best":  # the best card's steps/wall time stop at the selected step

@@ -2,13 +2,15 @@
 
 A spec string is ``NAME`` or ``NAME[key=value,...]`` (fixed hyperparameters; giving ``lr`` fixes the
 learning rate, so the spec is never tuned; ``tune=true``/``tune=false`` overrides whether ``--tune``
-searches its lr). ``NAME`` is one of:
+searches its lr; ``horizon=true`` passes each run's length as ``total_steps=``, for optimizers that
+take it, such as ``RelativeAdam`` and the shipped ``default``). ``NAME`` is one of:
 
 - a torch baseline: ``sgd``, ``momentum`` (SGD, momentum 0.9), ``nesterov``, ``adam``, ``adamw``,
-  ``rmsprop``, ``adagrad`` — tuned under ``--tune``;
-- a hand-set adaptive-LR class of this library: ``GradNormDecaySGD``, ``HypergradientSGD``,
-  ``HypergradientAdam`` — run at their documented (hand-set) defaults; ``[tune=true]`` tunes the
-  initial lr;
+  ``rmsprop``, ``adagrad`` — tuned under ``--tune``; ``NAME-cosine`` (``adam-cosine``, …) is the same
+  optimizer with its lr decayed to 0 over the run's horizon by a cosine (tuned: its peak lr);
+- a hand-set class of this library: ``GradNormDecaySGD``, ``HypergradientSGD``,
+  ``HypergradientAdam``, ``RelativeAdam`` — run at their documented (hand-set) defaults;
+  ``[tune=true]`` tunes the initial lr;
 - a shipped weights name or a ``.safetensors`` path, loaded with :func:`learned_opt.load_optimizer`
   and run untuned; the cache identity holds the weights' sha256;
 - ``module:factory`` or ``path/to/file.py:factory``: ``factory(params, **kwargs)`` returns an
@@ -23,17 +25,20 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-# build(params, lr) -> optimizer; lr None means "the optimizer's own default".
-Builder = Callable[[list[Tensor], "float | None"], torch.optim.Optimizer]
+# build(params, lr, **more) -> optimizer; lr None means "the optimizer's own default"; ``more`` holds
+# ``total_steps`` for horizon-aware specs.
+Builder = Callable[..., torch.optim.Optimizer]
 
 
 @dataclass(frozen=True)
@@ -50,10 +55,16 @@ class OptimizerSpec:
     key: dict[str, Any]
     tunable: bool = False
     fixed_lr: float | None = None
+    horizon: bool = False
 
     @property
     def tuned_by_default(self) -> bool:
         return self.tunable and self.fixed_lr is None
+
+    def factory(self, lr: float | None, steps: int) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+        """``params -> optimizer`` at ``lr`` for a run of ``steps`` steps (told to horizon-aware specs)."""
+        more = {"total_steps": steps} if self.horizon else {}
+        return partial(self.build, lr=lr, **more)
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,7 @@ TORCH_BASELINES: dict[str, _TorchBaseline] = {
     "rmsprop": _TorchBaseline("RMSprop", {}),
     "adagrad": _TorchBaseline("Adagrad", {}),
 }
-HANDSET_CLASSES = ("GradNormDecaySGD", "HypergradientSGD", "HypergradientAdam")
+HANDSET_CLASSES = ("GradNormDecaySGD", "HypergradientSGD", "HypergradientAdam", "RelativeAdam")
 OPTIONAL_PACKAGES = {"schedulefree-adamw": "schedulefree", "prodigy": "prodigyopt"}
 
 _SPEC_RE = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<args>[^\[\]]*)\])?$")
@@ -124,24 +135,30 @@ def resolve_optimizer(spec: str | OptimizerSpec) -> OptimizerSpec:
         raise TypeError(f"optimizer spec must be a string or OptimizerSpec, got {type(spec).__name__}")
     name, kwargs = parse_spec_string(spec)
     tune = kwargs.pop("tune", None)
-    if tune is not None and not isinstance(tune, bool):
-        raise ValueError(f"optimizer spec {spec!r}: tune must be true or false, got {tune!r}")
+    horizon = kwargs.pop("horizon", False)
+    for key, value in (("tune", tune), ("horizon", horizon)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"optimizer spec {spec!r}: {key} must be true or false, got {value!r}")
     resolved = _resolve_named(spec.strip(), name, *_split_lr(spec, kwargs))
+    if horizon:
+        resolved = replace(resolved, horizon=True, key={**resolved.key, "horizon": True})
     return resolved if tune is None else replace(resolved, tunable=tune)
 
 
 def _resolve_named(label: str, name: str, fixed_lr: float | None, extra: dict[str, Any]) -> OptimizerSpec:
     lowered = name.lower()
-    if lowered in TORCH_BASELINES:
-        base = TORCH_BASELINES[lowered]
+    cosine = lowered.endswith("-cosine") and lowered[: -len("-cosine")] in TORCH_BASELINES
+    if lowered in TORCH_BASELINES or cosine:
+        base = TORCH_BASELINES[lowered[: -len("-cosine")] if cosine else lowered]
         cls = getattr(torch.optim, base.cls)
         options = {**base.kwargs, **extra}
 
-        def build_torch(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
-            return cls(params, **_with_lr(lr, options))
+        def build_torch(params: list[Tensor], lr: float | None, **more: Any) -> torch.optim.Optimizer:
+            opt = cls(params, **_with_lr(lr, options))
+            return with_cosine_decay(opt, more["total_steps"]) if cosine else opt
 
-        key = {"torch": base.cls, "kwargs": options}
-        return OptimizerSpec(label, build_torch, key, tunable=True, fixed_lr=fixed_lr)
+        key = {"torch": base.cls, "kwargs": options, **({"schedule": "cosine"} if cosine else {})}
+        return OptimizerSpec(label, build_torch, key, tunable=True, fixed_lr=fixed_lr, horizon=cosine)
     handset = {c.lower(): c for c in HANDSET_CLASSES}
     if lowered in handset:
         return _handset_spec(label, handset[lowered], fixed_lr, extra)
@@ -159,13 +176,24 @@ def _resolve_named(label: str, name: str, fixed_lr: float | None, extra: dict[st
     )
 
 
+def with_cosine_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.Optimizer:
+    """``optimizer`` whose lr follows ``0.5 (1 + cos(π t / total_steps))`` of its initial value,
+    stepped by a post-step hook (so a plain ``optimizer.step()`` loop runs the schedule)."""
+    horizon = max(int(total_steps), 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, horizon) / horizon)))
+    optimizer.register_step_post_hook(lambda *_: scheduler.step())
+    optimizer.cosine_scheduler = scheduler  # type: ignore[attr-defined]  # keeps it alive with the optimizer
+    return optimizer
+
+
 def _handset_spec(label: str, cls_name: str, fixed_lr: float | None, extra: dict[str, Any]) -> OptimizerSpec:
     import learned_opt
 
     cls = getattr(learned_opt, cls_name)
 
-    def build(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
-        return cls(params, **_with_lr(lr, extra))
+    def build(params: list[Tensor], lr: float | None, **more: Any) -> torch.optim.Optimizer:
+        return cls(params, **_with_lr(lr, extra), **more)
 
     return OptimizerSpec(label, build, {"learned_opt": cls_name, "kwargs": extra}, False, fixed_lr)
 
@@ -179,14 +207,14 @@ def _optional_spec(label: str, name: str, fixed_lr: float | None, extra: dict[st
             f"optimizer {name!r} needs the optional package {package!r} (pip install {package})"
         ) from exc
     if name == "prodigy":
-        def build_prodigy(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
-            return module.Prodigy(params, **_with_lr(1.0 if lr is None else lr, extra))
+        def build_prodigy(params: list[Tensor], lr: float | None, **more: Any) -> torch.optim.Optimizer:
+            return module.Prodigy(params, **_with_lr(1.0 if lr is None else lr, extra), **more)
 
         key = {"package": package, "version": getattr(module, "__version__", "?"), "kwargs": extra}
         return OptimizerSpec(label, build_prodigy, key, tunable=False, fixed_lr=1.0 if fixed_lr is None else fixed_lr)
 
-    def build_sf(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
-        return module.AdamWScheduleFree(params, **_with_lr(lr, extra))
+    def build_sf(params: list[Tensor], lr: float | None, **more: Any) -> torch.optim.Optimizer:
+        return module.AdamWScheduleFree(params, **_with_lr(lr, extra), **more)
 
     key = {"package": package, "version": getattr(module, "__version__", "?"), "kwargs": extra}
     return OptimizerSpec(label, build_sf, key, tunable=True, fixed_lr=fixed_lr)
@@ -231,8 +259,8 @@ def _learned_spec(label: str, name: str, fixed_lr: float | None, extra: dict[str
         _, card = load_rule(name)
         sha, source = str(card["sha256"]), name
 
-    def build(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
-        return load_optimizer(source, params, **_with_lr(lr, extra))
+    def build(params: list[Tensor], lr: float | None, **more: Any) -> torch.optim.Optimizer:
+        return load_optimizer(source, params, **_with_lr(lr, extra), **more)
 
     return OptimizerSpec(label, build, {"weights_sha256": sha, "kwargs": extra}, False, fixed_lr)
 
@@ -277,8 +305,8 @@ def _accepts_lr(fn: Callable[..., Any]) -> bool:
 def _factory_spec(label: str, target: str, fixed_lr: float | None, extra: dict[str, Any]) -> OptimizerSpec:
     factory, digest = _load_factory(target)
 
-    def build(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
-        return factory(params, **_with_lr(lr, extra))
+    def build(params: list[Tensor], lr: float | None, **more: Any) -> torch.optim.Optimizer:
+        return factory(params, **_with_lr(lr, extra), **more)
 
     key = {"factory": target, "source_sha256": digest, "kwargs": extra}
     return OptimizerSpec(label, build, key, tunable=_accepts_lr(factory), fixed_lr=fixed_lr)
@@ -298,8 +326,8 @@ def spec_from_factory(
     """
     can_tune = _accepts_lr(factory) if tunable is None else tunable
 
-    def build(params: list[Tensor], lr: float | None) -> torch.optim.Optimizer:
-        return factory(params) if lr is None else factory(params, lr=lr)
+    def build(params: list[Tensor], lr: float | None, **more: Any) -> torch.optim.Optimizer:
+        return factory(params, **more) if lr is None else factory(params, lr=lr, **more)
 
     key = {"python": f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}",
            "label": label}

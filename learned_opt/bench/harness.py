@@ -122,7 +122,7 @@ class _Harness:
             result = self.cache.get(key)
             if result is None:
                 self.pbar.set_postfix_str(f"{bt.label} · {spec.label} · lr={lr_key(lr)} · seed {seed}", refresh=False)
-                result = run(self.task(bt, seed), partial(spec.build, lr=lr), seed, steps, every)
+                result = run(self.task(bt, seed), spec.factory(lr, steps), seed, steps, every)
                 self.cache.put(key, result)
             out.append(result)
             if not seen:
@@ -325,7 +325,7 @@ def benchmark(
         pbar.close()
     if timing_n:
         for bt, t in zip(src.tasks, tasks):
-            builders = {s.label: partial(s.build, lr=t["results"][s.label]["requested_lr"]) for s in specs}
+            builders = {s.label: s.factory(t["results"][s.label]["requested_lr"], t["steps"]) for s in specs}
             timing = time_optimizers(h.task(bt, seed_list[0]), seed_list[0], builders, timing_n)
             base = timing[TUNED_ADAM]["step_ms"]
             for v in timing.values():

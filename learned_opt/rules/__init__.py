@@ -9,6 +9,7 @@ from learned_opt.rules.hypergradient import HypergradientAdamRule, Hypergradient
 from learned_opt.rules.learnable import LearnableAdamRule, LearnableSGDRule
 from learned_opt.rules.lstm import LSTMRule
 from learned_opt.rules.mlp import MLPRule
+from learned_opt.rules.relative import LearnedRelativeAdamRule, RelativeAdamRule
 
 __all__ = [
     "RULES",
@@ -16,9 +17,11 @@ __all__ = [
     "HypergradientAdamRule",
     "HypergradientSGDRule",
     "LSTMRule",
+    "LearnedRelativeAdamRule",
     "LearnableAdamRule",
     "LearnableSGDRule",
     "MLPRule",
+    "RelativeAdamRule",
     "Rule",
     "RuleState",
     "build_rule",

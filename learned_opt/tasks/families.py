@@ -181,7 +181,7 @@ class MLPClassificationFamily(DataFamily):
     """MLP classifiers: ``depth`` hidden layers of ``width`` units (or a per-layer width list)."""
 
     name: ClassVar[str] = "mlp_classification"
-    datasets = ("blobs", "spirals", "linear", "digits", "mnist", "mnist1d")
+    datasets = ("blobs", "spirals", "linear", "digits", "mnist", "mnist1d", "breast_cancer", "iris", "wine")
     defaults: ClassVar[dict[str, Any]] = {
         "dataset": "spirals", "width": 32, "depth": 1, "activation": "sigmoid", "batch_size": 64,
         "init_scale": 1.0, "n_train": 512, "classes": 3, "dim": 2, "noise": 0.1, "subset": 0,

@@ -1,0 +1,300 @@
+"""Parameter-relative Adam, hand-set and with a learned per-tensor step-size controller.
+
+Each tensor moves along Adam's direction ``u = m̂ / (√v̂ + eps)``, rescaled so that one step moves
+it by a fraction of its own root-mean-square value (LAMB-like; VeLO and Celo also step relative
+to the parameter scale, which makes the right multiplier far more uniform across tasks)::
+
+    Δp = −lr · α · s(t) · exp(c_t) · (RMS(p) + floor) / RMS(u) · u
+
+- ``α`` is the relative step (0.03 hand-set); ``lr`` is a plain multiplier (default 1.0), so
+  schedulers scale the rule's own rate;
+- ``s(t)`` is the schedule: with ``total_steps = T`` known, a linear warm-up over the first
+  ``warmup · T`` steps, then cosine to 0 at ``T``; without it, the same warm-up over
+  ``warmup · HORIZON_FREE_STEPS`` steps (10 at the hand-set 0.05) and then constant (the
+  controller decays from there);
+- ``c_t`` is the per-tensor log multiplier of the learned controller (0 for the hand-set rule).
+
+The controller (:class:`ControllerNet`) is a tiny MLP shared by all tensors; per step it reads
+scale-free features of each tensor (:data:`FEATURES`) and emits two numbers: a bounded increment
+of an accumulated log multiplier (state ``ctrl``) and a bounded direct offset. Its last layer
+starts at zero, so an untrained controller is exactly the hand-set rule. Its cost is per tensor
+(a few reductions and one small matmul over the group's tensors), so a step stays close to Adam's.
+
+:func:`relative_update` is the one home of this math; both rules, the optimizer and the batched
+meta-training engine (``learned_opt.meta.population``, through ``torch.func.vmap``) call it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from learned_opt.rules.base import Rule, RuleState, check_in_range, check_nonnegative
+from learned_opt.rules.hparam_base import check_betas, log_param, logit_param
+
+HORIZON_FREE_STEPS = 200  # the warm-up lasts warmup × this many steps when total_steps is unknown
+TINY = 1e-12
+FEATURES = (
+    "cos(g_t, m_{t-1}) (the hypergradient signal of a momentum step)",
+    "EMA(0.9) of that cosine",
+    "log(EMA(0.9) ||g|| / ||g_1||) / 4",
+    "(log(||p - p_0|| / (||p_0|| + floor·√n)) + 5) / 5",
+    "t / T (0 when T is unknown)",
+    "1 when T is known, else 0",
+    "log1p(t) / log1p(1000)",
+    "accumulated log multiplier c",
+    "1 for a vector/scalar tensor, else 0",
+)
+CTRL_RATE = 0.05  # largest change of the accumulated log multiplier per step
+CTRL_DIRECT = 1.0  # largest direct log offset
+CTRL_RANGE = (-6.0, 3.0)  # bounds of the accumulated log multiplier
+
+
+def schedule(step: Tensor, total_steps: Tensor, warmup: Tensor | float) -> Tensor:
+    """``s(t)`` for the 1-based ``step``: linear warm-up, then cosine to 0 at ``total_steps`` (> 0), or
+    constant after the warm-up when ``total_steps`` is 0 (unknown). Tensors, so members of a batched
+    population may differ in horizon."""
+    known = total_steps > 0
+    horizon = torch.where(known, total_steps, torch.full_like(total_steps, float(HORIZON_FREE_STEPS)))
+    warm_steps = torch.clamp(warmup * horizon, min=1.0)
+    ramp = torch.clamp(step / warm_steps, max=1.0)
+    frac = torch.clamp((step - warm_steps) / torch.clamp(horizon - warm_steps, min=1.0), 0.0, 1.0)
+    return ramp * torch.where(known, 0.5 * (1.0 + torch.cos(math.pi * frac)), torch.ones_like(frac))
+
+
+def horizon_tensor(total_steps: int | Tensor | None, like: Tensor) -> Tensor:
+    """``total_steps`` as a 0-dim tensor like ``like``; None (unknown) is 0."""
+    if isinstance(total_steps, Tensor):
+        return total_steps.to(like.dtype)
+    return torch.tensor(float(total_steps or 0), dtype=like.dtype, device=like.device)
+
+
+class ControllerNet(nn.Module):
+    """Per-tensor controller: ``features [n, F] -> (increment, direct) [n, 2]`` (bounded by tanh)."""
+
+    def __init__(self, hidden: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = nn.Parameter(torch.randn(len(FEATURES), hidden, generator=g) / math.sqrt(len(FEATURES)))
+        self.b1 = nn.Parameter(torch.zeros(hidden))
+        self.w2 = nn.Parameter(torch.zeros(hidden, 2))
+        self.ws = nn.Parameter(torch.zeros(len(FEATURES), 2))  # linear skip: features -> outputs
+        self.b2 = nn.Parameter(torch.zeros(2))
+
+
+def controller_outputs(theta: Mapping[str, Tensor], feats: Tensor) -> tuple[Tensor, Tensor]:
+    """The controller's bounded (increment, direct offset) per tensor, from θ entries ``ctrl.*``."""
+    h = torch.tanh(feats @ theta["ctrl.w1"] + theta["ctrl.b1"])
+    out = torch.tanh(h @ theta["ctrl.w2"] + feats @ theta["ctrl.ws"] + theta["ctrl.b2"])
+    return CTRL_RATE * out[:, 0], CTRL_DIRECT * out[:, 1]
+
+
+def _rms(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def _features(g: Tensor, p: Tensor, st: Mapping[str, Tensor], step: Tensor, total_steps: Tensor,
+              floor: Tensor | float) -> tuple[Tensor, dict[str, Tensor]]:
+    """One tensor's feature vector (:data:`FEATURES`) and its new per-tensor scalar state."""
+    gnorm = torch.linalg.vector_norm(g)
+    m_old = st["exp_avg"]
+    cos = _dot(g, m_old) / torch.clamp(gnorm * torch.linalg.vector_norm(m_old), min=TINY)
+    cos_ema = 0.9 * st["cos_ema"] + 0.1 * cos
+    first = step <= 1
+    gnorm0 = torch.where(first, gnorm, st["gnorm0"])
+    gnorm_ema = torch.where(first, gnorm, 0.9 * st["gnorm_ema"] + 0.1 * gnorm)
+    trend = torch.log(torch.clamp(gnorm_ema, min=TINY) / torch.clamp(gnorm0, min=TINY))
+    ref = st["p0_norm"] + floor * math.sqrt(max(p.numel(), 1))
+    dist = torch.log(torch.clamp(torch.linalg.vector_norm(p - st["p0"]), min=TINY) / torch.clamp(ref, min=TINY))
+    zero = step * 0.0
+    known = (total_steps > 0).to(step.dtype)
+    progress = known * step / torch.clamp(total_steps, min=1.0)
+    feats = torch.stack([
+        cos, cos_ema, torch.clamp(trend, -20.0, 20.0) / 4.0, (torch.clamp(dist, -10.0, 2.0) + 5.0) / 5.0,
+        progress, known, torch.log1p(step) / math.log1p(1000.0), st["ctrl"],
+        zero + (1.0 if p.dim() <= 1 else 0.0),
+    ])
+    return feats, {"cos_ema": cos_ema, "gnorm0": gnorm0, "gnorm_ema": gnorm_ema}
+
+
+def relative_update(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    state: RuleState,
+    *,
+    alpha: Tensor | float,
+    warmup: Tensor | float,
+    floor: Tensor | float,
+    betas: Sequence[Tensor | float],
+    eps: Tensor | float,
+    lr: Tensor | float,
+    total_steps: int | Tensor | None,
+    controller: Mapping[str, Tensor] | None = None,
+) -> tuple[list[Tensor], RuleState]:
+    """Additive updates and new state for one group (see the module docstring). Pure: never mutates.
+
+    ``total_steps``: None or 0 when unknown. ``controller`` is the θ dict holding ``ctrl.*`` entries,
+    or None for the hand-set rule.
+    """
+    group_state, per_param = state
+    step = group_state["step"] + 1
+    beta1, beta2 = betas
+    total_steps = horizon_tensor(total_steps, step)
+    s = schedule(step, total_steps, warmup)
+    bias1 = 1 - beta1**step
+    bias2_sqrt = (1 - beta2**step).sqrt()
+    dirs, new_per_param, feats = [], [], []
+    for g, p, st in zip(grads, params, per_param):
+        m = st["exp_avg"] * beta1 + g * (1 - beta1)
+        v = st["exp_avg_sq"] * beta2 + g * g * (1 - beta2)
+        u = (m / bias1) / (v.sqrt() / bias2_sqrt + eps)
+        scale = (_rms(p) + floor) / torch.clamp(_rms(u), min=TINY)
+        dirs.append(u * scale)
+        new_st = {"exp_avg": m, "exp_avg_sq": v}
+        if controller is not None:
+            f, scalars = _features(g, p, st, step, total_steps, floor)
+            feats.append(f)
+            new_st.update(scalars, p0=st["p0"], p0_norm=st["p0_norm"])
+        new_per_param.append(new_st)
+    if controller is None or not dirs:
+        mults = [s] * len(dirs)
+    else:
+        increment, direct = controller_outputs(controller, torch.stack(feats))
+        ctrl_old = torch.stack([st["ctrl"] for st in per_param])
+        ctrl = torch.clamp(ctrl_old + increment, *CTRL_RANGE)
+        mults = list(s * torch.exp(ctrl + direct))
+        for i, new_st in enumerate(new_per_param):
+            new_st["ctrl"] = ctrl[i]
+    updates = [d * (m * (-lr * alpha)) for d, m in zip(dirs, mults)]
+    return updates, ({**group_state, "step": step}, new_per_param)
+
+
+def _group_init(params: Sequence[Tensor]) -> dict[str, Tensor]:
+    like = params[0] if params else torch.zeros(())
+    return {"step": torch.zeros((), dtype=like.dtype, device=like.device)}
+
+
+class RelativeAdamRule(Rule):
+    """The hand-set parameter-relative Adam (no θ): every hyperparameter comes from the param group."""
+
+    name: ClassVar[str] = "relative-adam"
+    hyperparameters: ClassVar[dict[str, Any]] = {
+        "lr": 1.0, "alpha": 0.03, "warmup": 0.05, "floor": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
+        "total_steps": None,
+    }
+
+    def init_state(self, params: Sequence[Tensor]) -> RuleState:
+        per_param = [{"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)} for p in params]
+        return _group_init(params), per_param
+
+    def validate_hparams(self, hparams: Mapping[str, Any]) -> None:
+        super().validate_hparams(hparams)
+        check_total_steps(hparams.get("total_steps"))
+        for key in ("alpha", "floor", "eps"):
+            if key in hparams:
+                check_nonnegative(key, hparams[key])
+        if "warmup" in hparams:
+            check_in_range("warmup", hparams["warmup"], 0.0, 1.0)
+        if "betas" in hparams:
+            check_betas(hparams["betas"])
+
+    def update(
+        self,
+        grads: Sequence[Tensor],
+        params: Sequence[Tensor],
+        state: RuleState,
+        hparams: Mapping[str, Tensor | float],
+    ) -> tuple[list[Tensor], RuleState]:
+        return relative_update(
+            grads, params, state, alpha=hparams["alpha"], warmup=hparams["warmup"], floor=hparams["floor"],
+            betas=hparams["betas"], eps=hparams["eps"], lr=hparams["lr"], total_steps=hparams["total_steps"],
+        )
+
+
+def check_total_steps(value: Any) -> None:
+    """ValueError unless ``value`` is None or an int >= 1 (bools refused)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"invalid total_steps: {value!r} (must be None or an int >= 1)")
+
+
+class LearnedRelativeAdamRule(Rule):
+    """Parameter-relative Adam with a learned per-tensor controller (the flagship ``default``).
+
+    θ: ``log_alpha``, ``logit_warmup``, ``log_floor`` and the controller net (``ctrl.*``).
+    ``hparams``: ``lr`` (a multiplier, 1.0 = as meta-trained) and ``total_steps`` (None: unknown).
+    State per parameter: Adam's two moments, the initial value ``p0`` (12 bytes per float32
+    parameter in all) and four per-tensor scalars; per group: ``step``.
+    """
+
+    name: ClassVar[str] = "learned-relative-adam"
+    hyperparameters: ClassVar[dict[str, Any]] = {"lr": 1.0, "total_steps": None}
+    betas = (0.9, 0.999)
+    eps = 1e-8
+
+    def __init__(self, init_alpha: float = 0.03, init_warmup: float = 0.05, init_floor: float = 1e-3,
+                 hidden: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        self.log_alpha = log_param(init_alpha, "init_alpha")
+        self.logit_warmup = logit_param(init_warmup, "init_warmup")
+        self.log_floor = log_param(init_floor, "init_floor")
+        self.ctrl = ControllerNet(hidden, seed)
+        self.hidden, self.seed = int(hidden), int(seed)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "init_alpha": float(self.log_alpha.detach().exp()),
+            "init_warmup": float(torch.sigmoid(self.logit_warmup.detach())),
+            "init_floor": float(self.log_floor.detach().exp()),
+            "hidden": self.hidden,
+            "seed": self.seed,
+        }
+
+    def init_state(self, params: Sequence[Tensor]) -> RuleState:
+        per_param = []
+        for p in params:
+            zero = torch.zeros((), dtype=p.dtype, device=p.device)
+            per_param.append({
+                "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p), "p0": p.detach().clone(),
+                "p0_norm": torch.linalg.vector_norm(p.detach()), "ctrl": zero, "cos_ema": zero.clone(),
+                "gnorm0": zero.clone(), "gnorm_ema": zero.clone(),
+            })
+        return _group_init(params), per_param
+
+    def validate_hparams(self, hparams: Mapping[str, Any]) -> None:
+        super().validate_hparams(hparams)
+        check_total_steps(hparams.get("total_steps"))
+
+    def theta(self) -> dict[str, Tensor]:
+        """θ by name: what :func:`update_with` takes (the batched engine passes stacked copies)."""
+        return dict(self.named_parameters())
+
+    def update(
+        self,
+        grads: Sequence[Tensor],
+        params: Sequence[Tensor],
+        state: RuleState,
+        hparams: Mapping[str, Tensor | float],
+    ) -> tuple[list[Tensor], RuleState]:
+        theta = {k: v.to(grads[0].dtype) for k, v in self.theta().items()} if grads else self.theta()
+        return self.update_with(theta, grads, params, state, hparams["lr"], hparams.get("total_steps"))
+
+    @classmethod
+    def update_with(cls, theta: Mapping[str, Tensor], grads: Sequence[Tensor], params: Sequence[Tensor],
+                    state: RuleState, lr: Tensor | float,
+                    total_steps: int | Tensor | None) -> tuple[list[Tensor], RuleState]:
+        """:meth:`update` with θ passed in: a pure function of tensors, vmappable over θ."""
+        return relative_update(
+            grads, params, state, alpha=theta["log_alpha"].exp(), warmup=torch.sigmoid(theta["logit_warmup"]),
+            floor=theta["log_floor"].exp(), betas=cls.betas, eps=cls.eps, lr=lr, total_steps=total_steps,
+            controller=theta,
+        )

@@ -1,0 +1,229 @@
+"""Parameter-relative Adam (hand-set and learned), the batched population engine and full-horizon ES."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import learned_opt
+from learned_opt.bench.baselines import resolve_optimizer, with_cosine_decay
+from learned_opt.bench.runner import run
+from learned_opt.meta.es import ESConfig, PopulationESTrainer, centered_ranks, log_ratio
+from learned_opt.meta.population import adam_sweep, run_population
+from learned_opt.optim import LearnedOptimizer
+from learned_opt.rules.relative import LearnedRelativeAdamRule, RelativeAdamRule, schedule
+from learned_opt.suites import parse_suite
+from learned_opt.tasks import QuadraticFamily
+from learned_opt.tasks.families import MLPClassificationFamily
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(4, 3, generator=g)), torch.nn.Parameter(torch.zeros(3))]
+
+
+def _first_update(make, grads):
+    params = _params()
+    before = [p.detach().clone() for p in params]
+    opt = make(params)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    return [p.detach() - b for p, b in zip(params, before)]
+
+
+def _learned(params, **kw):
+    return LearnedOptimizer(params, LearnedRelativeAdamRule(), **kw)
+
+
+@pytest.mark.parametrize("rule", [RelativeAdamRule(), LearnedRelativeAdamRule()], ids=["hand", "learned"])
+@pytest.mark.parametrize("total_steps", [None, 50])
+def test_lr_is_a_multiplier_of_the_rules_own_rate(rule, total_steps):
+    params = [p.detach() for p in _params()]
+    grads = [torch.randn(4, 3), torch.randn(3)]
+
+    def first_update(lr):
+        hparams = {**rule.hyperparameters, "lr": lr, "total_steps": total_steps}
+        return rule.update(grads, params, rule.init_state(params), hparams)[0]
+
+    for full, half in zip(first_update(1.0), first_update(0.5)):
+        assert full.abs().sum() > 0
+        assert torch.equal(half, 0.5 * full)
+
+
+@pytest.mark.parametrize("make", [learned_opt.RelativeAdam, _learned], ids=["hand", "learned"])
+def test_zero_gradient_from_fresh_state_does_not_move(make):
+    updates = _first_update(lambda p: make(p, total_steps=10), [torch.zeros(4, 3), torch.zeros(3)])
+    assert all(torch.equal(u, torch.zeros_like(u)) for u in updates)
+
+
+def test_step_moves_a_tensor_by_alpha_of_its_rms():
+    params = _params()
+    rms = float(params[0].detach().pow(2).mean().sqrt())
+    opt = learned_opt.RelativeAdam(params, alpha=0.03, warmup=0.0, total_steps=None)
+    before = params[0].detach().clone()
+    params[0].grad, params[1].grad = torch.randn(4, 3), torch.randn(3)
+    opt.step()
+    moved = float((params[0].detach() - before).pow(2).mean().sqrt())
+    assert moved == pytest.approx(0.03 * (rms + 1e-3), rel=1e-5)
+
+
+def test_untrained_learned_rule_is_the_hand_rule():
+    """Same trajectory up to the rounding of θ's exp(log α) and exp(log floor)."""
+    torch.manual_seed(0)
+    grads = [[torch.randn(4, 3), torch.randn(3)] for _ in range(6)]
+    for total in (None, 6):
+        a, b = _params(), _params()
+        oa = learned_opt.RelativeAdam(a, total_steps=total)
+        ob = _learned(b, total_steps=total)
+        for gs in grads:
+            for p, q, g in zip(a, b, gs):
+                p.grad, q.grad = g.clone(), g.clone()
+            oa.step()
+            ob.step()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-9)
+
+
+def test_schedule_warms_up_then_decays_to_zero_or_holds():
+    steps = torch.arange(1, 101, dtype=torch.float32)
+    told = schedule(steps, torch.tensor(100.0), 0.1)
+    assert float(told[0]) == pytest.approx(0.1) and float(told[9]) == pytest.approx(1.0)
+    assert float(told[-1]) == pytest.approx(0.0, abs=1e-6)
+    assert torch.all(told[10:].diff() <= 1e-7)
+    free = schedule(steps, torch.tensor(0.0), 0.05)  # warm-up over 0.05 x 200 = 10 steps, then 1
+    assert float(free[4]) == pytest.approx(0.5) and torch.all(free[9:] == 1.0)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True])
+def test_total_steps_is_validated(bad):
+    with pytest.raises(ValueError, match="total_steps"):
+        learned_opt.RelativeAdam(_params(), total_steps=bad)
+
+
+def test_relative_adam_rejects_bad_hyperparameters():
+    with pytest.raises(ValueError, match="alpha"):
+        learned_opt.RelativeAdam(_params(), alpha=-1.0)
+    with pytest.raises(ValueError, match="warmup"):
+        learned_opt.RelativeAdam(_params(), warmup=1.5)
+
+
+def _small_task():
+    family = MLPClassificationFamily(dataset="blobs", dim=4, classes=3, width=8, depth=2, activation="relu",
+                                     n_train=64, batch_size=16)
+    return family.sample(3)
+
+
+def test_population_run_matches_the_optimizer_path():
+    """The batched engine and the torch.optim adapter run the same update (one home for the math)."""
+    task = _small_task()
+    rule = LearnedRelativeAdamRule()
+    thetas = torch.nn.utils.parameters_to_vector(rule.parameters()).detach()
+    g = torch.Generator().manual_seed(1)
+    thetas = torch.stack([thetas, thetas + 0.3 * torch.randn(thetas.shape, generator=g)])
+    names = [(n, p.shape, p.numel()) for n, p in rule.named_parameters()]
+
+    def as_dict(vec):
+        out, i = {}, 0
+        for n, shape, k in names:
+            out[n] = vec[..., i:i + k].reshape(*vec.shape[:-1], *shape)
+            i += k
+        return out
+
+    horizons = torch.tensor([30.0, 0.0])
+    result = run_population(task, 7, 30, (as_dict(thetas), horizons), 2,
+                            lambda m, gr, p, s: LearnedRelativeAdamRule.update_with(m[0], gr, p, s, 1.0, m[1]),
+                            rule.init_state)
+    for i, total in enumerate((30, None)):
+        member = LearnedRelativeAdamRule()
+        torch.nn.utils.vector_to_parameters(thetas[i].clone(), member.parameters())
+        single = run(task, lambda ps: LearnedOptimizer(ps, member, total_steps=total), 7, 30, 30)
+        assert single.losses[0] == pytest.approx(result.initial_loss, rel=1e-6)
+        assert single.losses[-1] == pytest.approx(float(result.final_losses[i]), rel=1e-4)
+
+
+def test_adam_sweep_matches_torch_adam():
+    task = _small_task()
+    lrs = [1e-3, 3e-2]
+    swept = adam_sweep(task, 5, 20, lrs)
+    for lr, final in zip(lrs, swept.final_losses.tolist()):
+        ref = run(task, lambda ps: torch.optim.Adam(ps, lr=lr), 5, 20, 20)
+        assert ref.losses[-1] == pytest.approx(final, rel=1e-4)
+
+
+def test_centered_ranks_and_log_ratio():
+    r = centered_ranks(torch.tensor([3.0, 1.0, 2.0, 2.0]))
+    assert r.tolist() == [0.5, -0.5, 0.0, 0.0]
+    cap = log_ratio(torch.tensor([1.0, math.nan, 0.5]), 1.0, 0.5, torch.tensor([False, True, False]), (-1.5, 3.0))
+    assert 0 < float(cap[0]) < math.log(2.0) + 1e-6 and float(cap[1]) == 3.0 and abs(float(cap[2])) < 1e-6
+
+
+def _tiny_suite():
+    data = {"suite": {"steps": 20, "seeds": {"train": [0, 100], "validation": [100, 200], "test": [200, 300]},
+                      "family": [{"label": "quad", "family": "quadratic", "settings": {"dim": {"int": [3, 6]}}}]}}
+    return parse_suite(data, name="tiny")
+
+
+def _cfg(**kw):
+    base = dict(meta_steps=4, pairs=2, tasks_per_step=1, horizon=(10, 20), pool=3, val_tasks=2, eval_every=2,
+                checkpoint_every=1)
+    return ESConfig(**{**base, **kw})
+
+
+def test_es_resumes_bitwise(tmp_path):
+    suite = _tiny_suite()
+    whole = PopulationESTrainer(_cfg(), tmp_path / "whole", suite=suite)
+    whole.run(progress=False)
+    PopulationESTrainer(_cfg(meta_steps=2), tmp_path / "split", suite=suite).run(progress=False)
+    resumed = PopulationESTrainer(_cfg(), tmp_path / "split", suite=suite)
+    resumed.run(progress=False)
+    assert torch.equal(whole.theta.detach(), resumed.theta.detach())
+    assert not torch.equal(whole.theta.detach(), PopulationESTrainer(_cfg(), tmp_path / "x", suite=suite).theta.detach())
+    assert [r["step"] for r in resumed.history] == list(range(5))
+    opt = learned_opt.load_optimizer(tmp_path / "whole" / "best.safetensors", _params(), total_steps=10)
+    assert isinstance(opt.rule, LearnedRelativeAdamRule)
+
+
+def test_es_refuses_changed_settings_on_resume(tmp_path):
+    suite = _tiny_suite()
+    PopulationESTrainer(_cfg(meta_steps=1), tmp_path, suite=suite).run(progress=False)
+    with pytest.raises(ValueError, match="sigma"):
+        PopulationESTrainer(_cfg(sigma=0.2), tmp_path, suite=suite).run(progress=False)
+
+
+def test_es_config_from_table_names_bad_keys():
+    with pytest.raises(ValueError, match="bogus"):
+        ESConfig.from_table({"bogus": 1})
+    with pytest.raises(ValueError, match="pairs"):
+        ESConfig.from_table({"pairs": 0})
+    assert ESConfig.from_table({"horizon": [5, 9]}).horizon == (5, 9)
+
+
+def test_cosine_baseline_decays_to_zero_over_the_horizon():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = with_cosine_decay(torch.optim.SGD([p], lr=1.0), 10)
+    lrs = []
+    for _ in range(10):
+        p.grad = torch.ones(2)
+        opt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[4] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_horizon_spec_passes_total_steps():
+    spec = resolve_optimizer("RelativeAdam[horizon=true]")
+    opt = spec.factory(None, 123)(_params())
+    assert opt.param_groups[0]["total_steps"] == 123 and spec.key["horizon"] is True
+    assert resolve_optimizer("adam-cosine").horizon
+    assert resolve_optimizer("RelativeAdam").factory(None, 5)(_params()).param_groups[0]["total_steps"] is None
+    with pytest.raises(ValueError, match="horizon"):
+        resolve_optimizer("RelativeAdam[horizon=3]")
+
+
+def test_quadratic_family_for_es_reference_is_deterministic():
+    task = QuadraticFamily(dim=4).sample(0)
+    a, b = adam_sweep(task, 0, 5, [0.1]), adam_sweep(task, 0, 5, [0.1])
+    assert torch.equal(a.final_losses, b.final_losses) and np.isfinite(a.initial_loss)
