@@ -39,6 +39,8 @@ from learned_opt.rules.base import Rule, build_rule
 
 FORMAT_VERSION = 1
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+# The checkout (or, installed, site-packages): paths under it are recorded relative to it.
+REPO = PRETRAINED_DIR.parent.parent
 # Names the project promises to ship (meta-trained by the quality work); until a file exists under
 # PRETRAINED_DIR, asking for one raises an error saying it is not shipped yet.
 PLANNED_NAMES = (
@@ -73,6 +75,15 @@ TensorSpec = tuple[str, tuple[int, ...]]
 
 class NotShippedError(FileNotFoundError):
     """A planned pretrained name whose weights are not in this release."""
+
+
+def repo_relative(path: str | Path) -> str:
+    """``path`` as cards and reports cite it: relative to :data:`REPO` when under it (a committed
+    card must not carry the build machine's directories), any other path as given."""
+    given = Path(path)
+    if given.is_absolute() and given.resolve().is_relative_to(REPO):
+        return given.resolve().relative_to(REPO).as_posix()
+    return str(path)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -278,3 +278,17 @@ def test_empty_weights_path_is_a_clear_error(weights) -> None:
         load_rule(weights)
     with pytest.raises(ValueError, match="names no file"):
         LSTMOptimizer([torch.nn.Parameter(torch.zeros(2))], weights=weights)
+
+
+def test_cards_cite_repo_suites_relative_to_the_repo(tmp_path: Path) -> None:
+    """A card used to record the build machine's absolute suite path (/.../tasks/meta_train.toml)."""
+    from learned_opt.meta.train import meta_train
+    from learned_opt.weights import REPO, repo_relative
+
+    suite = REPO / "tasks" / "l2l_quadratic.toml"
+    meta_train(config=suite, out=tmp_path / "run", progress=False, rule_config={"hidden_size": 2, "num_layers": 1},
+               meta_steps=1, tasks_per_step=1, unroll=2, horizon=2, eval_tasks=0)
+    meta = json.loads((tmp_path / "run" / "final.json").read_text())["meta_training"]
+    assert meta["suite"] == meta["config"]["suite"] == "tasks/l2l_quadratic.toml"
+    elsewhere = tmp_path / "mine.toml"
+    assert repo_relative(elsewhere) == str(elsewhere) and repo_relative("tasks/x.toml") == "tasks/x.toml"
