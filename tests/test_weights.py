@@ -292,3 +292,17 @@ def test_cards_cite_repo_suites_relative_to_the_repo(tmp_path: Path) -> None:
     assert meta["suite"] == meta["config"]["suite"] == "tasks/l2l_quadratic.toml"
     elsewhere = tmp_path / "mine.toml"
     assert repo_relative(elsewhere) == str(elsewhere) and repo_relative("tasks/x.toml") == "tasks/x.toml"
+
+
+def test_no_text_says_shipped_weights_are_yet_to_ship() -> None:
+    """docs/speed.md and tasks/quickstart.toml said the `default` weights did not ship yet after they did."""
+    import re
+
+    from learned_opt.weights import REPO
+
+    texts = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "tasks").rglob("*.toml")]
+    for name in learned_opt.list_pretrained():
+        stale = re.compile(rf"(\bno|\bonce the)\s+(trained\s+)?`{re.escape(name)}`\s+weights\s+ship\b", re.IGNORECASE)
+        for path in texts:
+            match = stale.search(" ".join(path.read_text(encoding="utf-8").split()))
+            assert match is None, f"{path.relative_to(REPO)} says {match.group(0)!r} but {name!r} ships"
