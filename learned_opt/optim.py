@@ -16,7 +16,7 @@ state of every parameter of the group that has state, kept in sync after each st
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from learned_opt.rules.base import Rule, check_nonnegative
+from learned_opt.rules.base import Rule, check_bool, check_nonnegative
 from learned_opt.rules.grad_norm_decay import GradNormDecayRule
 from learned_opt.rules.hparam_base import HyperparameterRule
 from learned_opt.rules.hypergradient import HypergradientAdamRule, HypergradientSGDRule
@@ -36,6 +36,8 @@ from learned_opt.weights import load_rule
 
 NONFINITE_KEY = "nonfinite_skips"
 UNSUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+# The adapter's own per-group hyperparameters, besides the rule's ``hyperparameters``.
+ADAPTER_HPARAMS = ("weight_decay", "maximize")
 
 
 class LearnedOptimizer(Optimizer):
@@ -48,7 +50,12 @@ class LearnedOptimizer(Optimizer):
 
     float16/bfloat16 parameters raise ValueError (state is kept in the parameter's dtype, too
     coarse for the adapted rates and LSTM state; keep float32 master params under ``torch.amp``).
+    ``card`` is the weights' card when they were loaded from disk, else None.
     """
+
+    card: dict[str, Any] | None = None
+    # Instance attributes of the adapter that torch's Optimizer.__getstate__ does not keep.
+    _PICKLED = ("rule", "weights_sha256", "card", "_warned_nonfinite")
 
     def __init__(
         self,
@@ -67,7 +74,7 @@ class LearnedOptimizer(Optimizer):
         if unknown:
             raise ValueError(
                 f"unknown hyperparameters {sorted(unknown)} for rule {rule.name!r}; "
-                f"allowed: {sorted(set(rule.hyperparameters) | {'weight_decay', 'maximize'})}"
+                f"allowed: {sorted(set(rule.hyperparameters) | set(ADAPTER_HPARAMS))}"
             )
         defaults = {**rule.hyperparameters, **hparams, "lr": lr, "weight_decay": weight_decay, "maximize": maximize}
         self.rule = rule
@@ -77,10 +84,9 @@ class LearnedOptimizer(Optimizer):
         self._validate_group(defaults)
         super().__init__(params, defaults)
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
+    def _validate_group(self, group: Mapping[str, Any]) -> None:
         check_nonnegative("weight_decay", group["weight_decay"])
-        if not isinstance(group["maximize"], bool):
-            raise ValueError(f"invalid maximize: {group['maximize']!r} (must be a bool)")
+        check_bool("maximize", group["maximize"])
         self.rule.validate_hparams(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -107,6 +113,12 @@ class LearnedOptimizer(Optimizer):
                 )
             if not p.is_floating_point():
                 raise ValueError(f"{type(self).__name__} can only optimize floating-point parameters, got {p.dtype}")
+
+    @property
+    def hyperparameter_keys(self) -> frozenset[str]:
+        """Keys every param group has: the rule's hyperparameters and :data:`ADAPTER_HPARAMS`
+        (``self.defaults`` may hold more: torch adds ``differentiable`` on unpickling and loading)."""
+        return frozenset(self.rule.hyperparameters) | frozenset(ADAPTER_HPARAMS)
 
     # --- state bookkeeping -------------------------------------------------------------------
     @property
@@ -218,10 +230,14 @@ class LearnedOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, refusing (ValueError, nothing loaded) a state this optimizer's
+        rule cannot step: another rule's, another optimizer class's, or one for other shapes."""
         info = state_dict.get("learned_opt") or {}
         saved_rule, saved_sha = info.get("rule"), info.get("weights_sha256")
         if saved_rule is not None and saved_rule != self.rule.name:
             raise ValueError(f"state_dict is for rule {saved_rule!r}, this optimizer runs {self.rule.name!r}")
+        torch_state = {k: v for k, v in state_dict.items() if k != "learned_opt"}
+        self._check_loadable(torch_state)
         if saved_sha != self.weights_sha256:
             warnings.warn(
                 f"loading optimizer state saved with weights sha256 {saved_sha} into an optimizer "
@@ -229,19 +245,68 @@ class LearnedOptimizer(Optimizer):
                 UserWarning,
                 stacklevel=2,
             )
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "learned_opt"})
+        super().load_state_dict(torch_state)
+
+    def _check_loadable(self, state_dict: Mapping[str, Any]) -> None:
+        """ValueError unless ``state_dict`` (torch's layout) could come from this optimizer: each
+        group has its hyperparameter keys with valid values, and each parameter's state has the keys
+        and shapes ``rule.init_state`` gives that parameter (plus the group state and
+        ``nonfinite_skips``). A mismatch in the number or sizes of groups is left to torch's check."""
+        saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, Mapping):
+            raise ValueError("state_dict must hold 'state' and 'param_groups' as torch.optim.Optimizer.state_dict() gives")
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            return
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            where = f"state_dict param group {index}"
+            missing = sorted(self.hyperparameter_keys - set(saved))
+            if missing:
+                raise ValueError(
+                    f"{where} lacks hyperparameters {missing} of {type(self).__name__} "
+                    f"(rule {self.rule.name!r}); is it another optimizer's state?"
+                )
+            try:
+                self._validate_group(saved)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+            for pid, p in zip(saved["params"], group["params"]):
+                self._check_param_state(f"{where}, parameter {pid}", saved_state.get(pid), p)
+
+    def _check_param_state(self, where: str, loaded: Any, p: Tensor) -> None:
+        """ValueError unless ``loaded`` is no state or the state the rule keeps for ``p``.
+
+        Keys the rule adds per coordinate beyond ``init_state`` (a momentum buffer when momentum is
+        non-zero) may be present; they must be shaped like ``p``."""
+        if not loaded:
+            return
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"{where}: state must be a dict of tensors, got {type(loaded).__name__}")
+        with torch.no_grad():  # on the meta device: shapes without allocating the rule's state
+            group_state, (fresh,) = self.rule.init_state([torch.empty_like(p, device="meta")])
+        expected = {k: tuple(v.shape) for k, v in {**fresh, **group_state}.items()}
+        expected[NONFINITE_KEY] = ()
+        wanted = {**{k: tuple(p.shape) for k in loaded}, **expected}
+        missing = sorted(set(expected) - set(loaded))
+        shapes = [
+            f"{k}: {_shape_of(loaded[k])} vs {shape}"
+            for k, shape in wanted.items()
+            if k in loaded and _shape_of(loaded[k]) != shape
+        ]
+        if missing or shapes:
+            raise ValueError(
+                f"{where}: not a state of rule {self.rule.name!r} for a parameter of shape {tuple(p.shape)}: "
+                f"missing keys {missing}, shape mismatches (loaded vs expected) {shapes}"
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(
-            rule=self.rule,
-            weights_sha256=self.weights_sha256,
-            _warned_nonfinite=self._warned_nonfinite,
-        )
+        state.update({key: getattr(self, key) for key in self._PICKLED})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        for key in ("rule", "weights_sha256", "_warned_nonfinite"):
+        for key in self._PICKLED:
             if key in state:
                 setattr(self, key, state.pop(key))
         self._group_keys = None
@@ -252,6 +317,11 @@ class LearnedOptimizer(Optimizer):
         sha = f", weights_sha256={self.weights_sha256[:12]}" if self.weights_sha256 else ""
         return f"{base[:-1]}Rule: {self.rule.name}{sha}\n)"
 
+
+
+def _shape_of(value: Any) -> tuple[int, ...] | str:
+    """A loaded state value's shape, or its type's name when it is not a tensor."""
+    return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
 
 
 # --- public optimizers ------------------------------------------------------------------------
@@ -411,7 +481,7 @@ class HypergradientAdam(LearnedOptimizer):
             HypergradientAdamRule(),
             lr=lr,
             hyper_lr=hyper_lr,
-            betas=tuple(betas),
+            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,  # anything else: ValueError
             eps=eps,
             weight_decay=weight_decay,
             normalized=normalized,

@@ -25,9 +25,8 @@ from typing import Any
 
 from learned_opt.fileio import atomic_write_json, atomic_write_text
 from learned_opt.suites import check_table, tomllib
-from learned_opt.weights import PRETRAINED_DIR, file_sha256, load_rule, read_card, save_weights
+from learned_opt.weights import PRETRAINED_DIR, REPO, file_sha256, load_rule, read_card, repo_relative, save_weights
 
-REPO = Path(__file__).resolve().parent.parent
 RECIPE_DIR = REPO / "tasks" / "pretrained"
 RESULTS_DIR = REPO / "docs" / "results"
 README = REPO / "README.md"
@@ -74,7 +73,7 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
     ship, table, path = load_recipe(name, recipe_dir)
     run_dir = Path(work) / name
     resume = (run_dir / "checkpoint.safetensors").exists()
-    command = f"python scripts/ship_pretrained.py {shlex.quote(name)} (recipe {_repo_relative(path)})"
+    command = f"python scripts/ship_pretrained.py {shlex.quote(name)} (recipe {repo_relative(path)})"
     if "population_es" in table:
         from learned_opt.meta.es import ESConfig, train_es
 
@@ -87,7 +86,7 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
     if ship["weights"] == "best":  # the best card's steps/wall time stop at the selected step
         final = read_card(run_dir / "final.safetensors")["meta_training"]
         meta.update(selected_step=meta["steps"], steps=final["steps"], wall_time_s=final["wall_time_s"])
-    meta["recipe"] = str(_repo_relative(path))
+    meta["recipe"] = repo_relative(path)
     meta["exported"] = f"{ship['weights']} (validation-selected)" if ship["weights"] == "best" else "final"
     meta["command"] = command
     meta["threads"] = threads
@@ -116,7 +115,7 @@ def bench(suite: str, names: Sequence[str], work: str | Path, *, seeds: int | No
             target = dest / f.relative_to(out)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, target)
-    rel = _repo_relative(dest)
+    rel = repo_relative(dest)
     for name in names:
         _record_metrics(pretrained_dir / f"{name}.safetensors", loaded.name, result.results["summary"].get(name),
                         command, rel)
@@ -125,12 +124,7 @@ def bench(suite: str, names: Sequence[str], work: str | Path, *, seeds: int | No
     return dest
 
 
-def _repo_relative(path: Path) -> Path:
-    """``path`` relative to the repository when inside it (cards and READMEs cite repo paths)."""
-    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
-
-
-def _record_metrics(weights: Path, suite: str, row: dict[str, Any] | None, command: str, results: Path) -> None:
+def _record_metrics(weights: Path, suite: str, row: dict[str, Any] | None, command: str, results: str) -> None:
     if row is None:
         raise ValueError(f"benchmark summary has no row for {weights.stem!r}")
     card = read_card(weights)

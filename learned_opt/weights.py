@@ -12,8 +12,11 @@ The card records what the weights are and where they came from::
     metrics         figures, each with the command and results file that produced them
 
 Loading checks everything and names the file and the mismatch: a missing file, a card that is
-not JSON or lacks a field, a sha256 that does not match (tampered or truncated weights), weights
-that are not valid safetensors, and tensor names/shapes that disagree with the rule and config.
+not JSON or lacks a field (or has one of the wrong type), a sha256 that does not match (tampered or
+truncated weights), weights that are not valid safetensors, and tensor names, shapes and dtypes
+that disagree with the rule and config. The architecture is built on the meta device and compared
+with the file's header before anything is allocated, so a card cannot make the loader allocate
+more than the weights file holds.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from learned_opt.rules.base import Rule, build_rule
 
 FORMAT_VERSION = 1
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+# The checkout (or, installed, site-packages): paths under it are recorded relative to it.
+REPO = PRETRAINED_DIR.parent.parent
 # Names the project promises to ship (meta-trained by the quality work); until a file exists under
 # PRETRAINED_DIR, asking for one raises an error saying it is not shipped yet.
 PLANNED_NAMES = (
@@ -48,11 +53,37 @@ PLANNED_NAMES = (
     "learnable-adam",
     "learnable-sgd",
 )
-CARD_FIELDS = ("format_version", "name", "rule", "rule_config", "sha256", "created", "meta_training", "metrics")
+CARD_TYPES: dict[str, type] = {
+    "format_version": int,
+    "name": str,
+    "rule": str,
+    "rule_config": dict,
+    "sha256": str,
+    "created": str,
+    "meta_training": dict,
+    "metrics": dict,
+}
+CARD_FIELDS = tuple(CARD_TYPES)
+# safetensors' dtype names of the floating dtypes: any of them loads into a floating parameter
+# (load_state_dict casts, as it does under torch.set_default_dtype); other dtypes must match exactly.
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+OTHER_DTYPES = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+# A tensor as the header of a safetensors file describes it: (dtype name, shape).
+TensorSpec = tuple[str, tuple[int, ...]]
 
 
 class NotShippedError(FileNotFoundError):
     """A planned pretrained name whose weights are not in this release."""
+
+
+def repo_relative(path: str | Path) -> str:
+    """``path`` as cards and reports cite it: relative to :data:`REPO` when under it (a committed
+    card must not carry the build machine's directories), any other path as given."""
+    given = Path(path)
+    if given.is_absolute() and given.resolve().is_relative_to(REPO):
+        return given.resolve().relative_to(REPO).as_posix()
+    return str(path)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -65,20 +96,45 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    """``(PATH.safetensors, PATH.json)`` for ``path`` with or without one of those suffixes."""
+    given = Path(path)
+    stem = given.with_suffix("") if given.suffix in (".safetensors", ".json") else given
+    if stem.name in ("", ".", ".."):
+        raise ValueError(f"weights path {str(path)!r} names no file; give a shipped name or a path to a .safetensors file")
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def _split_header(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """A safetensors file's JSON header and the tensor bytes after it; ValueError if malformed."""
+    n = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or n > len(data) - 8:
+        raise ValueError(f"header length {n} exceeds the file's {len(data)} bytes")
+    header = json.loads(data[8 : 8 + n])
+    if not isinstance(header, dict):
+        raise ValueError(f"header must be a JSON object, got {type(header).__name__}")
+    return header, data[8 + n :]
 
 
 def canonical_safetensors(data: bytes) -> bytes:
     """``data`` (a safetensors file) with its JSON header's keys sorted, so equal tensors and
     metadata give byte-equal files (safetensors writes its metadata in hash-map order, which
     varies between processes) and hence an equal sha256. Offsets and tensor bytes are unchanged."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
+    header, tensor_bytes = _split_header(data)
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the format aligns the tensor data to 8 bytes
-    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+    return len(text).to_bytes(8, "little") + text + tensor_bytes
+
+
+def header_tensors(data: bytes) -> dict[str, TensorSpec]:
+    """``{name: (dtype, shape)}`` of a safetensors file's tensors, read from its header alone.
+
+    ValueError if the header is malformed; offsets are left to safetensors' own loader.
+    """
+    header, _ = _split_header(data)
+    try:
+        return {k: (str(v["dtype"]), tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+    except (TypeError, KeyError) as exc:
+        raise ValueError(f"malformed tensor entry in the header: {exc!r}") from exc
 
 
 def save_weights(
@@ -153,6 +209,13 @@ def read_card(weights_path: str | Path) -> dict[str, Any]:
     missing = [k for k in CARD_FIELDS if k not in card]
     if missing:
         raise ValueError(f"weights card {card_path} lacks fields {missing}")
+    wrong = [
+        f"{k} ({card[k]!r} is {type(card[k]).__name__}, must be {t.__name__})"
+        for k, t in CARD_TYPES.items()
+        if not isinstance(card[k], t) or isinstance(card[k], bool)  # JSON true is no format_version
+    ]
+    if wrong:
+        raise ValueError(f"weights card {card_path} has fields of the wrong type: {', '.join(wrong)}")
     if card["format_version"] != FORMAT_VERSION:
         raise ValueError(
             f"weights card {card_path} has format_version {card['format_version']!r}; "
@@ -164,7 +227,8 @@ def read_card(weights_path: str | Path) -> dict[str, Any]:
 def load_rule(name_or_path: str | Path) -> tuple[Rule, dict[str, Any]]:
     """Load a shipped name or a ``.safetensors`` path into its Rule; returns ``(rule, card)``.
 
-    Verifies the card, the sha256 and that tensor names and shapes match the rule's config.
+    Verifies the card, the sha256, and that tensor names, shapes and dtypes match the
+    architecture the card's rule and config imply, before the rule or any tensor is allocated.
     Tensors are read with safetensors (no pickle). The returned rule is in eval mode.
     """
     weights_path = resolve_weights(name_or_path)
@@ -179,27 +243,64 @@ def load_rule(name_or_path: str | Path) -> tuple[Rule, dict[str, Any]]:
             "(the file was modified or truncated)"
         )
     try:
+        stored = header_tensors(data)
+    except ValueError as exc:
+        raise ValueError(f"weights file {weights_path} is not a valid safetensors file: {exc}") from exc
+    _check_architecture(weights_path, card, stored)
+    try:
         tensors = st_load(data)
     except Exception as exc:  # safetensors' SafetensorError is not importable on every version
         raise ValueError(f"weights file {weights_path} is not a valid safetensors file: {exc}") from exc
-    try:
-        rule = build_rule(card["rule"], card["rule_config"])
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"weights card {_paths(weights_path)[1]}: cannot build rule: {exc}") from exc
-    expected = rule.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(tensors[k].shape)} vs rule {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in tensors and tensors[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"weights file {weights_path} does not match rule {card['rule']!r} with config "
-            f"{card['rule_config']}: missing {missing}, unexpected {unexpected}, shape mismatches {shapes}"
-        )
+    rule = _build(weights_path, card)
     with torch.no_grad():
         rule.load_state_dict(tensors)
     rule.eval()
     return rule, card
+
+
+def _build(weights_path: Path, card: Mapping[str, Any]) -> Rule:
+    """The card's rule; ValueError naming the card if its rule or config cannot be built."""
+    try:
+        return build_rule(card["rule"], card["rule_config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"weights card {_paths(weights_path)[1]}: cannot build rule: {exc}") from exc
+
+
+def expected_tensors(weights_path: Path, card: Mapping[str, Any]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` of the θ the card's rule and config define, built on the meta
+    device so that no storage is allocated whatever sizes the card asks for."""
+    with torch.device("meta"):
+        rule = _build(weights_path, card)
+    return {k: (v.dtype, tuple(v.shape)) for k, v in rule.state_dict().items()}
+
+
+def _dtype_fits(stored: str, expected: torch.dtype) -> bool:
+    """Whether a tensor stored as ``stored`` loads into an ``expected`` one as a value, not as
+    reinterpreted bits: any floating width into a floating tensor, otherwise the same dtype."""
+    if expected.is_floating_point:
+        return stored in FLOAT_DTYPES
+    return OTHER_DTYPES.get(stored) == expected
+
+
+def _check_architecture(weights_path: Path, card: Mapping[str, Any], stored: Mapping[str, TensorSpec]) -> None:
+    """ValueError naming the file unless ``stored`` (the file's header) holds exactly the tensors,
+    shapes and dtypes of the card's architecture."""
+    expected = expected_tensors(weights_path, card)
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    shapes = [
+        f"{k}: file {stored[k][1]} vs rule {shape}"
+        for k, (_, shape) in expected.items()
+        if k in stored and stored[k][1] != shape
+    ]
+    dtypes = [
+        f"{k}: file {stored[k][0]} vs rule {str(dtype).removeprefix('torch.')}"
+        for k, (dtype, _) in expected.items()
+        if k in stored and not _dtype_fits(stored[k][0], dtype)
+    ]
+    if missing or unexpected or shapes or dtypes:
+        raise ValueError(
+            f"weights file {weights_path} does not match rule {card['rule']!r} with config "
+            f"{card['rule_config']}: missing {missing}, unexpected {unexpected}, shape mismatches {shapes}, "
+            f"dtype mismatches {dtypes}"
+        )

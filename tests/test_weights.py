@@ -194,3 +194,115 @@ def test_canonical_safetensors_is_independent_of_header_key_order() -> None:
     assert canonical_safetensors(shuffled) == canonical_safetensors(data)
     loaded = st_load(canonical_safetensors(shuffled))
     assert torch.equal(loaded["a"], torch.ones(2, 2)) and torch.equal(loaded["b"], torch.arange(3.0))
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    """Apply ``edit`` to the file's JSON header in place and re-hash its card (a consistent forgery)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+    card_path = path.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card["sha256"] = file_sha256(path)
+    card_path.write_text(json.dumps(card))
+
+
+def test_retyped_tensor_is_refused(tmp_path: Path) -> None:
+    """F32 bytes relabelled I32 (same shape, same size, card re-hashed) would load as ~1e9 values."""
+    path = save_weights(_perturbed_lstm(), tmp_path / "w", name="w", meta_training=META)
+    _rewrite_header(path, lambda h: h["head.weight"].update(dtype="I32"))
+    with pytest.raises(ValueError, match=r"w\.safetensors does not match rule 'lstm'.*dtype mismatches \['head\.weight: file I32 vs rule float32'\]"):
+        load_rule(path)
+
+
+def test_other_float_widths_still_load_as_values(tmp_path: Path) -> None:
+    """A float64 file loads into the float32 rule (cast by value, as load_state_dict does)."""
+    rule = _perturbed_lstm().double()
+    path = save_weights(rule, tmp_path / "w", name="w", meta_training=META)
+    loaded, _ = load_rule(path)
+    assert loaded.head.weight.dtype == torch.float32
+    assert torch.equal(loaded.head.weight, rule.head.weight.float())
+
+
+def test_card_architecture_is_checked_before_anything_is_allocated(tmp_path: Path, monkeypatch) -> None:
+    """A card asking for hidden_size 30000 (14 GB of θ) fails on the file's header, naming the file;
+    the rule it describes is only ever built on the meta device."""
+    path = save_weights(_perturbed_lstm(hidden_size=8), tmp_path / "w", name="w", meta_training=META)
+    card = json.loads((tmp_path / "w.json").read_text())
+    card["rule_config"]["hidden_size"] = 30000
+    (tmp_path / "w.json").write_text(json.dumps(card))
+    real_init = LSTMRule.__init__
+
+    def spy_init(self, *args, **kwargs):
+        if kwargs.get("hidden_size") == 30000 and torch.empty(()).device.type != "meta":
+            raise AssertionError("the card's architecture was allocated before checking the file")
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(LSTMRule, "__init__", spy_init)
+    with pytest.raises(ValueError, match=r"w\.safetensors does not match rule 'lstm'.*lstm\.weight_hh_l0: file \(32, 8\) vs rule \(120000, 30000\)"):
+        load_rule(path)
+
+
+def test_malformed_header_names_the_file(tmp_path: Path) -> None:
+    path = save_weights(_perturbed_lstm(), tmp_path / "w", name="w", meta_training=META)
+    _rewrite_header(path, lambda h: h["head.weight"].pop("shape"))
+    with pytest.raises(ValueError, match=r"w\.safetensors is not a valid safetensors file"):
+        load_rule(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("format_version", True, r"format_version \(True is bool, must be int\)"),
+        ("format_version", 1.0, r"format_version \(1\.0 is float, must be int\)"),
+        ("rule_config", [], r"rule_config \(\[\] is list, must be dict\)"),
+        ("rule", 3, r"rule \(3 is int, must be str\)"),
+    ],
+)
+def test_card_fields_of_the_wrong_type_are_refused(tmp_path: Path, field: str, value, message: str) -> None:
+    path = save_weights(_perturbed_lstm(), tmp_path / "w", name="w", meta_training=META)
+    card = json.loads((tmp_path / "w.json").read_text())
+    card[field] = value
+    (tmp_path / "w.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=r"w\.json has fields of the wrong type: " + message):
+        load_rule(path)
+
+
+@pytest.mark.parametrize("weights", ["", ".", Path("")])
+def test_empty_weights_path_is_a_clear_error(weights) -> None:
+    with pytest.raises(ValueError, match=r"weights path '\.?' names no file; give a shipped name or a path"):
+        load_rule(weights)
+    with pytest.raises(ValueError, match="names no file"):
+        LSTMOptimizer([torch.nn.Parameter(torch.zeros(2))], weights=weights)
+
+
+def test_cards_cite_repo_suites_relative_to_the_repo(tmp_path: Path) -> None:
+    """A card used to record the build machine's absolute suite path (/.../tasks/meta_train.toml)."""
+    from learned_opt.meta.train import meta_train
+    from learned_opt.weights import REPO, repo_relative
+
+    suite = REPO / "tasks" / "l2l_quadratic.toml"
+    meta_train(config=suite, out=tmp_path / "run", progress=False, rule_config={"hidden_size": 2, "num_layers": 1},
+               meta_steps=1, tasks_per_step=1, unroll=2, horizon=2, eval_tasks=0)
+    meta = json.loads((tmp_path / "run" / "final.json").read_text())["meta_training"]
+    assert meta["suite"] == meta["config"]["suite"] == "tasks/l2l_quadratic.toml"
+    elsewhere = tmp_path / "mine.toml"
+    assert repo_relative(elsewhere) == str(elsewhere) and repo_relative("tasks/x.toml") == "tasks/x.toml"
+
+
+def test_no_text_says_shipped_weights_are_yet_to_ship() -> None:
+    """docs/speed.md and tasks/quickstart.toml said the `default` weights did not ship yet after they did."""
+    import re
+
+    from learned_opt.weights import REPO
+
+    texts = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "tasks").rglob("*.toml")]
+    for name in learned_opt.list_pretrained():
+        stale = re.compile(rf"(\bno|\bonce the)\s+(trained\s+)?`{re.escape(name)}`\s+weights\s+ship\b", re.IGNORECASE)
+        for path in texts:
+            match = stale.search(" ".join(path.read_text(encoding="utf-8").split()))
+            assert match is None, f"{path.relative_to(REPO)} says {match.group(0)!r} but {name!r} ships"

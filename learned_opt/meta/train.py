@@ -519,7 +519,7 @@ def _train(rule: Rule, suite: Suite, estimator: GradientEstimator, cfg: MetaTrai
            payload: Mapping[str, Any] | None, ctx: DistContext, progress: bool, command: str) -> MetaTrainResult:
     from tqdm.auto import tqdm
 
-    from learned_opt.weights import save_weights
+    from learned_opt.weights import repo_relative, save_weights
 
     device = ctx.device if ctx.enabled else torch.device(cfg.device)
     rule.to(device)
@@ -562,8 +562,9 @@ def _train(rule: Rule, suite: Suite, estimator: GradientEstimator, cfg: MetaTrai
         assert out is not None
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out)
-    card = {"config": cfg.to_dict(), "seed": cfg.seed, "estimator": {"name": estimator.name, **estimator.config()},
-            "suite": _suite_ref(suite), "world_size": ctx.world_size, "machine": machine_info(device),
+    card = {"config": {**cfg.to_dict(), "suite": repo_relative(cfg.suite)}, "seed": cfg.seed,
+            "estimator": {"name": estimator.name, **estimator.config()},
+            "suite": repo_relative(_suite_ref(suite)), "world_size": ctx.world_size, "machine": machine_info(device),
             "command": command}
 
     def checkpoint(step: int) -> None:

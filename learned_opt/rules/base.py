@@ -9,6 +9,7 @@ A Rule is an ``nn.Module`` whose parameters are the meta-parameters θ. Its ``in
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -79,8 +80,13 @@ class Rule(nn.Module):
     def validate_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Raise ValueError naming any hyperparameter value this rule cannot use.
 
-        The base check covers ``lr`` (finite, >= 0); subclasses extend it for their own keys.
+        The base check gives every key of ``hyperparameters`` its default's kind (a number, a bool,
+        a tuple of them: ``lr="0.1"`` or ``lr=True`` fail here, not at ``step()``) and covers ``lr``
+        (finite, >= 0); subclasses extend it with their own keys' ranges.
         """
+        for key, default in self.hyperparameters.items():
+            if key in hparams:
+                check_like(key, hparams[key], default)
         check_nonnegative("lr", hparams.get("lr", 0.0))
 
     def meta_hparams(self) -> dict[str, Tensor | float]:
@@ -88,9 +94,33 @@ class Rule(nn.Module):
         return {k: v for k, v in self.hyperparameters.items()}
 
 
+def check_number(key: str, value: Any) -> float:
+    """``value`` as a float; ValueError unless it is a real number or a one-element tensor
+    (strings, bools and None are refused, not coerced)."""
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    is_scalar_tensor = isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex()
+    if not (is_number or is_scalar_tensor):
+        raise ValueError(f"invalid {key}: {value!r} (must be a number)")
+    return float(value)
+
+
+def check_like(key: str, value: Any, default: Any) -> None:
+    """ValueError unless ``value`` is the kind of value ``default`` is: a bool, a number, or a
+    tuple (or list) of as many of them."""
+    if isinstance(default, bool):
+        check_bool(key, value)
+    elif isinstance(default, tuple):
+        if not isinstance(value, (tuple, list)) or len(value) != len(default):
+            raise ValueError(f"invalid {key}: {value!r} (must be a tuple of {len(default)} values)")
+        for i, (v, d) in enumerate(zip(value, default)):
+            check_like(f"{key}[{i}]", v, d)
+    elif isinstance(default, numbers.Real):
+        check_number(key, value)
+
+
 def check_nonnegative(key: str, value: Any) -> None:
     """ValueError unless ``value`` is a finite number >= 0 (NaN fails too)."""
-    v = float(value)
+    v = check_number(key, value)
     if not (math.isfinite(v) and v >= 0.0):
         raise ValueError(f"invalid {key}: {value!r} (must be a finite number >= 0)")
 
@@ -103,8 +133,8 @@ def check_bool(key: str, value: Any) -> bool:
 
 
 def check_in_range(key: str, value: Any, low: float, high: float) -> None:
-    """ValueError unless ``low <= value < high`` (NaN fails too)."""
-    v = float(value)
+    """ValueError unless ``value`` is a number with ``low <= value < high`` (NaN fails too)."""
+    v = check_number(key, value)
     if not (low <= v < high):
         raise ValueError(f"invalid {key}: {value!r} (must be in [{low}, {high}))")
 
