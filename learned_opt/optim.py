@@ -545,8 +545,10 @@ def load_optimizer(
 
     ``lstm`` weights give an :class:`LSTMOptimizer`, ``mlp`` weights an :class:`MLPOptimizer`;
     hyperparameter rules give their public class (``learnable-adam`` → ``torch.optim.Adam``,
-    ``learnable-sgd`` → ``torch.optim.SGD``) with the learned values as defaults; any other rule runs in :class:`LearnedOptimizer`. ``overrides`` are
-    constructor arguments that replace those defaults (e.g. ``lr=0.5``, ``weight_decay=1e-4``).
+    ``learnable-sgd`` → ``torch.optim.SGD``) with the learned values as defaults; any other rule
+    (the shipped ``default``, a learned relative Adam) runs in :class:`LearnedOptimizer`, with its
+    card as ``opt.card``. ``overrides`` are constructor arguments that replace those defaults (e.g.
+    ``lr=0.5``, ``weight_decay=1e-4``, ``total_steps=N`` for a horizon-aware rule).
     """
     rule, card = load_rule(name_or_path)
     if isinstance(rule, LSTMRule):
@@ -560,6 +562,5 @@ def load_optimizer(
         opt = LearnedOptimizer(params, rule, **overrides)
     if isinstance(opt, LearnedOptimizer):
         opt.weights_sha256 = card["sha256"]
-        if isinstance(opt, (LSTMOptimizer, MLPOptimizer)):
-            opt.card = card
+        opt.card = card
     return opt

@@ -48,7 +48,14 @@ from torch import nn
 from torch.optim import Optimizer
 
 from learned_opt.fileio import atomic_write_json, atomic_write_text
-from learned_opt.optim import GradNormDecaySGD, HypergradientAdam, HypergradientSGD, LearnedOptimizer, LSTMOptimizer
+from learned_opt.optim import (
+    GradNormDecaySGD,
+    HypergradientAdam,
+    HypergradientSGD,
+    LearnedOptimizer,
+    LSTMOptimizer,
+    RelativeAdam,
+)
 from learned_opt.rules.lstm import LSTMRule
 
 SIZES: dict[str, int] = {"10k": 10_000, "100k": 100_000, "1M": 1_000_000, "10M": 10_000_000}
@@ -80,6 +87,7 @@ def default_optimizers() -> list[OptimizerSpec]:
         OptimizerSpec("hypergradient-adam", HypergradientAdam),
         OptimizerSpec("hypergradient-sgd", HypergradientSGD),
         OptimizerSpec("grad-norm-decay-sgd", GradNormDecaySGD),
+        OptimizerSpec("relative-adam", RelativeAdam),
     ]
     from learned_opt.optim import MLPOptimizer, load_optimizer
     from learned_opt.weights import list_pretrained
