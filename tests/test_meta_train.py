@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file, save
 
 import learned_opt
 from learned_opt.meta.checkpoint import CHECKPOINT_NAME, CheckpointError
@@ -202,7 +202,14 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path: Path) -> 
         meta_train(config=QUAD, out=out, resume=True, progress=False, **{**small, "unroll": 7})
     more = meta_train(config=QUAD, out=out, resume=True, progress=False, **{**small, "meta_steps": 6})
     assert more.step == 6 and [int(r["step"]) for r in _rows(out)] == [1, 2, 3, 4, 5, 6]
-    data = bytearray((out / CHECKPOINT_NAME).read_bytes())
+    good = (out / CHECKPOINT_NAME).read_bytes()
+    meta = json.loads(good[8:8 + int.from_bytes(good[:8], "little")])["__metadata__"]
+    tree = json.loads(meta["tree"])
+    tree["counters"]["skipped"] += 1  # a well-formed edit of the JSON metadata, tensors untouched
+    (out / CHECKPOINT_NAME).write_bytes(save(load(good), metadata={**meta, "tree": json.dumps(tree)}))
+    with pytest.raises(CheckpointError, match=f"{out / CHECKPOINT_NAME}: checkpoint checksum mismatch"):
+        meta_train(config=QUAD, out=out, resume=True, progress=False, **small)
+    data = bytearray(good)
     data[-5] ^= 0xFF
     (out / CHECKPOINT_NAME).write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="checksum mismatch"):
