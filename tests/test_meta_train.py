@@ -219,6 +219,29 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path: Path) -> 
         meta_train(config=QUAD, out=out, resume=True, progress=False, **small)
 
 
+def test_resume_refuses_changed_family_settings_naming_entry_and_key(tmp_path: Path) -> None:
+    suite = tmp_path / "quad.toml"
+    suite.write_text(QUAD.read_text())
+    out = tmp_path / "run"
+    small = {**SMALL, "meta_steps": 2, "rule_config": {"hidden_size": 3, "num_layers": 1}}
+    meta_train(config=suite, out=out, progress=False, **small)
+    edits = [("dim = 10", "dim = 10\ninit_scale = 2.0", r"suite entry 'quadratic-10d', settings.init_scale: checkpoint 1.0 vs now 2.0"),
+             ("dim = 10", "dim = 10\ncondition = 100", r"settings.condition: checkpoint 0.0 vs now 100"),
+             ("dim = 10", "dim = 12", r"suite entry 'quadratic-10d', settings.dim: checkpoint 10 vs now 12"),
+             ("steps = 100", "steps = 50", r"suite entry 'quadratic-10d', steps: checkpoint 100 vs now 50"),
+             ("train = [0, 100000]", "train = [0, 90000]", r"suite seeds: checkpoint"),
+             ('label = "quadratic-10d"', 'label = "quad"', r"suite entries: checkpoint \['quadratic-10d'\] vs now \['quad'\]")]
+    for old, new, message in edits:
+        moved = tmp_path / "moved" / "quad.toml"  # the file's location may change, its contents may not
+        moved.parent.mkdir(exist_ok=True)
+        moved.write_text(QUAD.read_text().replace(old, new, 1))
+        with pytest.raises(CheckpointError, match=message) as err:
+            meta_train(config=moved, out=out, resume=True, progress=False, **{**small, "meta_steps": 3})
+        assert "\n" not in str(err.value) and str(out / CHECKPOINT_NAME) in str(err.value)
+    moved.write_text(QUAD.read_text())
+    assert meta_train(config=moved, out=out, resume=True, progress=False, **{**small, "meta_steps": 3}).step == 3
+
+
 def test_temp_file_of_a_killed_checkpoint_write_is_ignored(tmp_path: Path) -> None:
     out = tmp_path / "run"
     small = {**SMALL, "rule_config": {"hidden_size": 3, "num_layers": 1}}
