@@ -20,6 +20,7 @@ from safetensors.torch import load, load_file, save
 import learned_opt
 from learned_opt.meta.checkpoint import CHECKPOINT_NAME, CheckpointError
 from learned_opt.meta.estimators import Estimate, GradientEstimator, TruncatedBPTT
+from learned_opt.lockfile import LOCK_NAME, DirectoryLockError, lock_directory
 from learned_opt.meta.train import meta_train
 from learned_opt.suites import load_suite
 from meta_toys import ToyFamily, ToyMomentum
@@ -192,6 +193,21 @@ def test_output_directory_safety(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="holds no checkpoint"):
         meta_train(config=QUAD, out=out, resume=True, progress=False, **SMALL)
     assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from learned_opt.meta.cli import main
+
+    out = tmp_path / "run"
+    with lock_directory(out):  # as a first run holds it for its whole life
+        with pytest.raises(DirectoryLockError, match=f"^{out} is in use by another run \\(PID {os.getpid()} "):
+            meta_train(config=QUAD, out=out, progress=False, **SMALL)
+        assert main(["--config", str(QUAD), "--out", str(out), "--resume", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"learned-opt meta-train: error: {out} is in use by another run") and err.count("\n") == 1
+        assert os.listdir(out) == [LOCK_NAME]
+    result = meta_train(config=QUAD, out=out, progress=False, **{**SMALL, "meta_steps": 1})
+    assert result.step == 1 and not (out / LOCK_NAME).exists()
 
 
 def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from learned_opt.fileio import atomic_write_bytes, atomic_write_text
+from learned_opt.lockfile import LOCK_NAME, lock_directory
 from learned_opt.meta.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -211,8 +212,9 @@ def _out_state(out: Path | None, resume: bool) -> Path | None:
         return None
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    # Temp files of an interrupted atomic write do not count as output.
-    nonempty = out.is_dir() and any(not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in out.iterdir())
+    # Temp files of an interrupted atomic write and the lock file do not count as output.
+    nonempty = out.is_dir() and any(not (p.name == LOCK_NAME or p.name.startswith(".") and p.name.endswith(".tmp"))
+                                    for p in out.iterdir())
     ckpt = out / CHECKPOINT_NAME
     if not resume:
         if nonempty:
@@ -511,6 +513,24 @@ def meta_train(
 
     if isinstance(config, (str, os.PathLike)) and tasks is None and "suite" in _read_toml(config):
         tasks = config
+    with _output_lock(out_dir):
+        return _resolve_and_train(rule, tasks, estimator, config, out_dir, resume, progress, command, overrides)
+
+
+def _output_lock(out: Path | None) -> AbstractContextManager[Any]:
+    """The exclusive lock on ``out`` for the process that writes there (rank 0; other ranks only read)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    return lock_directory(out) if out is not None and rank == 0 else nullcontext()
+
+
+def _resolve_and_train(rule: Rule | str | None, tasks: Suite | TaskFamily | str | os.PathLike[str] | None,
+                       estimator: GradientEstimator | str | None,
+                       config: MetaTrainConfig | Mapping[str, Any] | str | os.PathLike[str] | None,
+                       out_dir: Path | None, resume: bool, progress: bool, command: str | None,
+                       overrides: Mapping[str, Any]) -> MetaTrainResult:
+    """:func:`meta_train` once ``out_dir`` is locked: resolve and check everything, then train."""
     ckpt_path = _out_state(out_dir, resume)
     payload = load_checkpoint(ckpt_path) if ckpt_path is not None else None
     if payload is not None and config is None and tasks is None:
