@@ -258,6 +258,35 @@ def test_resume_refuses_changed_family_settings_naming_entry_and_key(tmp_path: P
     assert meta_train(config=moved, out=out, resume=True, progress=False, **{**small, "meta_steps": 3}).step == 3
 
 
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import learned_opt.meta.checkpoint as ckpt_module
+    from learned_opt.meta.cli import main
+
+    real_write, calls = ckpt_module.atomic_write_bytes, []
+
+    def full_disk_on_third_checkpoint(path: Path, data: bytes) -> Path:  # checkpoints at steps 0, 2, 4
+        calls.append(path)
+        if len(calls) < 3:
+            return real_write(path, data)
+        with monkeypatch.context() as m:
+            m.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, os.strerror(28))))
+            return real_write(path, data)
+
+    monkeypatch.setattr(ckpt_module, "atomic_write_bytes", full_disk_on_third_checkpoint)
+    out = tmp_path / "run"
+    args = ["--config", str(QUAD), "--out", str(out), "--rule-config", '{"hidden_size": 3, "num_layers": 1}',
+            "--tasks-per-step", "2", "--unroll", "5", "--horizon", "10", "--eval-tasks", "0", "--meta-steps", "4",
+            "--checkpoint-every", "2", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"learned-opt meta-train: error: cannot write {out / CHECKPOINT_NAME}: No space left on device")
+    assert err.count("\n") == 1 and "--resume" in err
+    assert ckpt_module.load_checkpoint(out / CHECKPOINT_NAME)["step"] == 2 and not list(out.glob(".*.tmp"))
+    monkeypatch.setattr(ckpt_module, "atomic_write_bytes", real_write)
+    assert main([*args, "--resume"]) == 0
+
+
 def test_temp_file_of_a_killed_checkpoint_write_is_ignored(tmp_path: Path) -> None:
     out = tmp_path / "run"
     small = {**SMALL, "rule_config": {"hidden_size": 3, "num_layers": 1}}

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,23 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: corrupt, truncated, or not a checkpoint."""
+
+
+class OutputWriteError(CheckpointError, OSError):
+    """Writing a checkpoint or another output failed (disk full, permissions); the last checkpoint is
+    intact. A ValueError for the command lines' one-line errors, an OSError for callers catching those."""
+
+
+@contextmanager
+def output_write_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn an OSError raised while writing ``path`` into an :class:`OutputWriteError` naming it."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {path}: {exc.strerror or exc}; the run's last checkpoint is intact: "
+                               "free space (or fix permissions), then continue with --resume") from exc
 
 
 def flatten(obj: Any, tensors: dict[str, Tensor], prefix: str = "t") -> Any:
@@ -112,8 +131,11 @@ def decode(data: bytes, source: str | os.PathLike[str] = "<bytes>") -> dict[str,
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
-    """Write ``payload`` atomically: a crash leaves the previous checkpoint or this one."""
-    return atomic_write_bytes(path, encode(payload))
+    """Write ``payload`` atomically: a crash or a failed write (:class:`OutputWriteError`) leaves the
+    previous checkpoint or this one."""
+    data = encode(payload)
+    with output_write_errors(path):
+        return atomic_write_bytes(path, data)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from learned_opt.meta.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     load_checkpoint,
+    output_write_errors,
     remove_stale_temp_files,
     save_checkpoint,
 )
@@ -430,15 +431,17 @@ class _MetricsLog:
         atomic_write_text(self.path, buf.getvalue())
 
     def write(self, row: Mapping[str, Any]) -> None:
-        self.writer.writerow(row)
-        self.file.flush()
+        with output_write_errors(self.path):
+            self.writer.writerow(row)
+            self.file.flush()
         if self.tb is not None:
             for key in ("meta_loss", "grad_norm", "val_loss"):
                 if row.get(key) not in (None, ""):
                     self.tb.add_scalar(key, float(row[key]), int(row["step"]))
 
     def close(self) -> None:
-        self.file.close()
+        with output_write_errors(self.path):
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -632,15 +635,19 @@ def _train(rule: Rule, suite: Suite, estimator: GradientEstimator, cfg: MetaTrai
         if main:
             assert out is not None
             elapsed = counters["elapsed_s"] + (time.perf_counter() - t0)
-            save_weights(rule, out / name, name=f"{rule.name} meta-trained on {suite.name}",
-                         meta_training={**card, "steps": step, "wall_time_s": round(elapsed, 3),
-                                        "inner_steps": counters["inner_steps"]},
-                         metrics=dict(extra_metrics))
+            with output_write_errors(out / f"{name}.safetensors"):
+                save_weights(rule, out / name, name=f"{rule.name} meta-trained on {suite.name}",
+                             meta_training={**card, "steps": step, "wall_time_s": round(elapsed, 3),
+                                            "inner_steps": counters["inner_steps"]},
+                             metrics=dict(extra_metrics))
 
     t0 = time.perf_counter()
     if payload is None and out is not None:
         checkpoint(0)  # from here on, the directory always holds a checkpoint to resume from
-    metrics = _MetricsLog(out, start if payload is not None else None) if main and out is not None else None
+    metrics = None
+    if main and out is not None:
+        with output_write_errors(out / "metrics.csv"):
+            metrics = _MetricsLog(out, start if payload is not None else None)
     result = MetaTrainResult(rule, cfg, start, out=out, rank=ctx.rank, local_slots=list(mine),
                              best_val=counters["best_val"], best_step=counters["best_step"])
     bar = tqdm(total=cfg.meta_steps, initial=start, disable=not (progress and ctx.is_main), desc="meta-train",
@@ -722,6 +729,7 @@ def _train(rule: Rule, suite: Suite, estimator: GradientEstimator, cfg: MetaTrai
         assert out is not None
         save("final", step, {"final_meta_loss": result.final_meta_loss, "best_validation_loss": result.best_val,
                              "best_validation_step": result.best_step})
-        plot_curves(out / "metrics.csv", out / "curves.png")
+        with output_write_errors(out / "curves.png"):
+            plot_curves(out / "metrics.csv", out / "curves.png")
     ctx.barrier()
     return result
