@@ -8,6 +8,7 @@ validates its own table with :func:`check_table`.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -116,6 +117,11 @@ def _seed_ranges(seeds: Any, file: str | Path | None) -> dict[str, range]:
     return out
 
 
+def _positive(value: Any, types: type | tuple[type, ...]) -> bool:
+    """``value`` is a finite number > 0 of ``types``; TOML's true/false and nan/inf are not."""
+    return isinstance(value, types) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def _entry(raw: Any, i: int, steps: int, file: str | Path | None) -> SuiteEntry:
     where = f"suite.family[{i}]"
     e = check_table(raw, _ENTRY_KEYS, file=file, table_name=where)
@@ -130,10 +136,11 @@ def _entry(raw: Any, i: int, steps: int, file: str | Path | None) -> SuiteEntry:
     except (ValueError, TypeError) as err:
         raise ValueError(f"{file or '<suite>'}: [{where}] ({e['label']}): {err}") from err
     entry_steps = steps if e["steps"] is None else e["steps"]
-    if not isinstance(entry_steps, int) or entry_steps < 1:
+    if not _positive(entry_steps, int):
         raise ValueError(f"{file or '<suite>'}: [{where}] ({e['label']}): steps must be a positive int, got {entry_steps!r}")
-    if not isinstance(e["weight"], (int, float)) or e["weight"] <= 0:
-        raise ValueError(f"{file or '<suite>'}: [{where}] ({e['label']}): weight must be > 0, got {e['weight']!r}")
+    if not _positive(e["weight"], (int, float)):
+        raise ValueError(f"{file or '<suite>'}: [{where}] ({e['label']}): weight must be a finite number > 0, "
+                         f"got {e['weight']!r}")
     return SuiteEntry(e["label"], family, entry_steps, float(e["weight"]))
 
 
@@ -147,7 +154,7 @@ def parse_suite(data: Mapping[str, Any], *, name: str, path: Path | None = None)
             f"{path or '<suite>'}: unknown top-level table(s) {unknown}; allowed: {list(TOP_LEVEL_TABLES)}"
         )
     s = check_table(data["suite"], _SUITE_KEYS, file=path, table_name="suite")
-    if not isinstance(s["steps"], int) or s["steps"] < 1:
+    if not _positive(s["steps"], int):
         raise ValueError(f"{path or '<suite>'}: [suite].steps must be a positive int, got {s['steps']!r}")
     seeds = _seed_ranges(s["seeds"], path)
     raw_entries = s["family"]

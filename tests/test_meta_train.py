@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file, save
 
 import learned_opt
 from learned_opt.meta.checkpoint import CHECKPOINT_NAME, CheckpointError
 from learned_opt.meta.estimators import Estimate, GradientEstimator, TruncatedBPTT
+from learned_opt.lockfile import LOCK_NAME, DirectoryLockError, lock_directory
 from learned_opt.meta.train import meta_train
 from learned_opt.suites import load_suite
 from meta_toys import ToyFamily, ToyMomentum
@@ -194,6 +195,21 @@ def test_output_directory_safety(tmp_path: Path) -> None:
     assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
 
 
+def test_a_second_run_on_the_same_out_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from learned_opt.meta.cli import main
+
+    out = tmp_path / "run"
+    with lock_directory(out):  # as a first run holds it for its whole life
+        with pytest.raises(DirectoryLockError, match=f"^{out} is in use by another run \\(PID {os.getpid()} "):
+            meta_train(config=QUAD, out=out, progress=False, **SMALL)
+        assert main(["--config", str(QUAD), "--out", str(out), "--resume", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"learned-opt meta-train: error: {out} is in use by another run") and err.count("\n") == 1
+        assert os.listdir(out) == [LOCK_NAME]
+    result = meta_train(config=QUAD, out=out, progress=False, **{**SMALL, "meta_steps": 1})
+    assert result.step == 1 and not (out / LOCK_NAME).exists()
+
+
 def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path: Path) -> None:
     out = tmp_path / "run"
     small = {**SMALL, "rule_config": {"hidden_size": 3, "num_layers": 1}}
@@ -202,7 +218,14 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path: Path) -> 
         meta_train(config=QUAD, out=out, resume=True, progress=False, **{**small, "unroll": 7})
     more = meta_train(config=QUAD, out=out, resume=True, progress=False, **{**small, "meta_steps": 6})
     assert more.step == 6 and [int(r["step"]) for r in _rows(out)] == [1, 2, 3, 4, 5, 6]
-    data = bytearray((out / CHECKPOINT_NAME).read_bytes())
+    good = (out / CHECKPOINT_NAME).read_bytes()
+    meta = json.loads(good[8:8 + int.from_bytes(good[:8], "little")])["__metadata__"]
+    tree = json.loads(meta["tree"])
+    tree["counters"]["skipped"] += 1  # a well-formed edit of the JSON metadata, tensors untouched
+    (out / CHECKPOINT_NAME).write_bytes(save(load(good), metadata={**meta, "tree": json.dumps(tree)}))
+    with pytest.raises(CheckpointError, match=f"{out / CHECKPOINT_NAME}: checkpoint checksum mismatch"):
+        meta_train(config=QUAD, out=out, resume=True, progress=False, **small)
+    data = bytearray(good)
     data[-5] ^= 0xFF
     (out / CHECKPOINT_NAME).write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="checksum mismatch"):
@@ -210,6 +233,58 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path: Path) -> 
     (out / CHECKPOINT_NAME).write_bytes(bytes(data[:1000]))
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         meta_train(config=QUAD, out=out, resume=True, progress=False, **small)
+
+
+def test_resume_refuses_changed_family_settings_naming_entry_and_key(tmp_path: Path) -> None:
+    suite = tmp_path / "quad.toml"
+    suite.write_text(QUAD.read_text())
+    out = tmp_path / "run"
+    small = {**SMALL, "meta_steps": 2, "rule_config": {"hidden_size": 3, "num_layers": 1}}
+    meta_train(config=suite, out=out, progress=False, **small)
+    edits = [("dim = 10", "dim = 10\ninit_scale = 2.0", r"suite entry 'quadratic-10d', settings.init_scale: checkpoint 1.0 vs now 2.0"),
+             ("dim = 10", "dim = 10\ncondition = 100", r"settings.condition: checkpoint 0.0 vs now 100"),
+             ("dim = 10", "dim = 12", r"suite entry 'quadratic-10d', settings.dim: checkpoint 10 vs now 12"),
+             ("steps = 100", "steps = 50", r"suite entry 'quadratic-10d', steps: checkpoint 100 vs now 50"),
+             ("train = [0, 100000]", "train = [0, 90000]", r"suite seeds: checkpoint"),
+             ('label = "quadratic-10d"', 'label = "quad"', r"suite entries: checkpoint \['quadratic-10d'\] vs now \['quad'\]")]
+    for old, new, message in edits:
+        moved = tmp_path / "moved" / "quad.toml"  # the file's location may change, its contents may not
+        moved.parent.mkdir(exist_ok=True)
+        moved.write_text(QUAD.read_text().replace(old, new, 1))
+        with pytest.raises(CheckpointError, match=message) as err:
+            meta_train(config=moved, out=out, resume=True, progress=False, **{**small, "meta_steps": 3})
+        assert "\n" not in str(err.value) and str(out / CHECKPOINT_NAME) in str(err.value)
+    moved.write_text(QUAD.read_text())
+    assert meta_train(config=moved, out=out, resume=True, progress=False, **{**small, "meta_steps": 3}).step == 3
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import learned_opt.meta.checkpoint as ckpt_module
+    from learned_opt.meta.cli import main
+
+    real_write, calls = ckpt_module.atomic_write_bytes, []
+
+    def full_disk_on_third_checkpoint(path: Path, data: bytes) -> Path:  # checkpoints at steps 0, 2, 4
+        calls.append(path)
+        if len(calls) < 3:
+            return real_write(path, data)
+        with monkeypatch.context() as m:
+            m.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, os.strerror(28))))
+            return real_write(path, data)
+
+    monkeypatch.setattr(ckpt_module, "atomic_write_bytes", full_disk_on_third_checkpoint)
+    out = tmp_path / "run"
+    args = ["--config", str(QUAD), "--out", str(out), "--rule-config", '{"hidden_size": 3, "num_layers": 1}',
+            "--tasks-per-step", "2", "--unroll", "5", "--horizon", "10", "--eval-tasks", "0", "--meta-steps", "4",
+            "--checkpoint-every", "2", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"learned-opt meta-train: error: cannot write {out / CHECKPOINT_NAME}: No space left on device")
+    assert err.count("\n") == 1 and "--resume" in err
+    assert ckpt_module.load_checkpoint(out / CHECKPOINT_NAME)["step"] == 2 and not list(out.glob(".*.tmp"))
+    monkeypatch.setattr(ckpt_module, "atomic_write_bytes", real_write)
+    assert main([*args, "--resume"]) == 0
 
 
 def test_temp_file_of_a_killed_checkpoint_write_is_ignored(tmp_path: Path) -> None:

@@ -144,8 +144,24 @@ def test_other_tables_are_kept_raw(tmp_path):
         (("dim = { int = [2, 5] }", "dim = { int = [5, 2] }"), r"quadratic.dim: int needs integers low <= high"),
         (("steps = 50", "steps = -1"), r"steps must be a positive int"),
         (("[suite.family.settings]\nwidth = 8", "settings = 3"), r"\[suite.family\[1\]\].settings must be a table"),
-        (("weight = 3", "weight = 0"), r"weight must be > 0"),
+        (("weight = 3", "weight = 0"), r"weight must be a finite number > 0, got 0"),
         (("width = 8", 'width = 8\nactivation = "swish"'), r"\(spirals-long\): mlp_classification: activation \['swish'\] not supported"),
+        # Types and ranges: caught when the file loads, never in the middle of a run.
+        (("steps = 20", "steps = true"), r"\[suite\].steps must be a positive int, got True"),
+        (("steps = 50", "steps = true"), r"\[suite.family\[1\]\] \(spirals-long\): steps must be a positive int, got True"),
+        (("weight = 3", "weight = nan"), r"\[suite.family\[0\]\] \(quad\): weight must be a finite number > 0, got nan"),
+        (("weight = 3", "weight = inf"), r"\(quad\): weight must be a finite number > 0, got inf"),
+        (("weight = 3", "weight = true"), r"\(quad\): weight must be a finite number > 0, got True"),
+        (("dim = { int = [2, 5] }", 'dim = "five"'), r"\[suite.family\[0\]\] \(quad\): quadratic.dim must be an integer, got 'five'"),
+        (("dim = { int = [2, 5] }", 'dim = { choice = [2, "five"] }'), r"\(quad\): quadratic.dim must be an integer, got 'five'"),
+        (("dim = { int = [2, 5] }", "dim = { uniform = [2, 5] }"), r"quadratic.dim takes integers, but uniform draws fractions"),
+        (("dim = { int = [2, 5] }", "dim = { int = [0, 5] }"), r"\(quad\): quadratic.dim must be >= 1, got \{'int': \[0, 5\]\}"),
+        (("width = 8", "width = 8.5"), r"mlp_classification.width must be an integer \(or a list of them\), got 8.5"),
+        (("width = 8", "width = [8, 0]\ndepth = 2"), r"mlp_classification.width must be >= 1, got \[8, 0\]"),
+        (("width = 8", "width = 8\nbatch_size = true"), r"mlp_classification.batch_size must be an integer, got True"),
+        (("width = 8", "width = 8\ninit_scale = nan"), r"mlp_classification.init_scale must be a finite number, got nan"),
+        (("width = 8", "width = 8\nnoise = { uniform = [0, inf] }"), r"mlp_classification.noise: uniform needs finite bounds"),
+        (("width = 8", 'width = 8\nactivation = 3'), r"mlp_classification.activation must be a string, got 3"),
     ],
 )
 def test_bad_suite_files_name_file_and_key(tmp_path, edit, message):
@@ -155,6 +171,12 @@ def test_bad_suite_files_name_file_and_key(tmp_path, edit, message):
     with pytest.raises(ValueError, match=message) as err:
         load_suite(path)
     assert str(path) in str(err.value)
+
+
+def test_per_layer_widths_and_int_bounds_for_number_settings_load(tmp_path):
+    text = GOOD.replace("width = 8", "width = { choice = [[8, 4], [16, 16]] }\ndepth = 2\nnoise = { int = [0, 1] }")
+    entry = load_suite(write(tmp_path, text)).entries[1]
+    assert len(entry.task(0).init_params(torch.Generator().manual_seed(0))) == 6
 
 
 def test_invalid_toml_and_missing_files(tmp_path):

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,12 @@ import torch
 from torch import Tensor
 
 from learned_opt.fileio import atomic_write_bytes, atomic_write_text
+from learned_opt.lockfile import LOCK_NAME, lock_directory
 from learned_opt.meta.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     load_checkpoint,
+    output_write_errors,
     remove_stale_temp_files,
     save_checkpoint,
 )
@@ -50,8 +52,9 @@ from learned_opt.tasks.base import TaskFamily, draw
 log = logging.getLogger(__name__)
 
 METRIC_FIELDS = ("step", "meta_loss", "grad_norm", "skipped", "inner_steps", "runs_finished", "val_loss", "wall_s")
-# Settings that may change when resuming (the suite is compared by its entries instead of its path).
+# Settings that may change when resuming (the suite is compared by its contents, suite_identity, not its path).
 RESUMABLE_CHANGES = ("meta_steps", "checkpoint_every", "device", "suite")
+UNSET = "<unset>"  # how a suite entry key present on one side only reads in a resume mismatch
 # Seed ranges used when meta-training directly on a TaskFamily (no suite file).
 FAMILY_SEEDS = {"train": range(0, 10**6), "validation": range(10**6, 10**6 + 1000), "test": range(10**6 + 1000, 10**6 + 2000)}
 
@@ -210,8 +213,9 @@ def _out_state(out: Path | None, resume: bool) -> Path | None:
         return None
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    # Temp files of an interrupted atomic write do not count as output.
-    nonempty = out.is_dir() and any(not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in out.iterdir())
+    # Temp files of an interrupted atomic write and the lock file do not count as output.
+    nonempty = out.is_dir() and any(not (p.name == LOCK_NAME or p.name.startswith(".") and p.name.endswith(".tmp"))
+                                    for p in out.iterdir())
     ckpt = out / CHECKPOINT_NAME
     if not resume:
         if nonempty:
@@ -224,28 +228,58 @@ def _out_state(out: Path | None, resume: bool) -> Path | None:
     return None
 
 
-def _check_compatible(payload: Mapping[str, Any], config: MetaTrainConfig, rule: Rule, suite: Suite,
-                      estimator: GradientEstimator, source: Path) -> None:
-    saved = payload["config"]
-    now = config.to_dict()
+def run_identity(rule: Rule, estimator: GradientEstimator, suite: Suite) -> dict[str, Any]:
+    """What a checkpoint must share with the run resuming it, besides the config (JSON-able)."""
+    return _jsonish({"rule": rule.name, "rule_config": rule.config(), "estimator": estimator.name,
+                     "estimator_config": estimator.config(), "suite": suite_identity(suite)})
+
+
+def suite_identity(suite: Suite) -> dict[str, Any]:
+    """Everything of ``suite`` that decides a run's tasks (its file's location does not): the seed
+    splits and, per entry in order, its family, steps, weight and resolved settings (defaults included)."""
+    return _jsonish({
+        "seeds": {split: [r.start, r.stop] for split, r in suite.seeds.items()},
+        "entries": [{"label": e.label, "family": e.family.name, "steps": e.steps, "weight": e.weight,
+                     **{f"settings.{k}": v for k, v in e.family.settings.items()}} for e in suite.entries],
+    })
+
+
+def _suite_diffs(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """One line per difference of two :func:`suite_identity` values, naming the entry and key."""
+    labels = [e["label"] for e in saved["entries"]], [e["label"] for e in now["entries"]]
+    if labels[0] != labels[1]:
+        return [f"suite entries: checkpoint {labels[0]!r} vs now {labels[1]!r}"]
+    diffs = [] if saved["seeds"] == now["seeds"] else [f"suite seeds: checkpoint {saved['seeds']!r} vs now {now['seeds']!r}"]
+    for old, new in zip(saved["entries"], now["entries"]):
+        diffs += [f"suite entry {old['label']!r}, {k}: checkpoint {old.get(k, UNSET)!r} vs now {new.get(k, UNSET)!r}"
+                  for k in sorted(set(old) | set(new)) if old.get(k, UNSET) != new.get(k, UNSET)]
+    return diffs
+
+
+def _check_compatible(payload: Mapping[str, Any], config: MetaTrainConfig, identity: Mapping[str, Any],
+                      source: Path) -> None:
+    """CheckpointError listing every setting that differs from the checkpoint's (one line)."""
+    saved, now = payload["config"], config.to_dict()
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
              for k in sorted(set(saved) | set(now)) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
-    ident = {"rule": rule.name, "rule_config": rule.config(), "estimator": estimator.name,
-             "estimator_config": estimator.config(), "suite_entries": [e.label for e in suite.entries]}
-    diffs += [f"{k}: checkpoint {payload['identity'].get(k)!r} vs now {v!r}"
-              for k, v in ident.items() if payload["identity"].get(k) != _jsonish(v)]
+    saved_identity = payload["identity"]
+    diffs += [f"{k}: checkpoint {saved_identity.get(k)!r} vs now {v!r}"
+              for k, v in identity.items() if k != "suite" and saved_identity.get(k) != v]
+    diffs += _suite_diffs(saved_identity["suite"], identity["suite"])
     if diffs:
-        raise CheckpointError(f"{source} does not match this run's settings (resume with the same settings, or use "
-                              f"a new --out):\n  " + "\n  ".join(diffs))
+        raise CheckpointError(f"{source} does not match this run's settings: {'; '.join(diffs)} "
+                              f"(resume with the same settings and suite, or use a new --out)")
 
 
 def _jsonish(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists)."""
+    """``value`` as it reads back from JSON (tuples become lists; other objects their repr)."""
     if isinstance(value, Mapping):
         return {str(k): _jsonish(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonish(v) for v in value]
-    return value
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,15 +431,17 @@ class _MetricsLog:
         atomic_write_text(self.path, buf.getvalue())
 
     def write(self, row: Mapping[str, Any]) -> None:
-        self.writer.writerow(row)
-        self.file.flush()
+        with output_write_errors(self.path):
+            self.writer.writerow(row)
+            self.file.flush()
         if self.tb is not None:
             for key in ("meta_loss", "grad_norm", "val_loss"):
                 if row.get(key) not in (None, ""):
                     self.tb.add_scalar(key, float(row[key]), int(row["step"]))
 
     def close(self) -> None:
-        self.file.close()
+        with output_write_errors(self.path):
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -480,6 +516,24 @@ def meta_train(
 
     if isinstance(config, (str, os.PathLike)) and tasks is None and "suite" in _read_toml(config):
         tasks = config
+    with _output_lock(out_dir):
+        return _resolve_and_train(rule, tasks, estimator, config, out_dir, resume, progress, command, overrides)
+
+
+def _output_lock(out: Path | None) -> AbstractContextManager[Any]:
+    """The exclusive lock on ``out`` for the process that writes there (rank 0; other ranks only read)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    return lock_directory(out) if out is not None and rank == 0 else nullcontext()
+
+
+def _resolve_and_train(rule: Rule | str | None, tasks: Suite | TaskFamily | str | os.PathLike[str] | None,
+                       estimator: GradientEstimator | str | None,
+                       config: MetaTrainConfig | Mapping[str, Any] | str | os.PathLike[str] | None,
+                       out_dir: Path | None, resume: bool, progress: bool, command: str | None,
+                       overrides: Mapping[str, Any]) -> MetaTrainResult:
+    """:func:`meta_train` once ``out_dir`` is locked: resolve and check everything, then train."""
     ckpt_path = _out_state(out_dir, resume)
     payload = load_checkpoint(ckpt_path) if ckpt_path is not None else None
     if payload is not None and config is None and tasks is None:
@@ -497,7 +551,7 @@ def meta_train(
     if not isinstance(estimator, GradientEstimator):
         estimator = build_estimator(cfg.estimator, second_order=cfg.second_order, sigma=cfg.es_sigma, pairs=cfg.es_pairs)
     if payload is not None:
-        _check_compatible(payload, cfg, rule, suite, estimator, ckpt_path)  # type: ignore[arg-type]
+        _check_compatible(payload, cfg, run_identity(rule, estimator, suite), ckpt_path)  # type: ignore[arg-type]
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
     check_tasks_build(suite)
@@ -538,8 +592,7 @@ def _train(rule: Rule, suite: Suite, estimator: GradientEstimator, cfg: MetaTrai
     else:
         opt = torch.optim.SGD(theta, lr=cfg.meta_lr)
     objective = MetaLoss(cfg.meta_loss, cfg.loss_cap)
-    identity = {"rule": rule.name, "rule_config": rule.config(), "estimator": estimator.name,
-                "estimator_config": estimator.config(), "suite_entries": [e.label for e in suite.entries]}
+    identity = run_identity(rule, estimator, suite)
 
     counters: dict[str, Any] = {"skipped": 0, "inner_steps": 0, "runs_finished": 0, "elapsed_s": 0.0,
                                 "best_val": None, "best_step": None, "last_meta_loss": None}
@@ -583,15 +636,19 @@ def _train(rule: Rule, suite: Suite, estimator: GradientEstimator, cfg: MetaTrai
         if main:
             assert out is not None
             elapsed = counters["elapsed_s"] + (time.perf_counter() - t0)
-            save_weights(rule, out / name, name=f"{rule.name} meta-trained on {suite.name}",
-                         meta_training={**card, "steps": step, "wall_time_s": round(elapsed, 3),
-                                        "inner_steps": counters["inner_steps"]},
-                         metrics=dict(extra_metrics))
+            with output_write_errors(out / f"{name}.safetensors"):
+                save_weights(rule, out / name, name=f"{rule.name} meta-trained on {suite.name}",
+                             meta_training={**card, "steps": step, "wall_time_s": round(elapsed, 3),
+                                            "inner_steps": counters["inner_steps"]},
+                             metrics=dict(extra_metrics))
 
     t0 = time.perf_counter()
     if payload is None and out is not None:
         checkpoint(0)  # from here on, the directory always holds a checkpoint to resume from
-    metrics = _MetricsLog(out, start if payload is not None else None) if main and out is not None else None
+    metrics = None
+    if main and out is not None:
+        with output_write_errors(out / "metrics.csv"):
+            metrics = _MetricsLog(out, start if payload is not None else None)
     result = MetaTrainResult(rule, cfg, start, out=out, rank=ctx.rank, local_slots=list(mine),
                              best_val=counters["best_val"], best_step=counters["best_step"])
     bar = tqdm(total=cfg.meta_steps, initial=start, disable=not (progress and ctx.is_main), desc="meta-train",
@@ -673,6 +730,7 @@ def _train(rule: Rule, suite: Suite, estimator: GradientEstimator, cfg: MetaTrai
         assert out is not None
         save("final", step, {"final_meta_loss": result.final_meta_loss, "best_validation_loss": result.best_val,
                              "best_validation_step": result.best_step})
-        plot_curves(out / "metrics.csv", out / "curves.png")
+        with output_write_errors(out / "curves.png"):
+            plot_curves(out / "metrics.csv", out / "curves.png")
     ctx.barrier()
     return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -73,12 +74,16 @@ class TaskFamily(abc.ABC):
     """A seeded distribution over Tasks.
 
     Subclasses declare ``defaults``: every setting a suite file may give, with its default. A setting
-    is a fixed value or a range spec (see :func:`draw`). Unknown settings raise ValueError naming
-    the key and the allowed ones.
+    is a fixed value or a range spec (see :func:`draw`). Unknown settings, and values of another type
+    than the default's or below ``minimums``, raise ValueError naming the key (see :func:`check_setting`).
     """
 
     name: ClassVar[str] = "family"
     defaults: ClassVar[dict[str, Any]] = {}
+    # Settings that also take a list of values of their default's type (an MLP's per-layer widths).
+    list_settings: ClassVar[tuple[str, ...]] = ()
+    # The smallest value a numeric setting may take, checked for every value its range can draw.
+    minimums: ClassVar[dict[str, float]] = {}
 
     def __init__(self, **settings: Any) -> None:
         unknown = sorted(set(settings) - set(self.defaults))
@@ -90,6 +95,8 @@ class TaskFamily(abc.ABC):
         self.settings: dict[str, Any] = {**self.defaults, **settings}
         for key, spec in self.settings.items():
             validate_spec(spec, f"{self.name}.{key}")
+            check_setting(spec, self.defaults[key], f"{self.name}.{key}", minimum=self.minimums.get(key),
+                          lists=key in self.list_settings)
 
     def draw_settings(self, seed: int) -> dict[str, Any]:
         """Concrete values for every setting, drawn deterministically from ``seed``."""
@@ -125,8 +132,54 @@ def validate_spec(spec: Any, where: str) -> None:
     if not all(isinstance(v, number) and not isinstance(v, bool) for v in value) or lo > hi:
         what = "numbers" if float in number else "integers"
         raise ValueError(f"{where}: {kind} needs {what} low <= high, got {value!r}")
+    if not all(math.isfinite(v) for v in value):
+        raise ValueError(f"{where}: {kind} needs finite bounds, got {value!r}")
     if kind.startswith("log") and lo <= 0:
         raise ValueError(f"{where}: {kind} needs positive bounds, got {value!r}")
+
+
+# What a setting's default says about the values it takes: (test, words for messages).
+_SETTING_TYPES: dict[str, tuple[Any, str]] = {
+    "bool": (lambda v: isinstance(v, (bool, np.bool_)), "true or false"),
+    "int": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
+    "number": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
+               "a finite number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _setting_type(default: Any) -> str | None:
+    if isinstance(default, (bool, np.bool_)):
+        return "bool"
+    if isinstance(default, numbers.Integral):
+        return "int"
+    if isinstance(default, numbers.Real):
+        return "number"
+    return "str" if isinstance(default, str) else None
+
+
+def check_setting(spec: Any, default: Any, where: str, *, minimum: float | None = None, lists: bool = False) -> None:
+    """ValueError unless every value a well-formed ``spec`` can draw has the type of ``default``
+    (true/false, an integer, a finite number or a string; also a list of those where ``lists``) and
+    is at least ``minimum``, so a bad suite file fails when it loads, not in the middle of a run.
+    Defaults of other types (None, lists...) leave the values unchecked."""
+    kind = _setting_type(default)
+    if kind is None:
+        return
+    test, words = _SETTING_TYPES[kind]
+    values, is_range = [spec], False
+    if isinstance(spec, Mapping):
+        range_kind, values = next(iter(spec.items()))
+        if kind == "int" and range_kind in ("uniform", "log_uniform"):
+            raise ValueError(f"{where} takes integers, but {range_kind} draws fractions: use int or log_int")
+        is_range = range_kind != "choice"
+    for value in values:  # the fixed value, the choice's members, or the range's bounds
+        shown = dict(spec) if is_range else value
+        for v in (value if lists and isinstance(value, list) and value else [value]):
+            if not test(v):
+                raise ValueError(f"{where} must be {words}{' (or a list of them)' if lists else ''}, got {shown!r}")
+            if minimum is not None and v < minimum:
+                raise ValueError(f"{where} must be >= {minimum:g}, got {shown!r}")
 
 
 def draw(spec: Any, rng: np.random.Generator) -> Any:

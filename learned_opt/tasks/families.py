@@ -113,6 +113,11 @@ class DataFamily(TaskFamily):
 
     datasets: ClassVar[tuple[str, ...]] = ()
     loss: ClassVar[str] = "cross_entropy"
+    list_settings: ClassVar[tuple[str, ...]] = ("width",)
+    minimums: ClassVar[dict[str, float]] = {
+        "dim": 1, "classes": 2, "n_train": 1, "batch_size": 1, "width": 1, "depth": 0, "channels": 1, "subset": 0,
+        "noise": 0, "init_scale": 0,
+    }
 
     def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)

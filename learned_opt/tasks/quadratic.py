@@ -62,6 +62,7 @@ class QuadraticFamily(TaskFamily):
 
     name: ClassVar[str] = "quadratic"
     defaults: ClassVar[dict[str, Any]] = {"dim": 10, "condition": 0.0, "init_scale": 1.0}
+    minimums: ClassVar[dict[str, float]] = {"dim": 1, "condition": 0, "init_scale": 0}
 
     def sample(self, seed: int) -> QuadraticTask:
         s = self.draw_settings(seed)
