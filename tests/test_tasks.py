@@ -206,8 +206,8 @@ def test_linear_regression_noise_sets_the_noise_floor():
 def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="widht"):
         MLPClassificationFamily(widht=3)
-    with pytest.raises(ValueError, match="'breast_cancer'"):
-        MLPClassificationFamily(dataset="breast_cancer")
+    with pytest.raises(ValueError, match="'diabetes'"):  # a regression set, not a classification one
+        MLPClassificationFamily(dataset="diabetes")
     with pytest.raises(ValueError, match="'swish'"):  # at construction, so a suite file fails to load
         MLPClassificationFamily(activation="swish")
     with pytest.raises(ValueError, match=r"activation \['elu'\] not supported"):
