@@ -97,32 +97,35 @@ def _rms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+# Per-tensor scalar state of the controller, packed in one vector per parameter (``controller``).
+SCALARS = ("ctrl", "cos_ema", "gnorm0", "gnorm_ema", "p0_norm")
 
 
-def _features(g: Tensor, p: Tensor, st: Mapping[str, Tensor], step: Tensor, total_steps: Tensor,
-              floor: Tensor | float) -> tuple[Tensor, dict[str, Tensor]]:
-    """One tensor's feature vector (:data:`FEATURES`) and its new per-tensor scalar state."""
-    gnorm = torch.linalg.vector_norm(g)
-    m_old = st["exp_avg"]
-    cos = _dot(g, m_old) / torch.clamp(gnorm * torch.linalg.vector_norm(m_old), min=TINY)
-    cos_ema = 0.9 * st["cos_ema"] + 0.1 * cos
+def _features(stats: Tensor, scalars: Tensor, numel: Tensor, is_vector: Tensor, step: Tensor,
+              total_steps: Tensor, floor: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Features ``[n, F]`` (:data:`FEATURES`) of a group's n tensors and their new scalar state ``[n, 5]``.
+
+    ``stats`` holds per tensor ``(||g||, ||m_{t-1}||, g·m_{t-1}, ||p - p0||)``; ``scalars`` the old
+    state in :data:`SCALARS` order. Vectorised over tensors: the cost is per group, not per tensor.
+    """
+    gnorm, mnorm, dot, travelled = stats.unbind(-1)
+    ctrl, cos_ema, gnorm0, gnorm_ema, p0_norm = scalars.unbind(-1)
+    cos = dot / torch.clamp(gnorm * mnorm, min=TINY)
+    cos_ema = 0.9 * cos_ema + 0.1 * cos
     first = step <= 1
-    gnorm0 = torch.where(first, gnorm, st["gnorm0"])
-    gnorm_ema = torch.where(first, gnorm, 0.9 * st["gnorm_ema"] + 0.1 * gnorm)
+    gnorm0 = torch.where(first, gnorm, gnorm0)
+    gnorm_ema = torch.where(first, gnorm, 0.9 * gnorm_ema + 0.1 * gnorm)
     trend = torch.log(torch.clamp(gnorm_ema, min=TINY) / torch.clamp(gnorm0, min=TINY))
-    ref = st["p0_norm"] + floor * math.sqrt(max(p.numel(), 1))
-    dist = torch.log(torch.clamp(torch.linalg.vector_norm(p - st["p0"]), min=TINY) / torch.clamp(ref, min=TINY))
-    zero = step * 0.0
+    ref = p0_norm + floor * numel.sqrt()
+    dist = torch.log(torch.clamp(travelled, min=TINY) / torch.clamp(ref, min=TINY))
     known = (total_steps > 0).to(step.dtype)
     progress = known * step / torch.clamp(total_steps, min=1.0)
+    ones = torch.ones_like(cos)
     feats = torch.stack([
         cos, cos_ema, torch.clamp(trend, -20.0, 20.0) / 4.0, (torch.clamp(dist, -10.0, 2.0) + 5.0) / 5.0,
-        progress, known, torch.log1p(step) / math.log1p(1000.0), st["ctrl"],
-        zero + (1.0 if p.dim() <= 1 else 0.0),
-    ])
-    return feats, {"cos_ema": cos_ema, "gnorm0": gnorm0, "gnorm_ema": gnorm_ema}
+        progress * ones, known * ones, torch.log1p(step) / math.log1p(1000.0) * ones, ctrl, is_vector,
+    ], dim=-1)
+    return feats, torch.stack([ctrl, cos_ema, gnorm0, gnorm_ema, p0_norm], dim=-1)
 
 
 def relative_update(
@@ -151,28 +154,31 @@ def relative_update(
     s = schedule(step, total_steps, warmup)
     bias1 = 1 - beta1**step
     bias2_sqrt = (1 - beta2**step).sqrt()
-    dirs, new_per_param, feats = [], [], []
+    dirs, new_per_param, stats = [], [], []
     for g, p, st in zip(grads, params, per_param):
         m = st["exp_avg"] * beta1 + g * (1 - beta1)
         v = st["exp_avg_sq"] * beta2 + g * g * (1 - beta2)
         u = (m / bias1) / (v.sqrt() / bias2_sqrt + eps)
-        scale = (_rms(p) + floor) / torch.clamp(_rms(u), min=TINY)
-        dirs.append(u * scale)
-        new_st = {"exp_avg": m, "exp_avg_sq": v}
+        dirs.append(u * ((_rms(p) + floor) / torch.clamp(_rms(u), min=TINY)))
+        new_per_param.append({"exp_avg": m, "exp_avg_sq": v})
         if controller is not None:
-            f, scalars = _features(g, p, st, step, total_steps, floor)
-            feats.append(f)
-            new_st.update(scalars, p0=st["p0"], p0_norm=st["p0_norm"])
-        new_per_param.append(new_st)
+            m_old = st["exp_avg"]
+            stats.append(torch.stack([torch.linalg.vector_norm(g), torch.linalg.vector_norm(m_old),
+                                      torch.dot(g.reshape(-1), m_old.reshape(-1)),
+                                      torch.linalg.vector_norm(p - st["p0"])]))
     if controller is None or not dirs:
         mults = [s] * len(dirs)
     else:
-        increment, direct = controller_outputs(controller, torch.stack(feats))
-        ctrl_old = torch.stack([st["ctrl"] for st in per_param])
-        ctrl = torch.clamp(ctrl_old + increment, *CTRL_RANGE)
+        numel = torch.tensor([float(max(p.numel(), 1)) for p in params], dtype=step.dtype, device=step.device)
+        is_vector = torch.tensor([float(p.dim() <= 1) for p in params], dtype=step.dtype, device=step.device)
+        scalars = torch.stack([st["controller"] for st in per_param])
+        feats, new_scalars = _features(torch.stack(stats), scalars, numel, is_vector, step, total_steps, floor)
+        increment, direct = controller_outputs(controller, feats)
+        ctrl = torch.clamp(scalars[:, 0] + increment, *CTRL_RANGE)
+        new_scalars = torch.cat([ctrl.unsqueeze(-1), new_scalars[:, 1:]], dim=-1)
         mults = list(s * torch.exp(ctrl + direct))
-        for i, new_st in enumerate(new_per_param):
-            new_st["ctrl"] = ctrl[i]
+        for i, (new_st, st) in enumerate(zip(new_per_param, per_param)):
+            new_st.update(p0=st["p0"], controller=new_scalars[i])
     updates = [d * (m * (-lr * alpha)) for d, m in zip(dirs, mults)]
     return updates, ({**group_state, "step": step}, new_per_param)
 
@@ -233,7 +239,8 @@ class LearnedRelativeAdamRule(Rule):
     θ: ``log_alpha``, ``logit_warmup``, ``log_floor`` and the controller net (``ctrl.*``).
     ``hparams``: ``lr`` (a multiplier, 1.0 = as meta-trained) and ``total_steps`` (None: unknown).
     State per parameter: Adam's two moments, the initial value ``p0`` (12 bytes per float32
-    parameter in all) and four per-tensor scalars; per group: ``step``.
+    parameter in all) and ``controller``, the tensor's five scalars (:data:`SCALARS`); per group:
+    ``step``.
     """
 
     name: ClassVar[str] = "learned-relative-adam"
@@ -262,12 +269,10 @@ class LearnedRelativeAdamRule(Rule):
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
         per_param = []
         for p in params:
-            zero = torch.zeros((), dtype=p.dtype, device=p.device)
-            per_param.append({
-                "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p), "p0": p.detach().clone(),
-                "p0_norm": torch.linalg.vector_norm(p.detach()), "ctrl": zero, "cos_ema": zero.clone(),
-                "gnorm0": zero.clone(), "gnorm_ema": zero.clone(),
-            })
+            scalars = torch.zeros(len(SCALARS), dtype=p.dtype, device=p.device)
+            scalars[SCALARS.index("p0_norm")] = torch.linalg.vector_norm(p.detach())
+            per_param.append({"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
+                              "p0": p.detach().clone(), "controller": scalars})
         return _group_init(params), per_param
 
     def validate_hparams(self, hparams: Mapping[str, Any]) -> None:
