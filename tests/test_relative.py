@@ -227,3 +227,10 @@ def test_quadratic_family_for_es_reference_is_deterministic():
     task = QuadraticFamily(dim=4).sample(0)
     a, b = adam_sweep(task, 0, 5, [0.1]), adam_sweep(task, 0, 5, [0.1])
     assert torch.equal(a.final_losses, b.final_losses) and np.isfinite(a.initial_loss)
+
+
+def test_horizon_aware_specs_pass_the_pre_run_check():
+    from learned_opt.bench.baselines import check_spec_builds
+
+    for text in ("adam-cosine", "RelativeAdam[horizon=true]", "RelativeAdam"):
+        check_spec_builds(resolve_optimizer(text), None)

@@ -1,9 +1,13 @@
 """Optimizer specs: what ``--optimizers`` accepts, turned into factories with a cache identity.
 
-A spec string is ``NAME`` or ``NAME[key=value,...]`` (fixed hyperparameters; giving ``lr`` fixes the
-learning rate, so the spec is never tuned; ``tune=true``/``tune=false`` overrides whether ``--tune``
-searches its lr; ``horizon=true`` passes each run's length as ``total_steps=``, for optimizers that
-take it, such as ``RelativeAdam`` and the shipped ``default``). ``NAME`` is one of:
+A spec string is ``NAME`` or ``NAME[key=value,...]``: fixed hyperparameters, whose values are
+numbers, ``true``/``false``, tuples ``(0.9,0.99)``, quoted text or bare text. Four keys are the
+benchmark's own: ``lr`` fixes the learning rate (so the spec is never tuned), ``tune=true|false``
+overrides whether ``--tune`` searches its lr, ``horizon=true`` passes each run's length as
+``total_steps=`` (for optimizers that take it, such as ``RelativeAdam`` and the shipped
+``default``), and ``name=...`` sets its label in reports (default: the spec string). Every spec is
+built and stepped once on a tiny parameter before any run, so a bad key or a broken factory is
+reported first. ``NAME`` is one of:
 
 - a torch baseline: ``sgd``, ``momentum`` (SGD, momentum 0.9), ``nesterov``, ``adam``, ``adamw``,
   ``rmsprop``, ``adagrad`` — tuned under ``--tune``; ``NAME-cosine`` (``adam-cosine``, …) is the same
@@ -89,22 +93,54 @@ _SPEC_RE = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<args>[^\[\]]*)\])?$")
 
 
 def parse_spec_string(spec: str) -> tuple[str, dict[str, Any]]:
-    """Split ``NAME[k=v,...]`` into the name and its keyword arguments (numbers, booleans, strings)."""
+    """Split ``NAME[k=v,...]`` into the name and its keyword arguments.
+
+    A value is a number, ``true``/``false``, a tuple ``(v, ...)`` of values, a quoted string
+    (``'...'`` or ``"..."``, which may hold commas and brackets of its own) or bare text."""
     match = _SPEC_RE.match(spec.strip())
     if not match:
         raise ValueError(f"malformed optimizer spec {spec!r}; expected NAME or NAME[key=value,...]")
     kwargs: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in (match["args"] or "").split(","))):
+    for item in _split_top_level(match["args"] or "", spec):
         if "=" not in item:
             raise ValueError(f"optimizer spec {spec!r}: {item!r} is not key=value")
         key, value = (s.strip() for s in item.split("=", 1))
         if not key.isidentifier():
             raise ValueError(f"optimizer spec {spec!r}: {key!r} is not a valid keyword")
-        kwargs[key] = _parse_value(value)
+        if key in kwargs:
+            raise ValueError(f"optimizer spec {spec!r}: {key!r} is given twice")
+        kwargs[key] = _parse_value(value, spec)
     return match["name"].strip(), kwargs
 
 
-def _parse_value(text: str) -> Any:
+def _split_top_level(text: str, spec: str) -> list[str]:
+    """``text`` split at the commas outside parentheses and quotes; empty items dropped."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"optimizer spec {spec!r}: unbalanced ')'")
+        elif char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if quote or depth:
+        raise ValueError(f"optimizer spec {spec!r}: unclosed {quote or '('}")
+    items.append(text[start:])
+    return [s.strip() for s in items if s.strip()]
+
+
+def _parse_value(text: str, spec: str) -> Any:
+    if text.startswith("(") and text.endswith(")"):
+        return tuple(_parse_value(v, spec) for v in _split_top_level(text[1:-1], spec))
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     for kind in (int, float):
@@ -112,6 +148,8 @@ def _parse_value(text: str) -> Any:
             return kind(text)
         except ValueError:
             pass
+    if not text or any(c in text for c in "()'\""):
+        raise ValueError(f"optimizer spec {spec!r}: cannot read the value {text!r}; quote text, e.g. 'a b'")
     return text
 
 
@@ -139,7 +177,11 @@ def resolve_optimizer(spec: str | OptimizerSpec) -> OptimizerSpec:
     for key, value in (("tune", tune), ("horizon", horizon)):
         if value is not None and not isinstance(value, bool):
             raise ValueError(f"optimizer spec {spec!r}: {key} must be true or false, got {value!r}")
-    resolved = _resolve_named(spec.strip(), name, *_split_lr(spec, kwargs))
+    label = kwargs.pop("name", spec.strip())
+    if not isinstance(label, str) or not label.strip():
+        raise ValueError(f"optimizer spec {spec!r}: name must be non-empty text (quote it: name='...'), "
+                         f"got {label!r}")
+    resolved = _resolve_named(label.strip(), name, *_split_lr(spec, kwargs))
     if horizon:
         resolved = replace(resolved, horizon=True, key={**resolved.key, "horizon": True})
     return resolved if tune is None else replace(resolved, tunable=tune)
@@ -276,12 +318,16 @@ def _load_factory(target: str) -> tuple[Callable[..., torch.optim.Optimizer], st
         mod_spec = importlib.util.spec_from_file_location(f"_bench_factory_{path.stem}", path)
         assert mod_spec is not None and mod_spec.loader is not None
         module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file: any error in it is bad input, not our bug
+            raise ValueError(f"optimizer factory file {str(path)!r} failed to load: {_one_line(exc)}") from exc
     else:
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ValueError(f"cannot import module {module_name!r} for optimizer {target!r}: {exc}") from exc
+        except Exception as exc:
+            raise ValueError(f"cannot import module {module_name!r} for optimizer {target!r}: "
+                             f"{_one_line(exc)}") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -292,6 +338,36 @@ def _load_factory(target: str) -> tuple[Callable[..., torch.optim.Optimizer], st
     source = getattr(module, "__file__", None)
     digest = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source and Path(source).is_file() else None
     return obj, digest
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line (an error report is one line; some messages span several)."""
+    return f"{type(exc).__name__}: " + " ".join(str(exc).split())
+
+
+_PROBE_STEPS = 10  # the horizon a horizon-aware spec is told in the pre-run check
+
+
+def check_spec_builds(spec: OptimizerSpec, lr: float | None, device: str | torch.device = "cpu") -> None:
+    """Build ``spec`` at ``lr`` on a tiny parameter on ``device`` and take one step: a bad setting
+    (``sgd[foo=1]``), a factory that raises or returns something other than an optimizer, is a
+    ValueError naming the spec before any run, instead of a traceback minutes into a benchmark."""
+    from learned_opt.bench.runner import set_eval_mode
+
+    param = torch.zeros(2, 2, device=device, requires_grad=True)
+    try:
+        optimizer = spec.factory(lr, _PROBE_STEPS)([param])
+    except Exception as exc:
+        raise ValueError(f"optimizer {spec.label!r}: cannot build it: {_one_line(exc)}") from exc
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer {spec.label!r}: its factory returned {type(optimizer).__name__} "
+                         f"{optimizer!r:.60}, not a torch.optim.Optimizer")
+    param.grad = torch.ones_like(param)
+    try:
+        set_eval_mode(optimizer, False)
+        optimizer.step()
+    except Exception as exc:
+        raise ValueError(f"optimizer {spec.label!r}: its first step() failed: {_one_line(exc)}") from exc
 
 
 def _accepts_lr(fn: Callable[..., Any]) -> bool:

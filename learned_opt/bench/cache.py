@@ -3,19 +3,21 @@
 One JSON file per run under ``DIR/cache/``, named by the sha256 of its key: suite, task identity,
 optimizer identity (holding the weights' sha256 for learned optimizers), lr, seed, steps,
 evaluation interval, device type and library version. A changed weights file therefore misses
-its old entries. Writes are atomic; an unreadable entry is treated as missing and rerun.
+its old entries. Writes are atomic; an unreadable or inconsistent entry (see :func:`check_result`)
+is treated as missing and rerun.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 from learned_opt._version import __version__
-from learned_opt.bench.runner import RunResult
+from learned_opt.bench.runner import RunResult, eval_points
 from learned_opt.fileio import atomic_write_json
 
 
@@ -52,6 +54,26 @@ def run_key(
 def _digest(key: dict[str, Any]) -> str:
     text = json.dumps(key, sort_keys=True, default=repr, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_result(result: RunResult, key: dict[str, Any]) -> RunResult:
+    """``result`` if it is what :func:`learned_opt.bench.runner.run` could have recorded for ``key``;
+    ValueError otherwise. An edited or bit-rotted entry (NaN losses in a run not flagged as
+    diverged, a curve that stops early) would otherwise crash every later report, or skew it."""
+    steps, losses = result.steps, result.losses
+    if not steps or len(steps) != len(losses) or steps[0] != 0:
+        raise ValueError(f"evaluations {steps!r} and losses do not form a curve starting at step 0")
+    if any(not isinstance(s, int) or isinstance(s, bool) for s in steps) or sorted(set(steps)) != steps:
+        raise ValueError(f"evaluated steps {steps!r} are not increasing ints")
+    if result.seed != key["seed"] or not isinstance(result.diverged, bool):
+        raise ValueError(f"seed {result.seed!r} / diverged {result.diverged!r} do not match the entry")
+    if not result.diverged:
+        if steps != eval_points(key["steps"], key["eval_every"]):
+            raise ValueError(f"a finished run evaluates at {eval_points(key['steps'], key['eval_every'])}, "
+                             f"this one at {steps}")
+        if not all(math.isfinite(x) for x in losses):
+            raise ValueError("non-finite losses in a run not flagged as diverged")
+    return result
 
 
 class RunCache:
@@ -91,9 +113,10 @@ class RunCache:
             data = json.loads(path.read_text())
             if json.loads(json.dumps(key, default=repr)) != data["key"]:
                 return None
-            return RunResult.from_json(data["result"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            warnings.warn(f"ignoring unreadable benchmark cache entry {path}: {exc}", stacklevel=3)
+            return check_result(RunResult.from_json(data["result"]), key)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            warnings.warn(f"ignoring benchmark cache entry {path} (unreadable or inconsistent; rerunning it): {exc}",
+                          stacklevel=3)
             return None
 
     def put(self, key: dict[str, Any], result: RunResult) -> None:

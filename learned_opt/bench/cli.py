@@ -6,10 +6,10 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from learned_opt.bench.harness import BenchmarkConfigError, benchmark
 from learned_opt.bench.settings import check_steps_override
+from learned_opt.cli import add_threads_flag, apply_threads, output_dir, suite_or_file
 
 
 def build_parser(prog: str = "learned-opt benchmark") -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def build_parser(prog: str = "learned-opt benchmark") -> argparse.ArgumentParser
         description="Benchmark optimizers on a suite's test tasks against tuned Adam and Adam(lr=1e-3); "
         "writes report.md, results.json and plots to --out. Flags override the suite's [benchmark] table.",
     )
-    p.add_argument("--suite", required=True, help="suite name (e.g. heldout) or path to a suite .toml file")
+    p.add_argument("--suite", required=True, type=suite_or_file, help="suite name (e.g. heldout) or path to a suite .toml file")
     p.add_argument("--optimizers", nargs="+", metavar="SPEC",
                    help="shipped names, .safetensors paths, sgd momentum nesterov adam adamw rmsprop adagrad, "
                    "GradNormDecaySGD HypergradientSGD HypergradientAdam, module:factory, schedulefree-adamw, "
@@ -32,12 +32,11 @@ def build_parser(prog: str = "learned-opt benchmark") -> argparse.ArgumentParser
                    help="task seeds to run on: test (reports) or validation (choosing settings); default test")
     p.add_argument("--steps", type=_steps,
                    help="horizon override: N steps, or Nx to multiply each task's horizon (e.g. 10x)")
-    p.add_argument("--out", type=Path, help="output directory (run cache, report.md, results.json, plots/)")
+    p.add_argument("--out", type=output_dir, help="output directory (run cache, report.md, results.json, plots/)")
     p.add_argument("--device", default="cpu", help="torch device for the tasks (default cpu)")
     p.add_argument("--eval-every", type=int, help="evaluate the full-data loss every K steps (0 = auto)")
     p.add_argument("--timing-steps", type=int, help="steps of the timing pass (0 = skip it)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (1 is much faster on a machine shared "
-                   "with other busy processes)")
+    add_threads_flag(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -62,12 +61,7 @@ def _steps(text: str) -> int | str:
 def main(argv: Sequence[str] | None = None, prog: str = "learned-opt benchmark") -> int:
     """Parse flags, run the benchmark, print the report and where the files are."""
     args = build_parser(prog).parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            build_parser(prog).error(f"argument --threads: must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     command = " ".join([prog, shlex.join(list(sys.argv[1:] if argv is None else argv))])
     try:
         result = benchmark(

@@ -23,7 +23,14 @@ from tqdm.auto import tqdm
 
 from learned_opt._version import __version__
 from learned_opt.bench import metrics as M
-from learned_opt.bench.baselines import ADAM_1E3, TUNED_ADAM, OptimizerSpec, reference_specs, resolve_optimizers
+from learned_opt.bench.baselines import (
+    ADAM_1E3,
+    TUNED_ADAM,
+    OptimizerSpec,
+    check_spec_builds,
+    reference_specs,
+    resolve_optimizers,
+)
 from learned_opt.bench.cache import RunCache, lr_key, run_key
 from learned_opt.bench.problems import BenchTask, as_bench_tasks
 from learned_opt.bench.runner import RunResult, default_eval_every, run
@@ -173,7 +180,7 @@ def _bench_task(h: _Harness, bt: BenchTask, specs: list[OptimizerSpec], tune: bo
                 steps: int, every: int) -> dict[str, Any]:
     records: dict[str, dict[str, Any]] = {}
     for spec in specs:
-        tuned = spec.label == TUNED_ADAM or (tune and spec.tuned_by_default)
+        tuned = _is_tuned(spec, tune)
         tuning, rejected = None, []
         if tuned:
             tuning, lr, runs = _tune(h, bt, spec, steps, every, rejected)
@@ -250,10 +257,15 @@ def check_device(device: str) -> torch.device:
 
 
 def _configure(suite: Any, optimizers: Any, tune: bool | None, seeds: Any, steps: int | str | None,
-               eval_every: int | None, timing_steps: int | None, device: str, split: str = "test") -> tuple[Any, ...]:
+               eval_every: int | None, timing_steps: int | None, device: str, split: str = "test",
+               out: str | Path | None = None) -> tuple[Any, ...]:
     """Resolve and validate everything (function arguments over the suite's [benchmark] table)."""
+    from learned_opt.cli import check_output_dir
+
     check_steps_override(steps, "steps")
     check_device(device)
+    if out is not None:
+        check_output_dir(out)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     src = _resolve_suite(suite, steps, split)
@@ -266,9 +278,23 @@ def _configure(suite: Any, optimizers: Any, tune: bool | None, seeds: Any, steps
     if every_cfg < 0 or timing_n < 0:
         raise ValueError(f"eval_every and timing_steps must be >= 0, got {every_cfg}, {timing_n}")
     seed_list = _pick_seeds(table["seeds"] if seeds is None else seeds, src.test_seeds, src.split)
-    user_specs = resolve_optimizers(table["optimizers"] if optimizers is None else optimizers)
-    specs = list(reference_specs()) + [s for s in user_specs if not _same_as_reference(s, tune)]
+    from_table = f"{src.path}: [benchmark] optimizers: " if optimizers is None and src.path is not None else ""
+    try:
+        user_specs = resolve_optimizers(table["optimizers"] if optimizers is None else optimizers)
+        specs = list(reference_specs()) + [s for s in user_specs if not _same_as_reference(s, tune)]
+        for spec in specs:
+            check_spec_builds(spec, _PROBE_LR if _is_tuned(spec, tune) else spec.fixed_lr, device)
+    except ValueError as exc:
+        raise ValueError(f"{from_table}{exc}") from exc
     return src, specs, seed_list, tune, steps, every_cfg, timing_n
+
+
+_PROBE_LR = 1e-3  # a tuned spec is only ever built at grid lrs; this is one
+
+
+def _is_tuned(spec: OptimizerSpec, tune: bool) -> bool:
+    """Tuned Adam always; any other spec when ``tune`` and it is tunable with no fixed lr."""
+    return spec.label == TUNED_ADAM or (tune and spec.tuned_by_default)
 
 
 def benchmark(
@@ -298,14 +324,14 @@ def benchmark(
     """
     try:
         src, specs, seed_list, tune, steps, every_cfg, timing_n = _configure(
-            suite, optimizers, tune, seeds, steps, eval_every, timing_steps, device, split)
+            suite, optimizers, tune, seeds, steps, eval_every, timing_steps, device, split, out)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         raise BenchmarkConfigError(str(exc)) from exc
 
     out_dir = None if out is None else Path(out)
     cache = RunCache(None if out_dir is None else out_dir / "cache")
     grid = GRID_HIGH - GRID_LOW + 1
-    per_task = sum(grid + 1 if (s.label == TUNED_ADAM or (tune and s.tuned_by_default)) else 1 for s in specs)
+    per_task = sum(grid + 1 if _is_tuned(s, tune) else 1 for s in specs)
     pbar = tqdm(total=len(src.tasks) * len(seed_list) * per_task, desc="benchmark", unit="run",
                 disable=not progress, file=sys.stderr, dynamic_ncols=True)
     h = _Harness(src.name, seed_list, cache, device, pbar)

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from learned_opt.cli import add_threads_flag, apply_threads, output_dir, suite_or_file
 from learned_opt.meta.config import parse_range_flag
 
 EXAMPLES = """examples:
@@ -50,10 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="TOML file with a [meta_train] table (and usually the [suite] to train on)")
-    p.add_argument("--out", required=True, help="output directory (must be empty unless --resume)")
+    p.add_argument("--config", type=suite_or_file, help="TOML file with a [meta_train] table (and usually the [suite] to train on)")
+    p.add_argument("--out", required=True, type=output_dir, help="output directory (must be empty unless --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--suite", help="suite name (e.g. meta_train) or .toml path; default: the config file's [suite]")
+    p.add_argument("--suite", type=suite_or_file, help="suite name (e.g. meta_train) or .toml path; default: the config file's [suite]")
     p.add_argument("--rule", help=f"rule to meta-train: {_rule_names()}")
     p.add_argument("--rule-config", type=_json_object, help='rule constructor kwargs as JSON, e.g. \'{"hidden_size": 20}\'')
     p.add_argument("--estimator", choices=["bptt", "es", "pes"])
@@ -77,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tasks", type=int, help="validation tasks per evaluation")
     p.add_argument("--checkpoint-every", type=int, help="meta-steps between checkpoints")
     p.add_argument("--device", help="cpu or cuda")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (same count = bitwise-reproducible on CPU; "
-                   "1 is much faster on a machine shared with other busy processes)")
+    add_threads_flag(p, "the same count makes a CPU run bitwise reproducible, so resume with the same --threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -87,15 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run meta-training from command-line arguments; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"argument --threads: must be >= 1, got {args.threads}")
+    apply_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import torch
-
     from learned_opt.meta.train import MetaTrainingInterrupted, meta_train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         overrides = {
             "rule_config": args.rule_config, "second_order": args.second_order, "es_sigma": args.es_sigma,
