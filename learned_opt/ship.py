@@ -101,7 +101,11 @@ def bench(suite: str, names: Sequence[str], work: str | Path, *, seeds: int | No
 
     loaded = load_suite(suite)
     baselines = loaded.tables.get("benchmark", {}).get("optimizers", ["adam", "sgd"])
-    optimizers = {**{b: b for b in baselines}, **{n: str(pretrained_dir / f"{n}.safetensors") for n in names}}
+    optimizers = {b: b for b in baselines}
+    for n in names:  # a horizon-aware shipped rule is benchmarked both untold and told each run's length
+        optimizers[n] = str(pretrained_dir / f"{n}.safetensors")
+        if "total_steps" in load_rule(optimizers[n])[0].hyperparameters:
+            optimizers[f"{n}[horizon=true]"] = f"{optimizers[n]}[horizon=true]"
     out = Path(work) / f"bench-{loaded.name}"
     args = ["--suite", suite, "--optimizers", *optimizers, "--tune"] + (["--seeds", str(seeds)] if seeds else [])
     command = "learned-opt benchmark " + " ".join(shlex.quote(a) for a in args) + f" --out {out}"
@@ -116,9 +120,12 @@ def bench(suite: str, names: Sequence[str], work: str | Path, *, seeds: int | No
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, target)
     rel = repo_relative(dest)
+    summary = result.results["summary"]
     for name in names:
-        _record_metrics(pretrained_dir / f"{name}.safetensors", loaded.name, result.results["summary"].get(name),
-                        command, rel)
+        row, told = summary.get(name), summary.get(f"{name}[horizon=true]")
+        if row is not None and told is not None:
+            row = {**row, "told_the_horizon": told}
+        _record_metrics(pretrained_dir / f"{name}.safetensors", loaded.name, row, command, rel)
     if readme is not None:
         update_readme_table(readme, loaded.name, generated_table(result.report))
     return dest

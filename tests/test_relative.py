@@ -234,3 +234,11 @@ def test_horizon_aware_specs_pass_the_pre_run_check():
 
     for text in ("adam-cosine", "RelativeAdam[horizon=true]", "RelativeAdam"):
         check_spec_builds(resolve_optimizer(text), None)
+
+
+def test_linear_controller_is_small_and_validated():
+    rule = LearnedRelativeAdamRule(hidden=0)
+    assert sum(p.numel() for p in rule.parameters()) == 23
+    assert type(rule)(**rule.config()).config() == rule.config()
+    with pytest.raises(ValueError, match="hidden"):
+        LearnedRelativeAdamRule(hidden=-1)

@@ -74,22 +74,32 @@ def horizon_tensor(total_steps: int | Tensor | None, like: Tensor) -> Tensor:
 
 
 class ControllerNet(nn.Module):
-    """Per-tensor controller: ``features [n, F] -> (increment, direct) [n, 2]`` (bounded by tanh)."""
+    """Per-tensor controller: ``features [n, F] -> (increment, direct) [n, 2]`` (bounded by tanh).
+
+    A linear map of the features plus, with ``hidden > 0``, a one-hidden-layer tanh MLP. The
+    output weights start at zero (an untrained controller does nothing); ``hidden = 0`` keeps θ
+    small (20 numbers), which full-horizon ES estimates far better than a few hundred.
+    """
 
     def __init__(self, hidden: int = 8, seed: int = 0) -> None:
         super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.w1 = nn.Parameter(torch.randn(len(FEATURES), hidden, generator=g) / math.sqrt(len(FEATURES)))
-        self.b1 = nn.Parameter(torch.zeros(hidden))
-        self.w2 = nn.Parameter(torch.zeros(hidden, 2))
-        self.ws = nn.Parameter(torch.zeros(len(FEATURES), 2))  # linear skip: features -> outputs
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
+            raise ValueError(f"invalid hidden: {hidden!r} (must be an int >= 0)")
+        self.ws = nn.Parameter(torch.zeros(len(FEATURES), 2))  # linear: features -> outputs
         self.b2 = nn.Parameter(torch.zeros(2))
+        if hidden:
+            g = torch.Generator().manual_seed(seed)
+            self.w1 = nn.Parameter(torch.randn(len(FEATURES), hidden, generator=g) / math.sqrt(len(FEATURES)))
+            self.b1 = nn.Parameter(torch.zeros(hidden))
+            self.w2 = nn.Parameter(torch.zeros(hidden, 2))
 
 
 def controller_outputs(theta: Mapping[str, Tensor], feats: Tensor) -> tuple[Tensor, Tensor]:
     """The controller's bounded (increment, direct offset) per tensor, from θ entries ``ctrl.*``."""
-    h = torch.tanh(feats @ theta["ctrl.w1"] + theta["ctrl.b1"])
-    out = torch.tanh(h @ theta["ctrl.w2"] + feats @ theta["ctrl.ws"] + theta["ctrl.b2"])
+    out = feats @ theta["ctrl.ws"] + theta["ctrl.b2"]
+    if "ctrl.w1" in theta:
+        out = out + torch.tanh(feats @ theta["ctrl.w1"] + theta["ctrl.b1"]) @ theta["ctrl.w2"]
+    out = torch.tanh(out)
     return CTRL_RATE * out[:, 0], CTRL_DIRECT * out[:, 1]
 
 
