@@ -30,14 +30,12 @@ from learned_opt.rules import (
     HypergradientSGDRule,
     LearnableAdamRule,
     LearnableSGDRule,
-    LSTMRule,
-    MLPRule,
     Rule,
 )
 from learned_opt.rules import transforms
 from learned_opt.rules.hparam_base import HyperparameterRule
 from meta_toys import ToyQuadratic
-from test_optimizers import FACTORIES, Problem
+from test_optimizers import FACTORIES, LSTM_RULE, MLP_RULE, Problem
 
 
 @pytest.fixture(params=["host", "device"])
@@ -55,17 +53,9 @@ def _all_state(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 # --- one update path ---------------------------------------------------------------------------
 def _rules() -> dict[str, Callable[[], Rule]]:
-    def lstm() -> LSTMRule:
-        torch.manual_seed(5)
-        rule = LSTMRule(hidden_size=6)
-        with torch.no_grad():
-            for p in rule.parameters():
-                p.add_(torch.randn_like(p) * 0.5)
-        return rule
-
     return {
-        "lstm": lstm,
-        "mlp": lambda: MLPRule(hidden_size=8, adam_residual=True, init_lr0=0.05, chunk_size=3),
+        "lstm": lambda: copy.deepcopy(LSTM_RULE),
+        "mlp": lambda: copy.deepcopy(MLP_RULE),
         "grad-norm-decay-sgd": lambda: GradNormDecayRule(init_lr=0.05, init_threshold=0.5, momentum=0.5),
         "hypergradient-sgd": lambda: HypergradientSGDRule(init_lr=0.02, momentum=0.3),
         "hypergradient-adam": lambda: HypergradientAdamRule(init_lr=0.01, init_hyper_lr=1e-4),
