@@ -186,10 +186,9 @@ class LearnedOptimizer(Optimizer):
         self._ensure_state(group, params, work)
         result = apply_update(self.rule, grads, work, self._rule_state(params, work), self._step_hparams(group),
                               inplace=True)
-        if result.skipped is not False:
-            skips = self.state[params[0]][NONFINITE_KEY]
-            self._write_group_state(group, {NONFINITE_KEY: skips + (~result.finite).to(skips.dtype)})
+        skips = self.state[params[0]][NONFINITE_KEY]
         if result.skipped:
+            self._write_group_state(group, {NONFINITE_KEY: skips + 1})
             return True
         new_group, new_per_param = result.state
         for p, w, u, ps in zip(params, work, result.updates, new_per_param):
@@ -198,6 +197,8 @@ class LearnedOptimizer(Optimizer):
             else:
                 p.copy_(w.add_(u))  # rounded once into the low-precision parameter
             self._store_param_state(p, ps)
+        if result.skipped is None:  # masked on the device: count without reading the verdict
+            new_group = {**new_group, NONFINITE_KEY: skips + (~result.finite).to(skips.dtype)}
         self._write_group_state(group, new_group)
         return result.skipped
 

@@ -223,8 +223,9 @@ def _masked(finite: Tensor, updates: list[Tensor]) -> list[Tensor]:
 
 
 def _kept(finite: Tensor, new: RuleState, old: RuleState) -> RuleState:
-    """``new`` where the step was taken, else ``old`` (a key only ``new`` has keeps its new value:
-    it was computed from the zeroed gradients)."""
+    """``new`` where the step was taken, else ``old``. A key only ``new`` has (a buffer a rule
+    creates at its first step, such as a momentum buffer) keeps the value the zeroed gradients
+    gave it, where the host branch would not have created it yet."""
 
     def select(new_dict: Mapping[str, Tensor], old_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {k: torch.where(finite, v, old_dict[k]) if k in old_dict else v for k, v in new_dict.items()}
