@@ -1,9 +1,11 @@
 """``torch.optim`` adapter: any Rule as a drop-in ``torch.optim.Optimizer``.
 
-The adapter owns everything generic (param groups, ``maximize``, coupled ``weight_decay``,
-skipping non-finite steps, sparse/complex/half checks, state bookkeeping) and calls the rule's
-``update`` under ``torch.no_grad()`` — the same code meta-training differentiates — through
-``update_inplace``, so a rule may write its new state over the old (as torch optimizers do).
+The adapter owns the bookkeeping (param groups, state, sparse/complex checks, late-joining
+parameters, float32 compute for low-precision parameters) and steps each group under
+``torch.no_grad()`` through :func:`learned_opt.rules.transforms.apply_update` — the very function
+the meta-training unroll differentiates — which applies ``maximize``, weight decay (coupled or
+decoupled), the gradient bound and the non-finite guard around the rule's update, and lets the
+rule write its new state over the old (as torch optimizers do).
 
 State layout. Per-parameter rule state lives in ``self.state[p]`` so ``state_dict``, casting on
 load, hooks and ``deepcopy`` are torch's own. The rule's *group-wide* state (e.g. an adapted
@@ -11,6 +13,10 @@ load, hooks and ``deepcopy`` are torch's own. The rule's *group-wide* state (e.g
 state of every parameter of the group that has state, kept in sync after each step, so torch's
 ``state_dict`` round-trips it; :meth:`LearnedOptimizer.group_state` returns it. The adapter adds
 ``nonfinite_skips`` (steps of the group skipped because a gradient was NaN/inf).
+
+Low-precision parameters (float16, bfloat16: fewer than 32 bits) are stepped in float32: their
+state is float32 (as torch's fused Adam keeps it), the update is computed on a float32 copy of the
+parameter and gradient, and the sum is rounded once into the parameter.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from learned_opt.rules.base import Rule, check_bool, check_nonnegative
+from learned_opt.rules.base import Rule, RuleState, check_bool, check_nonnegative
 from learned_opt.rules.grad_norm_decay import GradNormDecayRule
 from learned_opt.rules.hparam_base import HyperparameterRule
 from learned_opt.rules.hypergradient import HypergradientAdamRule, HypergradientSGDRule
@@ -32,27 +38,39 @@ from learned_opt.rules.learnable import LearnableAdamRule, LearnableSGDRule
 from learned_opt.rules.lstm import LSTMRule
 from learned_opt.rules.mlp import MLPRule
 from learned_opt.rules.relative import RelativeAdamRule
+from learned_opt.rules.transforms import STEP_DEFAULTS, apply_update, bound_optimizer_gradients
 from learned_opt.weights import load_rule
 
 NONFINITE_KEY = "nonfinite_skips"
-UNSUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-# The adapter's own per-group hyperparameters, besides the rule's ``hyperparameters``.
+COMPUTE_DTYPE = torch.float32  # parameters narrower than this are stepped in it
+# Where the guard masks on a device, the skip counters are read on the host (for the one-time
+# warning) only every this many steps, so a step never waits for the device.
+NONFINITE_CHECK_EVERY = 100
+# Keys every saved param group has, besides the rule's ``hyperparameters`` (decoupled_weight_decay
+# may be missing from a state saved before it existed: it defaults to False).
 ADAPTER_HPARAMS = ("weight_decay", "maximize")
 
 
 class LearnedOptimizer(Optimizer):
     """Generic adapter: ``LearnedOptimizer(params, rule, lr=1.0, **hparams)``.
 
-    ``hparams`` are the rule's ``hyperparameters`` (per-group values, like torch's ``betas``),
-    plus ``weight_decay`` (coupled: added to the gradient) and ``maximize``. ``lr`` multiplies the
-    rule's update, so LR schedulers work. ``weights_sha256`` is recorded in ``state_dict`` so a
-    checkpoint loaded into an optimizer with different weights warns.
+    ``hparams`` are the rule's ``hyperparameters`` (per-group values, like torch's ``betas``).
+    ``lr`` multiplies the rule's update, so LR schedulers work. ``weight_decay``: by default
+    coupled (L2: ``wd·p`` added to the gradient the rule sees); with
+    ``decoupled_weight_decay=True`` AdamW-style instead (the parameter shrinks by ``lr·wd·p`` each
+    step, apart from the rule's update; ``lr`` is the group's, so a scheduler scales the decay as
+    well). ``maximize`` ascends. ``weights_sha256`` is recorded in ``state_dict`` so a checkpoint
+    loaded into an optimizer with different weights warns.
 
-    float16/bfloat16 parameters raise ValueError (state is kept in the parameter's dtype, too
-    coarse for the adapted rates and LSTM state; keep float32 master params under ``torch.amp``).
+    Gradients whose group norm would overflow the rule's arithmetic are rescaled, and a group with
+    a NaN/inf gradient skips its step (counted in ``state[p]["nonfinite_skips"]``, warned once);
+    see :mod:`learned_opt.rules.transforms`. On the CPU the warning comes at the skipped step;
+    where the check runs on a device (GPUs), it comes within ``NONFINITE_CHECK_EVERY`` steps.
+    float16/bfloat16 parameters are stepped in float32 with float32 state (module docstring).
     ``card`` is the weights' card when they were loaded from disk, else None.
     """
 
+    _steps_unchecked = 0  # steps since the skip counters were last read (see _warn_nonfinite)
     card: dict[str, Any] | None = None
     # Instance attributes of the adapter that torch's Optimizer.__getstate__ does not keep.
     _PICKLED = ("rule", "weights_sha256", "card", "_warned_nonfinite")
@@ -64,6 +82,7 @@ class LearnedOptimizer(Optimizer):
         lr: float = 1.0,
         *,
         weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
         maximize: bool = False,
         weights_sha256: str | None = None,
         **hparams: Any,
@@ -74,9 +93,10 @@ class LearnedOptimizer(Optimizer):
         if unknown:
             raise ValueError(
                 f"unknown hyperparameters {sorted(unknown)} for rule {rule.name!r}; "
-                f"allowed: {sorted(set(rule.hyperparameters) | set(ADAPTER_HPARAMS))}"
+                f"allowed: {sorted(set(rule.hyperparameters) | set(STEP_DEFAULTS))}"
             )
-        defaults = {**rule.hyperparameters, **hparams, "lr": lr, "weight_decay": weight_decay, "maximize": maximize}
+        defaults = {**rule.hyperparameters, **hparams, "lr": lr, "weight_decay": weight_decay,
+                    "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize}
         self.rule = rule
         self.weights_sha256 = weights_sha256
         self._warned_nonfinite = False
@@ -100,16 +120,12 @@ class LearnedOptimizer(Optimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         """ValueError for bad hyperparameters or parameters this optimizer cannot hold."""
         self._validate_group(group)
+        check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
         for p in group["params"]:
             if p.is_complex():
                 raise ValueError(
                     f"{type(self).__name__} does not support complex parameters (got {p.dtype}); "
                     "optimize torch.view_as_real(p) instead"
-                )
-            if p.dtype in UNSUPPORTED_DTYPES:
-                raise ValueError(
-                    f"{type(self).__name__} does not support {p.dtype} parameters; "
-                    "keep float32 master parameters (torch.amp autocast) instead"
                 )
             if not p.is_floating_point():
                 raise ValueError(f"{type(self).__name__} can only optimize floating-point parameters, got {p.dtype}")
@@ -140,19 +156,21 @@ class LearnedOptimizer(Optimizer):
                 return {k: v for k, v in st.items() if k in self.group_keys}
         return {}
 
-    def _ensure_state(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        fresh = [p for p in params if not self.state.get(p)]
+    def _ensure_state(self, group: dict[str, Any], params: list[Tensor], work: list[Tensor]) -> None:
+        """Fresh state for the parameters without any, built from their compute tensors ``work``."""
+        fresh = [(p, w) for p, w in zip(params, work) if not self.state.get(p)]
         if not fresh:
             return
         with torch.no_grad():
-            group_state, per_param = self.rule.init_state(fresh)
+            group_state, per_param = self.rule.init_state([w for _, w in fresh])
         existing = self._group_state_of(group)
         if existing:
             with torch.no_grad():
                 per_param = self.rule.join_state({k: v for k, v in existing.items() if k != NONFINITE_KEY}, per_param)
         else:
-            existing = {**group_state, NONFINITE_KEY: torch.zeros((), dtype=fresh[0].dtype, device=fresh[0].device)}
-        for p, ps in zip(fresh, per_param):
+            like = fresh[0][1]
+            existing = {**group_state, NONFINITE_KEY: torch.zeros((), dtype=like.dtype, device=like.device)}
+        for (p, _), ps in zip(fresh, per_param):
             clash = set(ps) & self.group_keys
             if clash:
                 raise RuntimeError(f"rule {self.rule.name!r} uses keys {sorted(clash)} for both group and param state")
@@ -167,61 +185,96 @@ class LearnedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
+        skipped = [self._step_group(group) for group in self.param_groups]
+        self._warn_nonfinite(skipped)
         return loss
 
-    def _step_group(self, group: dict[str, Any]) -> None:
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            g = -p.grad if group["maximize"] else p.grad
-            if group["weight_decay"] != 0:
-                g = g.add(p, alpha=group["weight_decay"])
-            params.append(p)
-            grads.append(g)
+    def _step_group(self, group: dict[str, Any]) -> bool | None:
+        """One guarded step of a group: whether it was skipped, None when that is known only on the device."""
+        params = self._params_with_grad(group)
         if not params:
-            return
-        self._ensure_state(group, params)
-        keys = self.group_keys
-        group_state = {k: v for k, v in self.state[params[0]].items() if k in keys and k != NONFINITE_KEY}
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        if not bool(finite):
-            skips = self.state[params[0]][NONFINITE_KEY] + 1
-            self._write_group_state(group, {NONFINITE_KEY: skips})
-            if not self._warned_nonfinite:
-                warnings.warn(
-                    f"{type(self).__name__}: non-finite gradient; skipped this step for the group "
-                    f"(counted in state['{NONFINITE_KEY}']; further skips are not warned)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self._warned_nonfinite = True
-            return
-        per_param = [{k: v for k, v in self.state[p].items() if k not in keys} for p in params]
-        hparams = {k: group[k] for k in self.rule.hyperparameters}
-        updates, (new_group, new_per_param) = self.rule.update_inplace(grads, params, (group_state, per_param), hparams)
-        for p, u, ps in zip(params, updates, new_per_param):
-            p.add_(u)
-            st = self.state[p]
-            for key in [k for k in st if k not in keys and k not in ps]:
-                del st[key]  # e.g. a momentum buffer dropped when momentum was set to 0
-            grad_storage = p.grad.untyped_storage().data_ptr()
-            for key, value in ps.items():
-                # a rule may keep the gradient itself as state, but zero_grad/GradScaler mutate p.grad
-                shares_grad = value.untyped_storage().data_ptr() == grad_storage
-                st[key] = value.clone() if shares_grad else value
+            return False
+        work = [_compute_tensor(p) for p in params]
+        grads = [p.grad.to(w.dtype) for p, w in zip(params, work)]
+        self._ensure_state(group, params, work)
+        result = apply_update(self.rule, grads, work, self._rule_state(params, work), self._step_hparams(group),
+                              inplace=True)
+        skips = self.state[params[0]][NONFINITE_KEY]
+        if result.skipped:
+            self._write_group_state(group, {NONFINITE_KEY: skips + 1})
+            return True
+        new_group, new_per_param = result.state
+        for p, w, u, ps in zip(params, work, result.updates, new_per_param):
+            if w is p:
+                p.add_(u)
+            else:
+                p.copy_(w.add_(u))  # rounded once into the low-precision parameter
+            self._store_param_state(p, ps)
+        if result.skipped is None:  # masked on the device: count without reading the verdict
+            new_group = {**new_group, NONFINITE_KEY: skips + (~result.finite).to(skips.dtype)}
         self._write_group_state(group, new_group)
+        return result.skipped
+
+    def _params_with_grad(self, group: dict[str, Any]) -> list[Tensor]:
+        params = [p for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for p in params):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        return params
+
+    def _step_hparams(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's rule hyperparameters and step transforms' settings (defaults for groups
+        saved before a setting existed)."""
+        step = {k: group.get(k, default) for k, default in STEP_DEFAULTS.items()}
+        return {**{k: group[k] for k in self.rule.hyperparameters}, **step}
+
+    def _rule_state(self, params: list[Tensor], work: list[Tensor]) -> RuleState:
+        """The rule's state of the group, in each parameter's compute dtype (a state that loading
+        cast to a low-precision parameter's dtype is brought back to float32)."""
+        keys = self.group_keys
+        per_param = []
+        for p, w in zip(params, work):
+            st = self.state[p]
+            if w is not p:
+                st.update({k: v.to(w.dtype) for k, v in st.items() if v.is_floating_point() and v.dtype != w.dtype})
+            per_param.append({k: v for k, v in st.items() if k not in keys})
+        group_state = {k: v for k, v in self.state[params[0]].items() if k in keys and k != NONFINITE_KEY}
+        return group_state, per_param
+
+    def _store_param_state(self, p: Tensor, new_state: dict[str, Tensor]) -> None:
+        st = self.state[p]
+        for key in [k for k in st if k not in self.group_keys and k not in new_state]:
+            del st[key]  # e.g. a momentum buffer dropped when momentum was set to 0
+        grad_storage = p.grad.untyped_storage().data_ptr()
+        for key, value in new_state.items():
+            # a rule may keep the gradient itself as state, but zero_grad/GradScaler mutate p.grad
+            shares_grad = value.untyped_storage().data_ptr() == grad_storage
+            st[key] = value.clone() if shares_grad else value
 
     def _write_group_state(self, group: dict[str, Any], values: dict[str, Tensor]) -> None:
         for p in group["params"]:
             st = self.state.get(p)
             if st:
                 st.update(values)
+
+    def _warn_nonfinite(self, skipped: list[bool | None]) -> None:
+        """Warn (once) that a step was skipped. A skip known only on the device (None) is read from
+        the counters every ``NONFINITE_CHECK_EVERY`` steps, not at each step (that would wait for it)."""
+        if self._warned_nonfinite:
+            return
+        if None in skipped and True not in skipped:
+            self._steps_unchecked += 1
+            if self._steps_unchecked < NONFINITE_CHECK_EVERY:
+                return
+            self._steps_unchecked = 0
+            skipped = [float(self._group_state_of(g).get(NONFINITE_KEY, 0.0)) > 0 for g in self.param_groups]
+        if any(skipped):
+            warnings.warn(
+                f"{type(self).__name__}: non-finite gradient; skipped the group's step "
+                f"(counted in state['{NONFINITE_KEY}']; further skips are not warned)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._warned_nonfinite = True
 
     # --- serialisation -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -318,6 +371,12 @@ class LearnedOptimizer(Optimizer):
         return f"{base[:-1]}Rule: {self.rule.name}{sha}\n)"
 
 
+def _compute_tensor(p: Tensor) -> Tensor:
+    """The tensor a rule steps for ``p``: ``p`` itself, or a float32 copy of a low-precision one."""
+    if torch.finfo(p.dtype).bits < torch.finfo(COMPUTE_DTYPE).bits:
+        return p.detach().to(COMPUTE_DTYPE)
+    return p
+
 
 def _shape_of(value: Any) -> tuple[int, ...] | str:
     """A loaded state value's shape, or its type's name when it is not a tensor."""
@@ -332,6 +391,9 @@ class LSTMOptimizer(LearnedOptimizer):
     ``LSTMRule`` instance, or ``None`` for an explicitly *untrained* rule (meta-training's start).
     ``lr`` multiplies the learned update: 1.0 is the step the LSTM was trained to take, 0 freezes.
     The loaded card is ``self.card`` (None for an instance or ``weights=None``).
+    ``weight_decay`` is coupled (added to the gradient the LSTM reads) unless
+    ``decoupled_weight_decay=True`` (AdamW-style: ``p -= lr·weight_decay·p`` each step, so with
+    ``lr=1`` the decay per step is ``weight_decay`` itself: use small values, e.g. 1e-4).
     """
 
     def __init__(
@@ -341,11 +403,13 @@ class LSTMOptimizer(LearnedOptimizer):
         weights: str | Path | Rule | None = "lstm-general",
         *,
         weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
         rule, self.card = _rule_from_weights(weights, LSTMRule, type(self).__name__)
         sha = self.card["sha256"] if self.card else None
-        super().__init__(params, rule, lr=lr, weight_decay=weight_decay, maximize=maximize, weights_sha256=sha)
+        super().__init__(params, rule, lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                         maximize=maximize, weights_sha256=sha)
 
 
 class MLPOptimizer(LearnedOptimizer):
@@ -356,7 +420,8 @@ class MLPOptimizer(LearnedOptimizer):
     ``.safetensors`` path, an ``MLPRule`` instance, or ``None`` for an explicitly *untrained* rule (meta-training's start: tiny steps,
     or exactly Adam(1e-3) with ``MLPRule(adam_residual=True)``). ``lr`` multiplies the learned
     update: 1.0 is the step the rule was trained to take, 0 freezes. The loaded card is
-    ``self.card`` (None for an instance or ``weights=None``).
+    ``self.card`` (None for an instance or ``weights=None``). ``weight_decay`` is coupled unless
+    ``decoupled_weight_decay=True`` (``p -= lr·weight_decay·p`` per step), as for :class:`LSTMOptimizer`.
     """
 
     def __init__(
@@ -366,11 +431,13 @@ class MLPOptimizer(LearnedOptimizer):
         *,
         weights: str | Path | Rule | None,
         weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
         rule, self.card = _rule_from_weights(weights, MLPRule, type(self).__name__)
         sha = self.card["sha256"] if self.card else None
-        super().__init__(params, rule, lr=lr, weight_decay=weight_decay, maximize=maximize, weights_sha256=sha)
+        super().__init__(params, rule, lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                         maximize=maximize, weights_sha256=sha)
 
 
 def _rule_from_weights(
@@ -401,6 +468,7 @@ class GradNormDecaySGD(LearnedOptimizer):
     The exact rule (no relaxation); the adapted factor is ``opt.state[p]["lr_factor"]`` (or
     ``opt.group_state(i)``) and the step is ``group['lr'] × lr_factor``, so a scheduler's ``lr`` and
     the decay multiply. ``decay_count`` in the same state counts how often the decay fired.
+    ``weight_decay`` is coupled (SGD's) unless ``decoupled_weight_decay=True`` (``p -= lr·wd·p``).
     """
 
     def __init__(
@@ -412,6 +480,7 @@ class GradNormDecaySGD(LearnedOptimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         *,
+        decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
         super().__init__(
@@ -422,6 +491,7 @@ class GradNormDecaySGD(LearnedOptimizer):
             threshold=threshold,
             momentum=momentum,
             weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize,
         )
 
@@ -432,7 +502,8 @@ class HypergradientSGD(LearnedOptimizer):
 
     ``α = group['lr'] × state['lr_factor']``: the hypergradient step is taken on α and stored as a
     factor of ``lr``, so a scheduler rescales the online rate multiplicatively (see
-    :mod:`learned_opt.rules.hypergradient`).
+    :mod:`learned_opt.rules.hypergradient`). ``weight_decay`` is coupled unless
+    ``decoupled_weight_decay=True`` (``p -= lr·wd·p``, ``lr`` the base rate, not α).
     """
 
     def __init__(
@@ -444,6 +515,7 @@ class HypergradientSGD(LearnedOptimizer):
         weight_decay: float = 0.0,
         *,
         normalized: bool = False,
+        decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
         super().__init__(
@@ -453,6 +525,7 @@ class HypergradientSGD(LearnedOptimizer):
             hyper_lr=hyper_lr,
             momentum=momentum,
             weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
             normalized=normalized,
             maximize=maximize,
         )
@@ -461,7 +534,8 @@ class HypergradientSGD(LearnedOptimizer):
 class HypergradientAdam(LearnedOptimizer):
     """Adam-HD (Baydin et al. 2018): Adam whose rate adapts online by ``hyper_lr · g_t·u_{t-1}``.
 
-    Same rate/scheduler convention as :class:`HypergradientSGD`.
+    Same rate/scheduler convention as :class:`HypergradientSGD`. ``decoupled_weight_decay=True``
+    makes ``weight_decay`` AdamW's (``p -= lr·wd·p``, ``lr`` the base rate) instead of Adam's L2.
     """
 
     def __init__(
@@ -474,6 +548,7 @@ class HypergradientAdam(LearnedOptimizer):
         weight_decay: float = 0.0,
         *,
         normalized: bool = False,
+        decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
         super().__init__(
@@ -484,6 +559,7 @@ class HypergradientAdam(LearnedOptimizer):
             betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,  # anything else: ValueError
             eps=eps,
             weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
             normalized=normalized,
             maximize=maximize,
         )
@@ -511,6 +587,7 @@ class RelativeAdam(LearnedOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
+        decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
         super().__init__(
@@ -524,6 +601,7 @@ class RelativeAdam(LearnedOptimizer):
             betas=tuple(betas),
             eps=eps,
             weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize,
         )
 
@@ -549,6 +627,9 @@ def load_optimizer(
     (the shipped ``default``, a learned relative Adam) runs in :class:`LearnedOptimizer`, with its
     card as ``opt.card``. ``overrides`` are constructor arguments that replace those defaults (e.g.
     ``lr=0.5``, ``weight_decay=1e-4``, ``total_steps=N`` for a horizon-aware rule).
+    A torch optimizer gets a step pre-hook that bounds its gradients as the learned optimizers'
+    (:func:`~learned_opt.rules.transforms.bound_optimizer_gradients`), so a huge finite gradient
+    cannot overflow its state either.
     """
     rule, card = load_rule(name_or_path)
     if isinstance(rule, LSTMRule):
@@ -558,6 +639,8 @@ def load_optimizer(
     elif rule.name in HYPERPARAMETER_OPTIMIZERS:
         assert isinstance(rule, HyperparameterRule)
         opt = HYPERPARAMETER_OPTIMIZERS[rule.name](params, **{**rule.optimizer_defaults(), **overrides})
+        if not isinstance(opt, LearnedOptimizer):
+            opt.register_step_pre_hook(bound_optimizer_gradients)
     else:
         opt = LearnedOptimizer(params, rule, **overrides)
     if isinstance(opt, LearnedOptimizer):

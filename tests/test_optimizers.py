@@ -434,10 +434,9 @@ def test_sparse_gradients_rejected(make) -> None:
         opt.step()
 
 
-@pytest.mark.parametrize("dtype", [torch.complex64, torch.float16, torch.bfloat16])
-def test_unsupported_param_dtypes_clear_error(make, dtype) -> None:
+def test_complex_params_clear_error(make) -> None:
     with pytest.raises(ValueError, match="does not support"):
-        make([torch.nn.Parameter(torch.zeros(2, dtype=dtype))])
+        make([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
 
 
 def test_bad_params_like_torch(make) -> None:

@@ -6,6 +6,10 @@ iteration, horizon and the two generators its batches come from. A run is traine
 graph back to the rule's meta-parameters θ. Between truncations everything is detached, so the
 state is carried across truncations of one run but gradients are not.
 
+Each step goes through :func:`learned_opt.rules.transforms.apply_update`, the function the
+``torch.optim`` adapter steps with (weight decay, the gradient bound, the non-finite guard), so
+the rule is meta-trained on the update that ships.
+
 Batches are drawn once per truncation (:meth:`InnerRun.draw_data`) and shared by every trajectory
 an estimator unrolls from the same point (ES/PES perturbations), so the run's generators advance the
 same way whatever the estimator and whether or not a trajectory diverged.
@@ -13,7 +17,7 @@ same way whatever the estimator and whether or not a trajectory diverged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +26,7 @@ import torch
 from torch import Tensor
 
 from learned_opt.rules.base import Rule, RuleState
+from learned_opt.rules.transforms import apply_update
 from learned_opt.tasks.base import Batch, Task
 
 UNROLL_MODES = ("none", "first", "second")
@@ -74,6 +79,7 @@ def unroll(
     *,
     mode: str = "first",
     track_losses: bool = True,
+    hparams: Mapping[str, Any] | None = None,
 ) -> UnrollOutput:
     """Train ``params`` for ``len(data.batches)`` steps with ``rule`` and record the losses.
 
@@ -81,13 +87,15 @@ def unroll(
     through the updates, optimizee gradients treated as constants (first-order truncated BPTT);
     ``"second"`` — also through the optimizee gradients (second-order). ``track_losses=False``
     keeps no graph for the losses before the last (meta-losses that only read the final loss).
-    A non-finite loss stops the unroll (``diverged=True``).
+    ``hparams``: per-step settings merged over ``rule.meta_hparams()`` (e.g. ``weight_decay``,
+    ``decoupled_weight_decay``: see :data:`learned_opt.rules.transforms.STEP_DEFAULTS`).
+    A non-finite loss stops the unroll (``diverged=True``); a non-finite gradient skips its step.
     """
     if mode not in UNROLL_MODES:
         raise ValueError(f"invalid unroll mode: {mode!r} (choose from {list(UNROLL_MODES)})")
     differentiable = mode != "none"
     with torch.set_grad_enabled(differentiable):
-        hparams = rule.meta_hparams()
+        step_hparams = {**rule.meta_hparams(), **(hparams or {})}
     params = [p.detach().requires_grad_(True) for p in params]
     losses: list[Tensor] = []
     first_loss: Tensor | None = None
@@ -103,7 +111,7 @@ def unroll(
             losses.append(loss if keep else loss.detach())
         grads = torch.autograd.grad(loss, params, create_graph=mode == "second", retain_graph=keep or mode == "second")
         with torch.set_grad_enabled(differentiable):
-            updates, state = rule.update(grads, params, state, hparams)
+            updates, state, _, _ = apply_update(rule, grads, params, state, step_hparams)
             params = [p + u for p, u in zip(params, updates)]
         if not differentiable:
             params = [p.detach().requires_grad_(True) for p in params]
