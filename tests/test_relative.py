@@ -15,6 +15,7 @@ from learned_opt.meta.es import ESConfig, PopulationESTrainer, centered_ranks, l
 from learned_opt.meta.population import adam_sweep, run_population
 from learned_opt.optim import LearnedOptimizer
 from learned_opt.rules.relative import LearnedRelativeAdamRule, RelativeAdamRule, schedule
+from learned_opt.rules.transforms import apply_update
 from learned_opt.suites import parse_suite
 from learned_opt.tasks import QuadraticFamily
 from learned_opt.tasks.families import MLPClassificationFamily
@@ -134,9 +135,11 @@ def test_population_run_matches_the_optimizer_path():
         return out
 
     horizons = torch.tensor([30.0, 0.0])
-    result = run_population(task, 7, 30, (as_dict(thetas), horizons), 2,
-                            lambda m, gr, p, s: LearnedRelativeAdamRule.update_with(m[0], gr, p, s, 1.0, m[1]),
-                            rule.init_state)
+    def update(member, grads, params, state):  # as meta.es does: through the shipped step path
+        result = apply_update(rule.with_theta(member[0]), grads, params, state, {"lr": 1.0, "total_steps": member[1]})
+        return result.updates, result.state
+
+    result = run_population(task, 7, 30, (as_dict(thetas), horizons), 2, update, rule.init_state)
     for i, total in enumerate((30, None)):
         member = LearnedRelativeAdamRule()
         torch.nn.utils.vector_to_parameters(thetas[i].clone(), member.parameters())

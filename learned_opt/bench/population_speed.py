@@ -5,7 +5,8 @@ tasks (from the same seeds, the same batches) for ``steps`` optimizee steps each
 to θ — the work of one full-horizon ES meta-step:
 
 - **batched**: :func:`learned_opt.meta.population.run_population` (one vmapped gradient call and
-  one vmapped rule call per step for the whole population);
+  one vmapped call of the step path, ``rules.transforms.apply_update``, per step for the whole
+  population), as :mod:`learned_opt.meta.es` runs it;
 - **loop**: what the ES estimator of the truncated trainer does today, one run at a time:
   ``meta.unroll.unroll(mode="none")`` per member with θ set to that member.
 
@@ -31,6 +32,7 @@ from learned_opt.fileio import atomic_write_json
 from learned_opt.meta.population import run_population
 from learned_opt.meta.unroll import TruncationData, unroll
 from learned_opt.rules.relative import LearnedRelativeAdamRule
+from learned_opt.rules.transforms import apply_update
 from learned_opt.suites import load_suite
 
 
@@ -39,8 +41,11 @@ def _batched(task: Any, seed: int, steps: int, thetas: torch.Tensor, rule: Learn
     for name, p in rule.named_parameters():
         stacked[name] = thetas[:, i:i + p.numel()].reshape(len(thetas), *p.shape)
         i += p.numel()
-    run_population(task, seed, steps, stacked, len(thetas),
-                   lambda th, g, p, s: LearnedRelativeAdamRule.update_with(th, g, p, s, 1.0, steps), rule.init_state)
+    def update(theta: Any, grads: Any, params: Any, state: Any) -> Any:  # the ES trainer's step path
+        result = apply_update(rule.with_theta(theta), grads, params, state, {"lr": 1.0, "total_steps": steps})
+        return result.updates, result.state
+
+    run_population(task, seed, steps, stacked, len(thetas), update, rule.init_state)
 
 
 def _loop(task: Any, seed: int, steps: int, thetas: torch.Tensor, rule: LearnedRelativeAdamRule) -> None:

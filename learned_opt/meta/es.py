@@ -41,6 +41,7 @@ from learned_opt.fileio import atomic_write_text
 from learned_opt.meta.checkpoint import load_checkpoint, save_checkpoint
 from learned_opt.meta.population import run_population, tuned_adam_final
 from learned_opt.rules.relative import LearnedRelativeAdamRule
+from learned_opt.rules.transforms import apply_update
 from learned_opt.suites import Suite, load_suite
 from learned_opt.weights import save_weights
 
@@ -212,8 +213,10 @@ class PopulationESTrainer:
         task = self.task(draw)
 
         def update(member: tuple[dict[str, Tensor], Tensor], grads: Any, params: Any, state: Any) -> Any:
-            theta, horizon = member
-            return LearnedRelativeAdamRule.update_with(theta, grads, params, state, 1.0, horizon)
+            theta, horizon = member  # through the optimizer's own step path (guard and bound included)
+            result = apply_update(self.rule.with_theta(theta), grads, params, state,
+                                  {"lr": 1.0, "total_steps": horizon})
+            return result.updates, result.state
 
         result = run_population(task, draw.seed, draw.steps, (self.members(thetas), horizons), len(thetas),
                                 update, self.rule.init_state, scales=self.scales(draw))

@@ -303,6 +303,10 @@ class LearnedRelativeAdamRule(Rule):
         theta = {k: v.to(grads[0].dtype) for k, v in self.theta().items()} if grads else self.theta()
         return self.update_with(theta, grads, params, state, hparams["lr"], hparams.get("total_steps"))
 
+    def with_theta(self, theta: Mapping[str, Tensor]) -> ThetaRule:
+        """This rule with θ replaced by ``theta`` (one member of a batched population)."""
+        return ThetaRule(theta)
+
     @classmethod
     def update_with(cls, theta: Mapping[str, Tensor], grads: Sequence[Tensor], params: Sequence[Tensor],
                     state: RuleState, lr: Tensor | float,
@@ -313,3 +317,20 @@ class LearnedRelativeAdamRule(Rule):
             floor=theta["log_floor"].exp(), betas=cls.betas, eps=cls.eps, lr=lr, total_steps=total_steps,
             controller=theta,
         )
+
+
+class ThetaRule:
+    """A learned relative Adam whose θ is given (a vmapped population member), for
+    :func:`learned_opt.rules.transforms.apply_update`: the engine's runs take the shipped step path."""
+
+    hyperparameters = LearnedRelativeAdamRule.hyperparameters
+
+    def __init__(self, theta: Mapping[str, Tensor]) -> None:
+        self.theta = theta
+
+    def update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
+               hparams: Mapping[str, Any]) -> tuple[list[Tensor], RuleState]:
+        return LearnedRelativeAdamRule.update_with(self.theta, grads, params, state, hparams["lr"],
+                                                   hparams.get("total_steps"))
+
+    update_inplace = update

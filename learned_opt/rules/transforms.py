@@ -129,9 +129,16 @@ def _reduction_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def host_read_is_free(grads: Sequence[Tensor]) -> bool:
-    """Whether reading the guard's verdict on the host costs nothing (no device to wait for, no
-    ``torch.compile`` graph to break): then the step branches on it instead of masking."""
-    return all(g.device.type == "cpu" for g in grads) and not torch.compiler.is_compiling()
+    """Whether reading the guard's verdict on the host costs nothing and is possible (no device to
+    wait for, no ``torch.compile`` graph to break, no ``torch.func`` transform such as the batched
+    meta-training engine's ``vmap``): then the step branches on it instead of masking."""
+    return (all(g.device.type == "cpu" and not _functorch_wrapped(g) for g in grads)
+            and not torch.compiler.is_compiling())
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check(t)) if check is not None else False
 
 
 @torch.no_grad()
