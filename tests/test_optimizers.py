@@ -19,8 +19,9 @@ from learned_opt.optim import (
     LearnedOptimizer,
     LSTMOptimizer,
     MLPOptimizer,
+    RelativeAdam,
 )
-from learned_opt.rules import LearnableAdamRule, LearnableSGDRule, LSTMRule, MLPRule
+from learned_opt.rules import LearnableAdamRule, LearnableSGDRule, LearnedRelativeAdamRule, LSTMRule, MLPRule
 
 
 def _lstm_rule() -> LSTMRule:
@@ -47,6 +48,19 @@ def _mlp_rule() -> MLPRule:
 
 MLP_RULE = _mlp_rule()
 
+
+def _relative_rule() -> LearnedRelativeAdamRule:
+    """A learned relative Adam whose controller is non-zero (it changes the steps)."""
+    torch.manual_seed(222)
+    rule = LearnedRelativeAdamRule(init_alpha=0.05, hidden=4)
+    with torch.no_grad():
+        for p in rule.ctrl.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return rule
+
+
+RELATIVE_RULE = _relative_rule()
+
 FACTORIES: dict[str, Callable[..., LearnedOptimizer]] = {
     "lstm": lambda params, **kw: LSTMOptimizer(params, weights=copy.deepcopy(LSTM_RULE), **kw),
     "grad-norm-decay-sgd": lambda params, **kw: GradNormDecaySGD(params, **{"lr": 0.05, "threshold": 0.5, "momentum": 0.5, **kw}),
@@ -55,6 +69,9 @@ FACTORIES: dict[str, Callable[..., LearnedOptimizer]] = {
     "learnable-adam": lambda params, **kw: LearnedOptimizer(params, LearnableAdamRule(), **{"lr": 0.01, **kw}),
     "learnable-sgd": lambda params, **kw: LearnedOptimizer(params, LearnableSGDRule(), **{"lr": 0.02, "momentum": 0.9, **kw}),
     "mlp": lambda params, **kw: MLPOptimizer(params, weights=copy.deepcopy(MLP_RULE), **kw),
+    "relative-adam": lambda params, **kw: RelativeAdam(params, **{"alpha": 0.05, **kw}),
+    "learned-relative-adam": lambda params, **kw: LearnedOptimizer(params, copy.deepcopy(RELATIVE_RULE),
+                                                                   **{"total_steps": 40, **kw}),
 }
 NAMES = list(FACTORIES)
 
@@ -533,6 +550,8 @@ def test_cuda_matches_cpu(make) -> None:
         (lambda ps: HypergradientSGD(ps), 4),
         (lambda ps: HypergradientSGD(ps, momentum=0.9), 8),
         (lambda ps: HypergradientAdam(ps), 12),
+        (lambda ps: RelativeAdam(ps), 8),
+        (lambda ps: LearnedOptimizer(ps, LearnedRelativeAdamRule()), 12),
     ],
 )
 def test_state_bytes_per_parameter(factory, expected) -> None:
