@@ -33,19 +33,23 @@ def _save(fig: Any, path: Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+LINESTYLES = ("-", "-.", (0, (5, 1.5)), (0, (1, 1)))
+
+
 def _styles(labels: list[str]) -> dict[str, dict[str, Any]]:
-    """Fixed colours per optimizer; references dashed so learned/untuned ones stand out."""
+    """A colour of its own per optimizer (tab20: 20 distinct; past 20 the line style changes too);
+    the references black/grey and dashed/dotted so learned/untuned ones stand out."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab10"]
+    cmap = matplotlib.colormaps["tab20"]
     out = {}
-    for i, label in enumerate(labels):
-        style: dict[str, Any] = {"color": cmap(i % 10), "linewidth": 1.8}
-        if label in (TUNED_ADAM, ADAM_1E3):
-            style["linestyle"] = "--" if label == TUNED_ADAM else ":"
-            style["color"] = "black" if label == TUNED_ADAM else "grey"
-        out[label] = style
-    return out
+    others = [label for label in labels if label not in (TUNED_ADAM, ADAM_1E3)]
+    for i, label in enumerate(others):
+        out[label] = {"color": cmap((2 * i) % 20 + (i // 10) % 2), "linewidth": 1.8,
+                      "linestyle": LINESTYLES[(i // 20) % len(LINESTYLES)]}
+    out[TUNED_ADAM] = {"color": "black", "linewidth": 1.8, "linestyle": "--"}
+    out[ADAM_1E3] = {"color": "grey", "linewidth": 1.8, "linestyle": ":"}
+    return {label: out[label] for label in labels}
 
 
 def _legend_label(label: str, rec: dict[str, Any]) -> str:
@@ -88,63 +92,50 @@ def plot_task(plt: Any, task: dict[str, Any], labels: list[str], n_seeds: int) -
 
 
 def plot_summary(plt: Any, results: dict[str, Any]) -> Any:
-    """Left: each optimizer's final loss relative to tuned Adam per task. Right: wins per optimizer."""
+    """Left: a heatmap of each optimizer's final loss relative to tuned Adam per task (blue better,
+    red worse; the number in each cell). Right: tasks won per optimizer. Its size grows with the
+    table, a few inches per dozen rows, never with rows × columns."""
     import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
 
     labels = [o["label"] for o in results["optimizers"] if o["label"] != TUNED_ADAM]
-    all_labels = [o["label"] for o in results["optimizers"]]
-    styles = _styles(all_labels)
     tasks = results["tasks"]
-    n = len(tasks)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 2.5 + 0.22 * n * max(len(labels), 2)),
-                                  gridspec_kw={"width_ratios": [2.2, 1]})
-    height = 0.8 / max(len(labels), 1)
-    ratios = [t["results"][lb]["ratio_to_tuned_adam"] for t in tasks for lb in labels]
-    finite = [r for r in ratios if r is not None and r > 0]
-    hi = max([*finite, 1.0]) * 2
-    lo = min([*finite, 1.0]) / 2
-    for j, label in enumerate(labels):
-        ys = np.arange(n) + (j - (len(labels) - 1) / 2) * height
-        vals = [t["results"][label]["ratio_to_tuned_adam"] for t in tasks]
-        ends = [v if v is not None else hi for v in vals]
-        # bars grow from 1 (= tuned Adam): left means better, right means worse
-        bars = ax.barh(ys, [e - 1.0 for e in ends], height=height * 0.9, color=styles[label]["color"],
-                       label=label, left=1.0)
-        ax.plot([v for v in vals if v is not None], [y for y, v in zip(ys, vals) if v is not None], "o",
-                color=styles[label]["color"], markersize=4, markeredgecolor="black", markeredgewidth=0.5)
-        for bar, v in zip(bars, vals):
-            if v is None:
-                bar.set_hatch("xx")
-                bar.set_alpha(0.4)
-                ax.text(hi * 0.95, bar.get_y() + bar.get_height() / 2, "diverged", ha="right", va="center",
-                        fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlim(lo, hi)
-    ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
-    ax.set_yticks(np.arange(n), [t["label"] for t in tasks], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("final loss relative to tuned Adam (normalised, log scale)\n← better than tuned Adam   |   worse →")
-    ax.set_title(f"{results['suite']}: final loss vs tuned Adam, per task")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3, axis="x", which="both")
+    n, m = len(tasks), len(labels)
+    ratios = np.array([[t["results"][lb]["ratio_to_tuned_adam"] or math.nan for t in tasks] for lb in labels],
+                      dtype=float)
+    logs = np.clip(np.log10(ratios), -2.0, 2.0)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(3.0 + 0.62 * n + 3.2, 1.6 + 0.32 * m),
+                                  gridspec_kw={"width_ratios": [0.62 * n + 3.0, 3.2]})
+    image = ax.imshow(np.where(np.isnan(logs), 0.0, logs), cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -2.0, 2.0),
+                      aspect="auto")
+    for i in range(m):
+        for j in range(n):
+            text = "div" if math.isnan(ratios[i, j]) else f"{ratios[i, j]:.2g}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
+                    color="white" if abs(logs[i, j]) > 1.2 else "black")
+    ax.set_xticks(np.arange(n), [t["label"] for t in tasks], rotation=40, ha="right", fontsize=7.5)
+    ax.set_yticks(np.arange(m), labels, fontsize=8)
+    ax.set_title(f"{results['suite']}: final loss ÷ tuned Adam's (normalised; <1 better, div = diverged)",
+                 fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01, label="log10 ratio (clipped at ±2)")
 
     summary = results["summary"]
-    x = np.arange(len(labels))
-    w = 0.38
-    ax2.bar(x - w / 2, [summary[lb]["wins_vs_tuned_adam"] for lb in labels], w, label="wins vs tuned Adam",
-            color="tab:blue")
-    ax2.bar(x + w / 2, [summary[lb]["wins_vs_adam_1e-3"] for lb in labels], w, label="wins vs Adam(lr=1e-3)",
-            color="tab:orange")
+    ys = np.arange(m)
+    ax2.barh(ys - 0.2, [summary[lb]["wins_vs_tuned_adam"] for lb in labels], 0.4, label="vs tuned Adam",
+             color="tab:blue")
+    ax2.barh(ys + 0.2, [summary[lb]["wins_vs_adam_1e-3"] for lb in labels], 0.4, label="vs Adam(lr=1e-3)",
+             color="tab:orange")
     for i, lb in enumerate(labels):
         div = summary[lb]["diverged_tasks"]
         if div:
-            ax2.text(i, n + 0.1, f"{div} diverged", ha="center", fontsize=7, color="red")
-    ax2.axhline(n, color="grey", linewidth=0.8)
-    ax2.set_ylim(0, n * 1.15 + 0.5)
-    ax2.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
-    ax2.set_ylabel(f"tasks won (of {n})")
-    ax2.set_title("wins (final loss ≤ baseline + 1e-4 × initial)")
-    ax2.legend(fontsize=8)
+            ax2.text(n + 0.2, i, f"{div} div.", va="center", fontsize=7, color="red")
+    ax2.set_yticks(ys, [""] * m)
+    ax2.set_ylim(m - 0.5, -0.5)
+    ax2.set_xlim(0, n * 1.25)
+    ax2.axvline(n, color="grey", linewidth=0.8)
+    ax2.set_xlabel(f"tasks won (of {n})", fontsize=8)
+    ax2.set_title("wins (final ≤ baseline + 1e-4 × initial)", fontsize=9)
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18 - 1.2 / max(m, 1)), ncol=2)
     fig.tight_layout()
     return fig
 
