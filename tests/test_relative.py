@@ -245,3 +245,15 @@ def test_linear_controller_is_small_and_validated():
     assert type(rule)(**rule.config()).config() == rule.config()
     with pytest.raises(ValueError, match="hidden"):
         LearnedRelativeAdamRule(hidden=-1)
+
+
+@pytest.mark.parametrize("make", [learned_opt.RelativeAdam, _learned], ids=["hand", "learned"])
+def test_stepping_past_total_steps_warns_once(make):
+    params = _params()
+    opt = make(params, total_steps=3)
+    with pytest.warns(RuntimeWarning, match="past total_steps=3") as record:
+        for _ in range(6):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+    assert len([w for w in record if "past total_steps" in str(w.message)]) == 1

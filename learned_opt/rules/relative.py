@@ -27,6 +27,7 @@ meta-training engine (``learned_opt.meta.population``, through ``torch.func.vmap
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -229,10 +230,24 @@ class RelativeAdamRule(Rule):
         state: RuleState,
         hparams: Mapping[str, Tensor | float],
     ) -> tuple[list[Tensor], RuleState]:
+        warn_past_horizon(self, state[0]["step"], hparams["total_steps"])
         return relative_update(
             grads, params, state, alpha=hparams["alpha"], warmup=hparams["warmup"], floor=hparams["floor"],
             betas=hparams["betas"], eps=hparams["eps"], lr=hparams["lr"], total_steps=hparams["total_steps"],
         )
+
+
+def warn_past_horizon(rule: Rule, step: Tensor, total_steps: Any) -> None:
+    """Warn once per rule when an optimizer steps past the ``total_steps`` it was given: the schedule
+    has reached 0 there, so further steps do not move the parameters. Only read on the CPU (on a
+    device the check would wait for it every step)."""
+    if not isinstance(total_steps, int) or getattr(rule, "_warned_past_horizon", False) or step.device.type != "cpu":
+        return
+    if float(step) >= total_steps:
+        rule._warned_past_horizon = True  # type: ignore[attr-defined]
+        warnings.warn(f"{type(rule).__name__}: stepping past total_steps={total_steps}; the schedule has ended "
+                      "there, so these steps leave the parameters unchanged (give the run's real length, or "
+                      "total_steps=None)", RuntimeWarning, stacklevel=4)
 
 
 def check_total_steps(value: Any) -> None:
@@ -301,6 +316,7 @@ class LearnedRelativeAdamRule(Rule):
         hparams: Mapping[str, Tensor | float],
     ) -> tuple[list[Tensor], RuleState]:
         theta = {k: v.to(grads[0].dtype) for k, v in self.theta().items()} if grads else self.theta()
+        warn_past_horizon(self, state[0]["step"], hparams.get("total_steps"))
         return self.update_with(theta, grads, params, state, hparams["lr"], hparams.get("total_steps"))
 
     def with_theta(self, theta: Mapping[str, Tensor]) -> ThetaRule:
