@@ -257,3 +257,11 @@ def test_stepping_past_total_steps_warns_once(make):
                 p.grad = torch.randn_like(p)
             opt.step()
     assert len([w for w in record if "past total_steps" in str(w.message)]) == 1
+
+
+def test_es_run_holds_the_out_lock(tmp_path):
+    from learned_opt.lockfile import DirectoryLockError, lock_directory
+
+    with lock_directory(tmp_path / "run"):
+        with pytest.raises(DirectoryLockError):
+            PopulationESTrainer(_cfg(meta_steps=1), tmp_path / "run", suite=_tiny_suite()).run(progress=False)

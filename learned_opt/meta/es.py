@@ -38,6 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from learned_opt.fileio import atomic_write_text
+from learned_opt.lockfile import lock_directory
 from learned_opt.meta.checkpoint import load_checkpoint, save_checkpoint
 from learned_opt.meta.population import run_population, tuned_adam_final
 from learned_opt.rules.relative import LearnedRelativeAdamRule
@@ -275,8 +276,12 @@ class PopulationESTrainer:
         return key(row) > key(self.best)
 
     def run(self, progress: bool = True) -> dict[str, Any]:
-        """Meta-train to ``cfg.meta_steps`` (resuming from ``out`` if a checkpoint is there); returns the best row."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Meta-train to ``cfg.meta_steps`` (resuming from ``out`` if a checkpoint is there); returns the
+        best row. ``out`` is locked for the run's life: a second run on it is refused."""
+        with lock_directory(self.out):
+            return self._run(progress)
+
+    def _run(self, progress: bool) -> dict[str, Any]:
         if (self.out / CHECKPOINT).exists():
             self.restore()
         bar = tqdm(total=self.cfg.meta_steps, initial=self.step, desc="meta-train (ES)", disable=not progress)
