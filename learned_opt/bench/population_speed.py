@@ -55,21 +55,7 @@ def _loop(task: Any, seed: int, steps: int, thetas: torch.Tensor, rule: LearnedR
     with torch.no_grad():
         for theta in thetas:
             torch.nn.utils.vector_to_parameters(theta, rule.parameters())
-            unroll(_Horizon(rule, steps), task, init, rule.init_state(init), data, mode="none")
-
-
-class _Horizon(LearnedRelativeAdamRule):
-    """The rule as the truncated trainer's unroll sees it, with the run's horizon in its hparams."""
-
-    def __init__(self, rule: LearnedRelativeAdamRule, steps: int) -> None:
-        torch.nn.Module.__init__(self)
-        self.inner, self.steps = rule, steps
-
-    def meta_hparams(self) -> dict[str, Any]:
-        return {"lr": 1.0, "total_steps": self.steps}
-
-    def update(self, grads: Any, params: Any, state: Any, hparams: Any) -> Any:
-        return self.inner.update(grads, params, state, hparams)
+            unroll(rule, task, init, rule.init_state(init), data, mode="none", hparams={"total_steps": steps})
 
 
 def measure_population_throughput(suite: str = "meta_train_general", *, tasks: int = 4, members: int = 16,
