@@ -161,7 +161,6 @@ class PopulationESTrainer:
         self.cfg, self.out, self.command = cfg, Path(out), command
         self.suite = suite if suite is not None else load_suite(cfg.suite)
         self.rule = LearnedRelativeAdamRule(**cfg.rule)
-        self.names = [n for n, _ in self.rule.named_parameters()]
         self.theta = torch.nn.utils.parameters_to_vector(self.rule.parameters()).detach().clone().requires_grad_(True)
         self.meta_opt = torch.optim.Adam([self.theta], lr=cfg.meta_lr)
         pool_rng = np.random.default_rng([cfg.seed, 0x9001])
