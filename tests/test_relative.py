@@ -265,3 +265,27 @@ def test_es_run_holds_the_out_lock(tmp_path):
     with lock_directory(tmp_path / "run"):
         with pytest.raises(DirectoryLockError):
             PopulationESTrainer(_cfg(meta_steps=1), tmp_path / "run", suite=_tiny_suite()).run(progress=False)
+
+
+@pytest.mark.parametrize("rule", [RelativeAdamRule(), None], ids=["hand", "learned"])
+@pytest.mark.parametrize("total_steps", [None, 12])
+def test_inplace_foreach_step_matches_the_pure_update(rule, total_steps):
+    """The optimizer's in-place foreach kernels and the pure (vmappable, differentiable) path agree bitwise."""
+    if rule is None:
+        rule = LearnedRelativeAdamRule(hidden=4)
+        with torch.no_grad():
+            for p in rule.ctrl.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    hparams = {**rule.hyperparameters, "total_steps": total_steps}
+    g = torch.Generator().manual_seed(4)
+    params = [torch.randn(5, 4, generator=g), torch.zeros(4), torch.randn(3, generator=g)]
+    pure_p, fast_p = [p.clone() for p in params], [p.clone() for p in params]
+    pure_s, fast_s = rule.init_state(pure_p), rule.init_state(fast_p)
+    for _ in range(12):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        up, pure_s = rule.update(grads, pure_p, pure_s, hparams)
+        uf, fast_s = rule.update_inplace([x.clone() for x in grads], fast_p, fast_s, hparams)
+        for u, w in zip(up, uf):
+            assert torch.equal(w, u)
+        pure_p = [p + u for p, u in zip(pure_p, up)]
+        fast_p = [p + u for p, u in zip(fast_p, uf)]

@@ -152,46 +152,97 @@ def relative_update(
     lr: Tensor | float,
     total_steps: int | Tensor | None,
     controller: Mapping[str, Tensor] | None = None,
+    inplace: bool = False,
 ) -> tuple[list[Tensor], RuleState]:
-    """Additive updates and new state for one group (see the module docstring). Pure: never mutates.
+    """Additive updates and new state for one group (see the module docstring).
 
     ``total_steps``: None or 0 when unknown. ``controller`` is the θ dict holding ``ctrl.*`` entries,
-    or None for the hand-set rule.
+    or None for the hand-set rule. Pure (never mutates) unless ``inplace``: then the caller gives
+    ``state`` up and the per-coordinate work runs as in-place ``torch._foreach_*`` kernels over the
+    group, as torch's Adam does (CPU optimizer path only: it reads per-tensor scalars on the host).
     """
     group_state, per_param = state
     step = group_state["step"] + 1
-    beta1, beta2 = betas
     total_steps = horizon_tensor(total_steps, step)
     s = schedule(step, total_steps, warmup)
+    directions = _directions_foreach if inplace else _directions
+    dirs, moments, stats = directions(grads, params, per_param, step, betas, eps, floor, controller is not None)
+    new_per_param = [{"exp_avg": m, "exp_avg_sq": v} for m, v in moments]
+    if controller is None or not dirs:
+        mults = s.expand(len(dirs))
+    else:
+        numel = torch.tensor([float(max(p.numel(), 1)) for p in params], dtype=step.dtype, device=step.device)
+        is_vector = torch.tensor([float(p.dim() <= 1) for p in params], dtype=step.dtype, device=step.device)
+        scalars = torch.stack([st["controller"] for st in per_param])
+        feats, new_scalars = _features(stats, scalars, numel, is_vector, step, total_steps, floor)
+        increment, direct = controller_outputs(controller, feats)
+        ctrl = torch.clamp(scalars[:, 0] + increment, *CTRL_RANGE)
+        new_scalars = torch.cat([ctrl.unsqueeze(-1), new_scalars[:, 1:]], dim=-1)
+        mults = s * torch.exp(ctrl + direct)
+        for i, (new_st, st) in enumerate(zip(new_per_param, per_param)):
+            new_st.update(p0=st["p0"], controller=new_scalars[i])
+    if inplace:
+        torch._foreach_mul_(dirs, (mults * (-lr * alpha)).tolist())
+        updates = dirs
+    else:
+        updates = [d * (m * (-lr * alpha)) for d, m in zip(dirs, mults.unbind(0))]
+    return updates, ({**group_state, "step": step}, new_per_param)
+
+
+Directions = tuple[list[Tensor], list[tuple[Tensor, Tensor]], Tensor | None]
+
+
+def _directions(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
+                step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float, floor: Tensor | float,
+                with_stats: bool) -> Directions:
+    """Per tensor: Adam's direction rescaled to ``(RMS(p) + floor) / RMS(u)``, the new moments, and
+    (``with_stats``) the controller's statistics ``[n, 4]`` (see :func:`_features`). Pure."""
+    beta1, beta2 = betas
     bias1 = 1 - beta1**step
     bias2_sqrt = (1 - beta2**step).sqrt()
-    dirs, new_per_param, stats = [], [], []
+    dirs, moments, stats = [], [], []
     for g, p, st in zip(grads, params, per_param):
         m = st["exp_avg"] * beta1 + g * (1 - beta1)
         v = st["exp_avg_sq"] * beta2 + g * g * (1 - beta2)
         u = (m / bias1) / (v.sqrt() / bias2_sqrt + eps)
         dirs.append(u * ((_rms(p) + floor) / torch.clamp(_rms(u), min=TINY)))
-        new_per_param.append({"exp_avg": m, "exp_avg_sq": v})
-        if controller is not None:
+        moments.append((m, v))
+        if with_stats:
             m_old = st["exp_avg"]
             stats.append(torch.stack([torch.linalg.vector_norm(g), torch.linalg.vector_norm(m_old),
                                       torch.dot(g.reshape(-1), m_old.reshape(-1)),
                                       torch.linalg.vector_norm(p - st["p0"])]))
-    if controller is None or not dirs:
-        mults = [s] * len(dirs)
-    else:
-        numel = torch.tensor([float(max(p.numel(), 1)) for p in params], dtype=step.dtype, device=step.device)
-        is_vector = torch.tensor([float(p.dim() <= 1) for p in params], dtype=step.dtype, device=step.device)
-        scalars = torch.stack([st["controller"] for st in per_param])
-        feats, new_scalars = _features(torch.stack(stats), scalars, numel, is_vector, step, total_steps, floor)
-        increment, direct = controller_outputs(controller, feats)
-        ctrl = torch.clamp(scalars[:, 0] + increment, *CTRL_RANGE)
-        new_scalars = torch.cat([ctrl.unsqueeze(-1), new_scalars[:, 1:]], dim=-1)
-        mults = list(s * torch.exp(ctrl + direct))
-        for i, (new_st, st) in enumerate(zip(new_per_param, per_param)):
-            new_st.update(p0=st["p0"], controller=new_scalars[i])
-    updates = [d * (m * (-lr * alpha)) for d, m in zip(dirs, mults)]
-    return updates, ({**group_state, "step": step}, new_per_param)
+    return dirs, moments, torch.stack(stats) if stats else None
+
+
+def _directions_foreach(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
+                        step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float, floor: Tensor | float,
+                        with_stats: bool) -> Directions:
+    """:func:`_directions` with the moments updated in place by ``torch._foreach_*`` kernels. The
+    operations and their order are the pure path's, so the results are bitwise the same."""
+    grads, params = list(grads), list(params)
+    ms, vs = [st["exp_avg"] for st in per_param], [st["exp_avg_sq"] for st in per_param]
+    stats = None
+    if with_stats:  # before the moments move: the statistics read m_{t-1}
+        stats = torch.stack([torch.stack([torch.linalg.vector_norm(g), torch.linalg.vector_norm(m),
+                                          torch.dot(g.reshape(-1), m.reshape(-1)),
+                                          torch.linalg.vector_norm(p - st["p0"])])
+                             for g, m, p, st in zip(grads, ms, params, per_param)])
+    beta1, beta2 = betas
+    bias1 = float(1 - beta1**step)
+    bias2_sqrt = float((1 - beta2**step).sqrt())
+    torch._foreach_mul_(ms, float(beta1))
+    torch._foreach_add_(ms, torch._foreach_mul(grads, float(1 - beta1)))
+    torch._foreach_mul_(vs, float(beta2))
+    torch._foreach_add_(vs, torch._foreach_mul(torch._foreach_mul(grads, grads), float(1 - beta2)))
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denom, bias2_sqrt)
+    torch._foreach_add_(denom, float(eps))
+    dirs = torch._foreach_div(ms, bias1)
+    torch._foreach_div_(dirs, denom)
+    scales = [(_rms(p) + floor) / torch.clamp(_rms(u), min=TINY) for p, u in zip(params, dirs)]
+    torch._foreach_mul_(dirs, [float(x) for x in scales])
+    return dirs, list(zip(ms, vs)), stats
 
 
 def _group_init(params: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -230,10 +281,19 @@ class RelativeAdamRule(Rule):
         state: RuleState,
         hparams: Mapping[str, Tensor | float],
     ) -> tuple[list[Tensor], RuleState]:
+        return self._update(grads, params, state, hparams, inplace=False)
+
+    def update_inplace(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
+                       hparams: Mapping[str, Tensor | float]) -> tuple[list[Tensor], RuleState]:
+        return self._update(grads, params, state, hparams, inplace=True)
+
+    def _update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
+                hparams: Mapping[str, Tensor | float], *, inplace: bool) -> tuple[list[Tensor], RuleState]:
         warn_past_horizon(self, state[0]["step"], hparams["total_steps"])
         return relative_update(
             grads, params, state, alpha=hparams["alpha"], warmup=hparams["warmup"], floor=hparams["floor"],
             betas=hparams["betas"], eps=hparams["eps"], lr=hparams["lr"], total_steps=hparams["total_steps"],
+            inplace=inplace,
         )
 
 
@@ -315,9 +375,19 @@ class LearnedRelativeAdamRule(Rule):
         state: RuleState,
         hparams: Mapping[str, Tensor | float],
     ) -> tuple[list[Tensor], RuleState]:
+        return self._update(grads, params, state, hparams, inplace=False)
+
+    def update_inplace(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
+                       hparams: Mapping[str, Tensor | float]) -> tuple[list[Tensor], RuleState]:
+        with torch.no_grad():
+            return self._update(grads, params, state, hparams, inplace=True)
+
+    def _update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
+                hparams: Mapping[str, Tensor | float], *, inplace: bool) -> tuple[list[Tensor], RuleState]:
         theta = {k: v.to(grads[0].dtype) for k, v in self.theta().items()} if grads else self.theta()
         warn_past_horizon(self, state[0]["step"], hparams.get("total_steps"))
-        return self.update_with(theta, grads, params, state, hparams["lr"], hparams.get("total_steps"))
+        return self.update_with(theta, grads, params, state, hparams["lr"], hparams.get("total_steps"),
+                                inplace=inplace)
 
     def with_theta(self, theta: Mapping[str, Tensor]) -> ThetaRule:
         """This rule with θ replaced by ``theta`` (one member of a batched population)."""
@@ -325,13 +395,13 @@ class LearnedRelativeAdamRule(Rule):
 
     @classmethod
     def update_with(cls, theta: Mapping[str, Tensor], grads: Sequence[Tensor], params: Sequence[Tensor],
-                    state: RuleState, lr: Tensor | float,
-                    total_steps: int | Tensor | None) -> tuple[list[Tensor], RuleState]:
-        """:meth:`update` with θ passed in: a pure function of tensors, vmappable over θ."""
+                    state: RuleState, lr: Tensor | float, total_steps: int | Tensor | None,
+                    *, inplace: bool = False) -> tuple[list[Tensor], RuleState]:
+        """:meth:`update` with θ passed in: a pure function of tensors, vmappable over θ (unless ``inplace``)."""
         return relative_update(
             grads, params, state, alpha=theta["log_alpha"].exp(), warmup=torch.sigmoid(theta["logit_warmup"]),
             floor=theta["log_floor"].exp(), betas=cls.betas, eps=cls.eps, lr=lr, total_steps=total_steps,
-            controller=theta,
+            controller=theta, inplace=inplace,
         )
 
 
