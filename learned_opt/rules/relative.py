@@ -250,7 +250,30 @@ def _group_init(params: Sequence[Tensor]) -> dict[str, Tensor]:
     return {"step": torch.zeros((), dtype=like.dtype, device=like.device)}
 
 
-class RelativeAdamRule(Rule):
+class _RelativeRule(Rule):
+    """``update`` (pure) and ``update_inplace`` (the optimizer's foreach kernels, no graph) of both
+    relative rules, through their ``_update``."""
+
+    def update(
+        self,
+        grads: Sequence[Tensor],
+        params: Sequence[Tensor],
+        state: RuleState,
+        hparams: Mapping[str, Tensor | float],
+    ) -> tuple[list[Tensor], RuleState]:
+        return self._update(grads, params, state, hparams, inplace=False)
+
+    def update_inplace(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
+                       hparams: Mapping[str, Tensor | float]) -> tuple[list[Tensor], RuleState]:
+        with torch.no_grad():
+            return self._update(grads, params, state, hparams, inplace=True)
+
+    def _update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
+                hparams: Mapping[str, Tensor | float], *, inplace: bool) -> tuple[list[Tensor], RuleState]:
+        raise NotImplementedError
+
+
+class RelativeAdamRule(_RelativeRule):
     """The hand-set parameter-relative Adam (no θ): every hyperparameter comes from the param group."""
 
     name: ClassVar[str] = "relative-adam"
@@ -273,19 +296,6 @@ class RelativeAdamRule(Rule):
             check_in_range("warmup", hparams["warmup"], 0.0, 1.0)
         if "betas" in hparams:
             check_betas(hparams["betas"])
-
-    def update(
-        self,
-        grads: Sequence[Tensor],
-        params: Sequence[Tensor],
-        state: RuleState,
-        hparams: Mapping[str, Tensor | float],
-    ) -> tuple[list[Tensor], RuleState]:
-        return self._update(grads, params, state, hparams, inplace=False)
-
-    def update_inplace(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
-                       hparams: Mapping[str, Tensor | float]) -> tuple[list[Tensor], RuleState]:
-        return self._update(grads, params, state, hparams, inplace=True)
 
     def _update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
                 hparams: Mapping[str, Tensor | float], *, inplace: bool) -> tuple[list[Tensor], RuleState]:
@@ -318,7 +328,7 @@ def check_total_steps(value: Any) -> None:
         raise ValueError(f"invalid total_steps: {value!r} (must be None or an int >= 1)")
 
 
-class LearnedRelativeAdamRule(Rule):
+class LearnedRelativeAdamRule(_RelativeRule):
     """Parameter-relative Adam with a learned per-tensor controller (the flagship ``default``).
 
     θ: ``log_alpha``, ``logit_warmup``, ``log_floor`` and the controller net (``ctrl.*``).
@@ -367,20 +377,6 @@ class LearnedRelativeAdamRule(Rule):
     def theta(self) -> dict[str, Tensor]:
         """θ by name: what :func:`update_with` takes (the batched engine passes stacked copies)."""
         return dict(self.named_parameters())
-
-    def update(
-        self,
-        grads: Sequence[Tensor],
-        params: Sequence[Tensor],
-        state: RuleState,
-        hparams: Mapping[str, Tensor | float],
-    ) -> tuple[list[Tensor], RuleState]:
-        return self._update(grads, params, state, hparams, inplace=False)
-
-    def update_inplace(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
-                       hparams: Mapping[str, Tensor | float]) -> tuple[list[Tensor], RuleState]:
-        with torch.no_grad():
-            return self._update(grads, params, state, hparams, inplace=True)
 
     def _update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
                 hparams: Mapping[str, Tensor | float], *, inplace: bool) -> tuple[list[Tensor], RuleState]:
