@@ -572,7 +572,8 @@ class RelativeAdam(LearnedOptimizer):
     ``lr`` multiplies the rule's own rate (1.0 = ``alpha``), so schedulers scale it. ``total_steps``
     (optional, as ``OneCycleLR``'s) turns on the warm-up + cosine-to-zero schedule over the run;
     without it the step stays at ``alpha`` after a short warm-up (``warmup × 200`` steps).
-    ``floor`` keeps zero-initialised tensors (biases) moving: the step scale is ``RMS(p) + floor``.
+    ``floor`` keeps zero-initialised tensors (biases) moving: the step scale is ``RMS(p) + floor``;
+    ``floor_vec``, when given, is the floor of vectors and scalars (biases, gains) instead.
     """
 
     def __init__(
@@ -587,12 +588,14 @@ class RelativeAdam(LearnedOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
+        floor_vec: float | None = None,
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
         super().__init__(
             params,
             RelativeAdamRule(),
+            floor_vec=floor_vec,
             lr=lr,
             alpha=alpha,
             total_steps=total_steps,

@@ -171,6 +171,19 @@ def test_synthetic_sets_are_seeded_and_sized():
     np.testing.assert_allclose(lin.x_train @ w, lin.y_train, atol=1e-4)  # noise 0: exactly linear
 
 
+@pytest.mark.parametrize("make", [ds.make_rings, ds.make_checkerboard], ids=["rings", "checkerboard"])
+def test_2d_sets_are_seeded_and_label_by_geometry(make):
+    a, b = make(np.random.default_rng(3), 400, 100, classes=3, noise=0.0), make(np.random.default_rng(3), 400, 100, 3, 0.0)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert a.x_train.shape == (400, 2) and a.x_test.shape == (100, 2) and set(np.unique(a.y_train)) == {0, 1, 2}
+    x, y = a.x_train, a.y_train
+    if make is ds.make_rings:  # noise 0: each class on its own radius
+        np.testing.assert_allclose(np.linalg.norm(x, axis=1), (y + 1) / 3, atol=1e-5)
+    else:  # noise 0: the label is the cell's (i + j) mod classes on the 4 x 4 board
+        cells = np.clip(((x + 1) / 2 * 4).astype(int), 0, 3)
+        np.testing.assert_array_equal(y, cells.sum(1) % 3)
+
+
 def test_missing_data_fails_under_ci_and_skips_otherwise(need_data, monkeypatch):
     def load():
         raise FileNotFoundError("no such data here")

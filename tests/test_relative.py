@@ -267,12 +267,43 @@ def test_es_run_holds_the_out_lock(tmp_path):
             PopulationESTrainer(_cfg(meta_steps=1), tmp_path / "run", suite=_tiny_suite()).run(progress=False)
 
 
-@pytest.mark.parametrize("rule", [RelativeAdamRule(), None], ids=["hand", "learned"])
+def test_floor_vec_sets_the_step_of_zero_vectors_only():
+    """A zero-initialised bias moves by α · floor_vec per step (RMS), matrices keep the matrix floor."""
+    params = _params()
+    rms = float(params[0].detach().pow(2).mean().sqrt())
+    opt = learned_opt.RelativeAdam(params, alpha=0.03, warmup=0.0, floor_vec=0.1)
+    before = [p.detach().clone() for p in params]
+    params[0].grad, params[1].grad = torch.randn(4, 3), torch.randn(3)
+    opt.step()
+    moved = [float((p.detach() - b).pow(2).mean().sqrt()) for p, b in zip(params, before)]
+    assert moved[0] == pytest.approx(0.03 * (rms + 1e-3), rel=1e-5)
+    assert moved[1] == pytest.approx(0.03 * 0.1, rel=1e-5)
+    with pytest.raises(ValueError, match="floor_vec"):
+        learned_opt.RelativeAdam(_params(), floor_vec=-1.0)
+
+
+def test_learned_floor_vec_is_a_meta_parameter():
+    rule = LearnedRelativeAdamRule(hidden=0, init_floor_vec=0.2)
+    assert "log_floor_vec" in rule.theta()
+    assert rule.config()["init_floor_vec"] == pytest.approx(0.2)
+    assert "log_floor_vec" not in LearnedRelativeAdamRule(hidden=0).theta()  # older weights still load
+    params = [p.detach() for p in _params()]
+    grads = [torch.randn(4, 3), torch.randn(3)]
+    hparams = {**rule.hyperparameters, "total_steps": 10}
+    hand = RelativeAdamRule()
+    want = hand.update(grads, params, hand.init_state(params), {**hand.hyperparameters, "floor_vec": 0.2,
+                                                                 "total_steps": 10})[0]
+    got = rule.update(grads, params, rule.init_state(params), hparams)[0]
+    for w, u in zip(want, got):
+        torch.testing.assert_close(u, w, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("rule", [RelativeAdamRule(), None, "floor_vec"], ids=["hand", "learned", "floor_vec"])
 @pytest.mark.parametrize("total_steps", [None, 12])
 def test_inplace_foreach_step_matches_the_pure_update(rule, total_steps):
     """The optimizer's in-place foreach kernels and the pure (vmappable, differentiable) path agree bitwise."""
-    if rule is None:
-        rule = LearnedRelativeAdamRule(hidden=4)
+    if rule is None or rule == "floor_vec":
+        rule = LearnedRelativeAdamRule(hidden=4, init_floor_vec=0.05 if rule else None)
         with torch.no_grad():
             for p in rule.ctrl.parameters():
                 p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))

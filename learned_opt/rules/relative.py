@@ -153,6 +153,7 @@ def relative_update(
     total_steps: int | Tensor | None,
     controller: Mapping[str, Tensor] | None = None,
     inplace: bool = False,
+    floor_vec: Tensor | float | None = None,
 ) -> tuple[list[Tensor], RuleState]:
     """Additive updates and new state for one group (see the module docstring).
 
@@ -166,7 +167,8 @@ def relative_update(
     total_steps = horizon_tensor(total_steps, step)
     s = schedule(step, total_steps, warmup)
     directions = _directions_foreach if inplace else _directions
-    dirs, moments, stats = directions(grads, params, per_param, step, betas, eps, floor, controller is not None)
+    floors = [floor if floor_vec is None or p.dim() > 1 else floor_vec for p in params]
+    dirs, moments, stats = directions(grads, params, per_param, step, betas, eps, floors, controller is not None)
     new_per_param = [{"exp_avg": m, "exp_avg_sq": v} for m, v in moments]
     if controller is None or not dirs:
         mults = s.expand(len(dirs))
@@ -174,7 +176,8 @@ def relative_update(
         numel = torch.tensor([float(max(p.numel(), 1)) for p in params], dtype=step.dtype, device=step.device)
         is_vector = torch.tensor([float(p.dim() <= 1) for p in params], dtype=step.dtype, device=step.device)
         scalars = torch.stack([st["controller"] for st in per_param])
-        feats, new_scalars = _features(stats, scalars, numel, is_vector, step, total_steps, floor)
+        floor_t = floor if floor_vec is None else torch.where(is_vector > 0, floor_vec, floor)
+        feats, new_scalars = _features(stats, scalars, numel, is_vector, step, total_steps, floor_t)
         increment, direct = controller_outputs(controller, feats)
         ctrl = torch.clamp(scalars[:, 0] + increment, *CTRL_RANGE)
         new_scalars = torch.cat([ctrl.unsqueeze(-1), new_scalars[:, 1:]], dim=-1)
@@ -193,15 +196,15 @@ Directions = tuple[list[Tensor], list[tuple[Tensor, Tensor]], Tensor | None]
 
 
 def _directions(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
-                step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float, floor: Tensor | float,
-                with_stats: bool) -> Directions:
+                step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float,
+                floors: Sequence[Tensor | float], with_stats: bool) -> Directions:
     """Per tensor: Adam's direction rescaled to ``(RMS(p) + floor) / RMS(u)``, the new moments, and
     (``with_stats``) the controller's statistics ``[n, 4]`` (see :func:`_features`). Pure."""
     beta1, beta2 = betas
     bias1 = 1 - beta1**step
     bias2_sqrt = (1 - beta2**step).sqrt()
     dirs, moments, stats = [], [], []
-    for g, p, st in zip(grads, params, per_param):
+    for g, p, st, floor in zip(grads, params, per_param, floors):
         m = st["exp_avg"] * beta1 + g * (1 - beta1)
         v = st["exp_avg_sq"] * beta2 + g * g * (1 - beta2)
         u = (m / bias1) / (v.sqrt() / bias2_sqrt + eps)
@@ -216,8 +219,8 @@ def _directions(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Se
 
 
 def _directions_foreach(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
-                        step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float, floor: Tensor | float,
-                        with_stats: bool) -> Directions:
+                        step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float,
+                        floors: Sequence[Tensor | float], with_stats: bool) -> Directions:
     """:func:`_directions` with the moments updated in place by ``torch._foreach_*`` kernels. The
     operations and their order are the pure path's, so the results are bitwise the same."""
     grads, params = list(grads), list(params)
@@ -240,7 +243,7 @@ def _directions_foreach(grads: Sequence[Tensor], params: Sequence[Tensor], per_p
     torch._foreach_add_(denom, float(eps))
     dirs = torch._foreach_div(ms, bias1)
     torch._foreach_div_(dirs, denom)
-    scales = [(_rms(p) + floor) / torch.clamp(_rms(u), min=TINY) for p, u in zip(params, dirs)]
+    scales = [(_rms(p) + floor) / torch.clamp(_rms(u), min=TINY) for p, u, floor in zip(params, dirs, floors)]
     torch._foreach_mul_(dirs, [float(x) for x in scales])
     return dirs, list(zip(ms, vs)), stats
 
@@ -278,8 +281,8 @@ class RelativeAdamRule(_RelativeRule):
 
     name: ClassVar[str] = "relative-adam"
     hyperparameters: ClassVar[dict[str, Any]] = {
-        "lr": 1.0, "alpha": 0.03, "warmup": 0.05, "floor": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
-        "total_steps": None,
+        "lr": 1.0, "alpha": 0.03, "warmup": 0.05, "floor": 1e-3, "floor_vec": None, "betas": (0.9, 0.999),
+        "eps": 1e-8, "total_steps": None,
     }
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
@@ -289,6 +292,8 @@ class RelativeAdamRule(_RelativeRule):
     def validate_hparams(self, hparams: Mapping[str, Any]) -> None:
         super().validate_hparams(hparams)
         check_total_steps(hparams.get("total_steps"))
+        if hparams.get("floor_vec") is not None:
+            check_nonnegative("floor_vec", hparams["floor_vec"])
         for key in ("alpha", "floor", "eps"):
             if key in hparams:
                 check_nonnegative(key, hparams[key])
@@ -303,7 +308,7 @@ class RelativeAdamRule(_RelativeRule):
         return relative_update(
             grads, params, state, alpha=hparams["alpha"], warmup=hparams["warmup"], floor=hparams["floor"],
             betas=hparams["betas"], eps=hparams["eps"], lr=hparams["lr"], total_steps=hparams["total_steps"],
-            inplace=inplace,
+            inplace=inplace, floor_vec=hparams.get("floor_vec"),
         )
 
 
@@ -344,11 +349,13 @@ class LearnedRelativeAdamRule(_RelativeRule):
     eps = 1e-8
 
     def __init__(self, init_alpha: float = 0.03, init_warmup: float = 0.05, init_floor: float = 1e-3,
-                 hidden: int = 8, seed: int = 0) -> None:
+                 hidden: int = 8, seed: int = 0, init_floor_vec: float | None = None) -> None:
         super().__init__()
         self.log_alpha = log_param(init_alpha, "init_alpha")
         self.logit_warmup = logit_param(init_warmup, "init_warmup")
         self.log_floor = log_param(init_floor, "init_floor")
+        if init_floor_vec is not None:
+            self.log_floor_vec = log_param(init_floor_vec, "init_floor_vec")
         self.ctrl = ControllerNet(hidden, seed)
         self.hidden, self.seed = int(hidden), int(seed)
 
@@ -357,6 +364,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             "init_alpha": float(self.log_alpha.detach().exp()),
             "init_warmup": float(torch.sigmoid(self.logit_warmup.detach())),
             "init_floor": float(self.log_floor.detach().exp()),
+            **({"init_floor_vec": float(self.log_floor_vec.detach().exp())} if hasattr(self, "log_floor_vec") else {}),
             "hidden": self.hidden,
             "seed": self.seed,
         }
@@ -398,6 +406,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             grads, params, state, alpha=theta["log_alpha"].exp(), warmup=torch.sigmoid(theta["logit_warmup"]),
             floor=theta["log_floor"].exp(), betas=cls.betas, eps=cls.eps, lr=lr, total_steps=total_steps,
             controller=theta, inplace=inplace,
+            floor_vec=theta["log_floor_vec"].exp() if "log_floor_vec" in theta else None,
         )
 
 

@@ -263,6 +263,26 @@ def make_spirals(rng: np.random.Generator, n_train: int, n_test: int, classes: i
     return _split(x, y, n_train, classes)
 
 
+def make_rings(rng: np.random.Generator, n_train: int, n_test: int, classes: int,
+               noise: float = 0.1) -> Dataset:
+    """Concentric 2-d rings, one per class (radius (k + 1) / classes), with Gaussian noise."""
+    y = rng.integers(classes, size=n_train + n_test)
+    angle = rng.uniform(0.0, 2 * np.pi, size=len(y))
+    r = (y + 1) / classes
+    x = np.stack([r * np.cos(angle), r * np.sin(angle)], 1) + rng.normal(0, noise, size=(len(y), 2))
+    return _split(x, y, n_train, classes)
+
+
+def make_checkerboard(rng: np.random.Generator, n_train: int, n_test: int, classes: int,
+                      noise: float = 0.1, cells: int = 4) -> Dataset:
+    """Points uniform in [-1, 1]², labelled by their cell of a ``cells × cells`` board ((i + j) mod classes),
+    then jittered by Gaussian noise: a 2-d problem a network can only fit by placing its kinks (biases)."""
+    x = rng.uniform(-1.0, 1.0, size=(n_train + n_test, 2))
+    idx = np.clip(((x + 1.0) / 2.0 * cells).astype(np.int64), 0, cells - 1)
+    y = (idx[:, 0] + idx[:, 1]) % classes
+    return _split(x + rng.normal(0, noise, size=x.shape), y, n_train, classes)
+
+
 def make_linear(rng: np.random.Generator, n_train: int, n_test: int, dim: int, noise: float) -> Dataset:
     """Linear regression data: ``y = x·w + noise·ε`` with ``x, ε ~ N(0, 1)``, ``w ~ N(0, 1/dim)``."""
     x = rng.normal(size=(n_train + n_test, dim))

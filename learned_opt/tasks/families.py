@@ -75,7 +75,7 @@ def _subsample(d: ds.Dataset, subset: int) -> ds.Dataset:
     return d
 
 
-CLASSIFICATION_DATASETS = ("blobs", "spirals", "linear", "digits", "mnist", "mnist1d",
+CLASSIFICATION_DATASETS = ("blobs", "spirals", "rings", "checkerboard", "linear", "digits", "mnist", "mnist1d",
                            "breast_cancer", "iris", "wine")
 REGRESSION_DATASETS = ("linear", "teacher", "diabetes")
 
@@ -92,6 +92,8 @@ def load_data(name: str, seed: int, s: Mapping[str, Any], *, regression: bool = 
     synthetic = {
         "blobs": lambda: ds.make_blobs(rng, n_train, n_train // 4, int(s["dim"]), int(s["classes"])),
         "spirals": lambda: ds.make_spirals(rng, n_train, n_train // 4, int(s["classes"]), float(s["noise"])),
+        "rings": lambda: ds.make_rings(rng, n_train, n_train // 4, int(s["classes"]), float(s["noise"])),
+        "checkerboard": lambda: ds.make_checkerboard(rng, n_train, n_train // 4, int(s["classes"]), float(s["noise"])),
         "linear": lambda: (ds.make_linear(rng, n_train, n_train // 4, int(s["dim"]), float(s["noise"]))
                            if regression else
                            ds.make_linear_classes(rng, n_train, n_train // 4, int(s["dim"]), int(s["classes"]))),
@@ -186,7 +188,7 @@ class MLPClassificationFamily(DataFamily):
     """MLP classifiers: ``depth`` hidden layers of ``width`` units (or a per-layer width list)."""
 
     name: ClassVar[str] = "mlp_classification"
-    datasets = ("blobs", "spirals", "linear", "digits", "mnist", "mnist1d", "breast_cancer", "iris", "wine")
+    datasets = CLASSIFICATION_DATASETS
     defaults: ClassVar[dict[str, Any]] = {
         "dataset": "spirals", "width": 32, "depth": 1, "activation": "sigmoid", "batch_size": 64,
         "init_scale": 1.0, "n_train": 512, "classes": 3, "dim": 2, "noise": 0.1, "subset": 0,
