@@ -20,12 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from learned_opt.rules.chunks import Segment
-
-
-def state_dtype(p: Tensor) -> torch.dtype:
-    """State dtype: the parameter's own floating dtype (float64 stays float64)."""
-    return p.dtype if p.is_floating_point() else torch.get_default_dtype()
+from learned_opt.rules.chunks import Segment, state_dtype
 
 
 def zero_state(shape: torch.Size | tuple[int, ...], num_layers: int, hidden_size: int, like: Tensor) -> Tensor:
