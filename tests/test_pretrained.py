@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from learned_opt.ship import README, REPO, TABLE_END, TABLE_START, generated_table, list_recipes, load_recipe
 import torch
 
 from learned_opt import load_optimizer
 from learned_opt.weights import PRETRAINED_DIR, file_sha256, list_pretrained, load_rule
+from tools.ship import README, REPO, TABLE_END, TABLE_START, generated_table, list_recipes, load_recipe
 
 SHIPPED = list_pretrained()
 
