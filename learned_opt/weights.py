@@ -41,18 +41,6 @@ FORMAT_VERSION = 1
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 # The checkout (or, installed, site-packages): paths under it are recorded relative to it.
 REPO = PRETRAINED_DIR.parent.parent
-# Names the project promises to ship (meta-trained by the quality work); until a file exists under
-# PRETRAINED_DIR, asking for one raises an error saying it is not shipped yet.
-PLANNED_NAMES = (
-    "default",
-    "lstm-general",
-    "l2l-mnist",
-    "grad-norm-decay-sgd",
-    "hypergradient-sgd",
-    "hypergradient-adam",
-    "learnable-adam",
-    "learnable-sgd",
-)
 CARD_TYPES: dict[str, type] = {
     "format_version": int,
     "name": str,
@@ -71,10 +59,6 @@ OTHER_DTYPES = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8"
                 "BOOL": torch.bool}
 # A tensor as the header of a safetensors file describes it: (dtype name, shape).
 TensorSpec = tuple[str, tuple[int, ...]]
-
-
-class NotShippedError(FileNotFoundError):
-    """A planned pretrained name whose weights are not in this release."""
 
 
 def repo_relative(path: str | Path) -> str:
@@ -180,12 +164,6 @@ def resolve_weights(name_or_path: str | Path) -> Path:
     if not looks_like_path:
         if text in list_pretrained():
             return PRETRAINED_DIR / f"{text}.safetensors"
-        if text in PLANNED_NAMES:
-            raise NotShippedError(
-                f"pretrained weights {text!r} are not shipped yet in this version of learned_opt "
-                f"(shipped: {list_pretrained() or 'none'}); pass a .safetensors path, or weights=None "
-                "for an explicitly untrained rule"
-            )
         if not Path(text).exists():
             raise ValueError(
                 f"unknown pretrained weights {text!r}; shipped: {list_pretrained() or 'none'}; "

@@ -1,9 +1,13 @@
 #!/usr/bin/env python
-"""Regenerate the shipped weights (see learned_opt/ship.py): python scripts/ship_pretrained.py --all"""
+"""Regenerate the shipped weights (see tools/ship.py): python scripts/ship_pretrained.py --all"""
 
 import sys
+from pathlib import Path
 
-from learned_opt.ship import main
+# tools/ is the checkout's release tooling, not an installed package: import it from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.ship import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

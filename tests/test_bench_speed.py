@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from learned_opt.bench import speed
+from learned_opt.bench.timing import state_bytes
 from learned_opt.optim import HypergradientAdam, LSTMOptimizer
 from learned_opt.rules.lstm import LSTMRule
 
@@ -62,7 +63,7 @@ def test_parse_size_rejects_bad_sizes(text: str) -> None:
 def test_bad_arguments_raise_value_error() -> None:
     with pytest.raises(ValueError, match="repeats"):
         speed.run_speed_benchmark(["10k"], repeats=0)
-    spec = speed.OptimizerSpec("x", HypergradientAdam)
+    spec = speed.SpeedSpec("x", HypergradientAdam)
     with pytest.raises(ValueError, match="unique"):
         speed.run_speed_benchmark(["10k"], [spec, spec])
 
@@ -84,7 +85,9 @@ def test_state_bytes_counts_shared_group_state_once() -> None:
         p.grad = torch.randn_like(p)
     opt.step()
     # h, c: 15 coords x 1 x 2 floats each; ref_h, ref_c: 2 floats each; nonfinite_skips: one scalar
-    assert speed.state_bytes(opt) == (2 * 15 * 2 + 2 * 2 + 1) * 4
+    assert state_bytes(opt) == (2 * 15 * 2 + 2 * 2 + 1) * 4
+    opt.state[params[0]]["extra"] = {"nested": [torch.zeros(3)]}  # nested containers are walked
+    assert state_bytes(opt) == (2 * 15 * 2 + 2 * 2 + 1 + 3) * 4
 
 
 def test_gate_matmul_flops_follow_the_formula() -> None:

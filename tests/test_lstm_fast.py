@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from learned_opt.optim import LSTMOptimizer
-from learned_opt.rules import lstm as lstm_module
+from learned_opt.rules.lstm import fast as lstm_fast
 from learned_opt.rules.lstm import LSTMRule
 
 
@@ -92,7 +92,7 @@ def test_mixed_dtypes_in_one_group_and_contiguous_state_from_a_checkpoint() -> N
 @pytest.mark.parametrize("dense", [False, True])
 def test_fast_path_zero_gradient_from_fresh_state_moves_nothing_exactly(monkeypatch, dense: bool) -> None:
     """Both at-rest tests: CPU's (zero-gradient indices) and the GPU's dense one, run here on the CPU."""
-    monkeypatch.setattr(lstm_module, "_dense_at_rest", lambda device: dense)
+    monkeypatch.setattr(lstm_fast, "dense_at_rest", lambda device: dense)
     rule = _rule(seed=4, chunk_size=64)
     params = [torch.randn(1000), torch.randn(3, 3, dtype=torch.float64), torch.randn(())]
     state = rule.init_state(params)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from learned_opt.rules.lstm import LSTMRule
-from learned_opt.rules.lstm_kernels import chunk_step, fuse_weights
+from learned_opt.rules.lstm.kernels import chunk_step, fuse_weights
 
 
 def _rule(seed: int = 0, **config) -> LSTMRule:
@@ -88,6 +88,20 @@ def test_update_dispatches_first_order_only_for_constant_gradients(monkeypatch: 
     assert calls == ["update_first_order", "update_reference", "update_fast"]
 
 
+def test_the_config_chooses_the_first_order_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fused_training=False`` (a config value that survives a rebuild) sends first-order steps
+    through the reference path; the default takes the fused one."""
+    calls: list[str] = []
+    for name in ("update_reference", "update_first_order"):
+        original = getattr(LSTMRule, name)
+        monkeypatch.setattr(LSTMRule, name, lambda self, *a, _o=original, _n=name, **k: calls.append(_n) or _o(self, *a, **k))
+    params = _params(0)
+    for config in ({}, {"fused_training": False}):
+        rule = LSTMRule(**LSTMRule(**config).config())
+        rule.update(_grads(params, 0), params, rule.init_state(params), {"lr": 1.0})
+    assert calls == ["update_first_order", "update_reference"]
+
+
 def test_chunk_step_gradcheck() -> None:
     """The written-out backward against finite differences, every input that takes a gradient.
     (Pinned columns are covered by the trajectory test against the reference path.)"""
@@ -114,7 +128,7 @@ def test_first_order_chunk_plan_keeps_large_tensors_apart() -> None:
     rule = LSTMRule(chunk_size=100)
     params = [torch.zeros(s) for s in [(120,), (3,), (60,), (4,), (2, 3)]]
     _, per_param = rule.init_state(params)
-    plan = rule._plan_chunks(params, per_param, large_apart=True)
+    plan = rule.chunk_plan(params, per_param, large_apart=True)
     assert plan == [[(0, 0, 100)], [(0, 100, 120)], [(2, 0, 60)], [(1, 0, 3), (3, 0, 4), (4, 0, 6)]]
-    packed = rule._plan_chunks(params, per_param)
+    packed = rule.chunk_plan(params, per_param)
     assert sorted(seg for chunk in packed for seg in chunk) == sorted(seg for chunk in plan for seg in chunk)

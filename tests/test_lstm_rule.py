@@ -122,7 +122,8 @@ def test_rule_is_differentiable_in_theta_and_through_gradients() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"preprocess": "log"}, {"num_layers": 0}, {"hidden_size": -1}, {"p": float("nan")}, {"chunk_size": 0}]
+    "bad", [{"preprocess": "log"}, {"num_layers": 0}, {"hidden_size": -1}, {"p": float("nan")}, {"chunk_size": 0},
+            {"fused_training": "yes"}]
 )
 def test_bad_config_raises_value_error(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):

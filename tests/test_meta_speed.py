@@ -22,11 +22,10 @@ def test_fused_and_plain_paths_give_the_same_meta_gradient() -> None:
     """Two truncations of first-order BPTT on an MLP task: same meta-loss and θ-gradient either way."""
     task = make_family("mlp_classification", {"dataset": "blobs", "width": 8, "depth": 1, "activation": "sigmoid",
                                                 "batch_size": 16}).sample(3)
-    torch.manual_seed(0)
-    rule = LSTMRule(chunk_size=50)
     results = {}
     for fused in (True, False):
-        rule.fused_training = fused
+        torch.manual_seed(0)
+        rule = LSTMRule(chunk_size=50, fused_training=fused)
         run = InnerRun.start(rule, task, label="t", seed=3, horizon=20)
         estimates = [TruncatedBPTT().estimate(rule, run, 10, MetaLoss("mean"), torch.Generator()) for _ in range(2)]
         results[fused] = (estimates, copy.deepcopy(run.params))
@@ -49,6 +48,21 @@ def test_measure_reports_both_paths_and_the_bound() -> None:
     assert row["fused_fraction_of_bound"] == pytest.approx(row["fused_steps_per_s"] / row["bound_steps_per_s"])
     # 10 coordinates in one chunk, 2 layers: 3 matmuls of 2·N·k·4H each, k = 1 + inputs + H.
     assert row["flops_per_step"] == 3 * 2 * 10 * 4 * 20 * ((1 + 2 + 20) + (1 + 20 + 20))
+
+
+def test_each_path_is_timed_on_a_rule_whose_config_selects_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path is the rule's config (no attribute flipped): each path runs on its own rule with
+    the caller's θ, and the caller's rule is left as it was."""
+    seen = []
+    estimate = TruncatedBPTT.estimate
+    monkeypatch.setattr(TruncatedBPTT, "estimate",
+                        lambda self, rule, *a: seen.append((rule.fused_training, rule.state_dict())) or estimate(self, rule, *a))
+    rule = LSTMRule(hidden_size=4, num_layers=1)
+    meta_speed.measure_meta_throughput(load_suite("l2l_quadratic"), rule=rule, tasks=1, unroll=2, repeats=1, warmup=0)
+    assert [fused for fused, _ in seen] == [True, False]
+    for _, state in seen:
+        assert all(torch.equal(state[k], v) for k, v in rule.state_dict().items())
+    assert rule.fused_training is True
 
 
 def test_gate_matmul_flops_follow_the_chunk_plan() -> None:

@@ -13,7 +13,7 @@ import learned_opt
 from learned_opt.optim import LSTMOptimizer, MLPOptimizer, load_optimizer
 from learned_opt.rules import LSTMRule, MLPRule, build_rule
 from learned_opt.rules.chunks import plan_chunks
-from learned_opt.weights import NotShippedError, save_weights
+from learned_opt.weights import save_weights
 
 META = {"config": {}, "seed": 0, "steps": 0, "wall_time_s": 0.0, "machine": "test", "command": "pytest"}
 
@@ -197,8 +197,7 @@ def test_weights_round_trip_and_names(tmp_path: Path) -> None:
     assert isinstance(MLPOptimizer([p1], weights=path).rule, MLPRule)
     with pytest.raises(TypeError, match="weights"):
         learned_opt.MLPOptimizer([p1])  # no MLP weights ship: the caller must say which (or None)
-    shipped = "default" in learned_opt.list_pretrained()
-    with pytest.raises(ValueError if shipped else NotShippedError, match="needs 'mlp' weights" if shipped else "not shipped"):
+    with pytest.raises(ValueError, match="needs 'mlp' weights"):
         learned_opt.MLPOptimizer([p1], weights="default")  # the shipped default is another rule
     with pytest.raises(ValueError, match="needs 'mlp' weights"):
         MLPOptimizer([p1], weights=LSTMRule())

@@ -31,6 +31,7 @@ def test_non_editable_install_finds_suites_by_name(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "suite_files")
     shutil.copytree(REPO / "learned_opt", src / "learned_opt", ignore=ignore)
     shutil.copytree(REPO / "tasks", src / "tasks")
+    shutil.copytree(REPO / "tools", src / "tools", ignore=ignore)  # in the tree, but not in the wheel
     site = tmp_path / "site"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_REQUIRE_VIRTUALENV")}
     subprocess.run(
@@ -39,6 +40,7 @@ def test_non_editable_install_finds_suites_by_name(tmp_path):
         check=True, cwd=tmp_path, env=env,
     )
     shutil.rmtree(src)  # the installed copy must not depend on the source tree
+    assert not (site / "tools").exists() and not (site / "learned_opt" / "ship.py").exists(), "release tooling installed"
     probe = (
         "import learned_opt, learned_opt.suites as s\n"
         "suite = s.load_suite('heldout')\n"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from learned_opt.ship import TABLE_END, TABLE_START, bench, load_recipe, main, train
 from learned_opt.weights import file_sha256, load_rule
+from tools.ship import TABLE_END, TABLE_START, bench, load_recipe, main, train
 
 NAME = "tiny"
 SUITE = """
@@ -79,3 +82,11 @@ def test_bad_recipes_are_rejected_with_the_file_named(tmp_path):
     with pytest.raises(ValueError, match="no recipe"):
         load_recipe("nope", tmp_path)
     assert main(["nope-such-recipe", "--skip-bench"]) == 2
+
+
+def test_the_script_runs_from_anywhere(tmp_path: Path) -> None:
+    """``scripts/ship_pretrained.py`` finds the checkout's tools/ (not an installed package) from any cwd."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "ship_pretrained.py"
+    out = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "--all" in out.stdout

@@ -18,7 +18,7 @@ from learned_opt.rules import (
     LearnableSGDRule,
     LSTMRule,
 )
-from learned_opt.weights import PLANNED_NAMES, NotShippedError, file_sha256, load_rule, save_weights
+from learned_opt.weights import file_sha256, load_rule, save_weights
 
 META = {"config": {"suite": "test"}, "seed": 0, "steps": 0, "wall_time_s": 0.0, "machine": "test", "command": "pytest"}
 
@@ -48,24 +48,9 @@ def test_round_trip_and_card_fields(tmp_path: Path) -> None:
     assert torch.equal(loaded_by_str.head.weight, rule.head.weight)
 
 
-@pytest.mark.parametrize("name", [n for n in PLANNED_NAMES if n not in learned_opt.list_pretrained()])
-def test_planned_names_not_shipped_say_so(name: str) -> None:
-    with pytest.raises(NotShippedError, match="not shipped yet"):
-        load_rule(name)
-
-
-def test_unknown_names_are_not_mistaken_for_planned_ones() -> None:
-    with pytest.raises(ValueError, match="unknown pretrained weights"):
-        load_rule("no-such-weights")
-
-
 def test_lstm_optimizer_defaults_to_lstm_general_and_none_is_untrained() -> None:
     p = torch.nn.Parameter(torch.zeros(3))
-    if "lstm-general" in learned_opt.list_pretrained():
-        assert LSTMOptimizer([p]).card["name"] == "lstm-general"
-    else:
-        with pytest.raises(NotShippedError, match="lstm-general"):
-            LSTMOptimizer([p])
+    assert LSTMOptimizer([p]).card["name"] == "lstm-general"
     opt = LSTMOptimizer([p], weights=None)
     assert isinstance(opt.rule, LSTMRule) and opt.card is None and opt.weights_sha256 is None
 

@@ -40,6 +40,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from learned_opt import optim
+from learned_opt.optim import load_optimizer
+from learned_opt.weights import file_sha256, list_pretrained, load_rule
+
 # build(params, lr, **more) -> optimizer; lr None means "the optimizer's own default"; ``more`` holds
 # ``total_steps`` for horizon-aware specs.
 Builder = Callable[..., torch.optim.Optimizer]
@@ -206,15 +210,14 @@ def _resolve_named(label: str, name: str, fixed_lr: float | None, extra: dict[st
         return _handset_spec(label, handset[lowered], fixed_lr, extra)
     if lowered in OPTIONAL_PACKAGES:
         return _optional_spec(label, lowered, fixed_lr, extra)
-    if name.endswith(".safetensors") or _is_pretrained_name(name):
+    if name.endswith(".safetensors") or name in list_pretrained():
         return _learned_spec(label, name, fixed_lr, extra)
-    _raise_if_not_shipped(name)
     if ":" in name:
         return _factory_spec(label, name, fixed_lr, extra)
     raise ValueError(
         f"unknown optimizer {name!r}; expected a torch baseline {sorted(TORCH_BASELINES)}, one of "
         f"{list(HANDSET_CLASSES)}, {sorted(OPTIONAL_PACKAGES)}, a shipped name "
-        f"{_pretrained_names()}, a .safetensors path or module:factory"
+        f"{list_pretrained()}, a .safetensors path or module:factory"
     )
 
 
@@ -230,9 +233,7 @@ def with_cosine_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> tor
 
 
 def _handset_spec(label: str, cls_name: str, fixed_lr: float | None, extra: dict[str, Any]) -> OptimizerSpec:
-    import learned_opt
-
-    cls = getattr(learned_opt, cls_name)
+    cls = getattr(optim, cls_name)
 
     def build(params: list[Tensor], lr: float | None, **more: Any) -> torch.optim.Optimizer:
         return cls(params, **_with_lr(lr, extra), **more)
@@ -262,35 +263,7 @@ def _optional_spec(label: str, name: str, fixed_lr: float | None, extra: dict[st
     return OptimizerSpec(label, build_sf, key, tunable=True, fixed_lr=fixed_lr)
 
 
-def _pretrained_names() -> list[str]:
-    try:
-        from learned_opt.weights import list_pretrained
-    except ImportError:
-        return []
-    return list(list_pretrained())
-
-
-def _raise_if_not_shipped(name: str) -> None:
-    """A planned shipped name without weights in this install: say so, not "unknown optimizer"."""
-    try:
-        from learned_opt.weights import PLANNED_NAMES, NotShippedError, resolve_weights
-    except ImportError:
-        return
-    if name in PLANNED_NAMES:
-        try:
-            resolve_weights(name)
-        except NotShippedError as exc:
-            raise ValueError(str(exc)) from None
-
-
-def _is_pretrained_name(name: str) -> bool:
-    return name in _pretrained_names()
-
-
 def _learned_spec(label: str, name: str, fixed_lr: float | None, extra: dict[str, Any]) -> OptimizerSpec:
-    from learned_opt.optim import load_optimizer
-    from learned_opt.weights import file_sha256, load_rule
-
     if name.endswith(".safetensors"):
         path = Path(name).expanduser()
         if not path.is_file():

@@ -51,7 +51,7 @@ def run_key(
     }
 
 
-def _digest(key: dict[str, Any]) -> str:
+def _key_digest(key: dict[str, Any]) -> str:
     text = json.dumps(key, sort_keys=True, default=repr, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -91,10 +91,10 @@ class RunCache:
 
     def in_memory(self, key: dict[str, Any]) -> bool:
         """Whether this run was already fetched or stored in this session."""
-        return _digest(key) in self._memory
+        return _key_digest(key) in self._memory
 
     def get(self, key: dict[str, Any]) -> RunResult | None:
-        digest = _digest(key)
+        digest = _key_digest(key)
         result = self._memory.get(digest) or self._load(digest, key)
         if result is None:
             self.misses += 1
@@ -120,7 +120,7 @@ class RunCache:
             return None
 
     def put(self, key: dict[str, Any], result: RunResult) -> None:
-        digest = _digest(key)
+        digest = _key_digest(key)
         self._memory[digest] = result
         if self.root is not None:
             atomic_write_json(self._path(digest), {"key": json.loads(json.dumps(key, default=repr)),

@@ -37,6 +37,7 @@ from learned_opt.bench.runner import RunResult, default_eval_every, run
 from learned_opt.bench.settings import BENCHMARK_DEFAULTS, check_steps_override, read_benchmark_table, resolve_steps
 from learned_opt.bench.timing import time_optimizers
 from learned_opt.bench.tuning import GRID_HIGH, GRID_LOW, tune_lr
+from learned_opt.suites import load_suite
 from learned_opt.tasks.base import Task
 
 
@@ -60,13 +61,12 @@ class _SuiteSource:
     split: str = "test"
 
 
-SPLITS = ("test", "validation")
+BENCH_SPLITS = ("test", "validation")  # the suite splits a benchmark may score (train is meta-training's)
 
 
-def _resolve_suite(suite: Any, steps: int | str | None, split: str = "test") -> _SuiteSource:
+def _suite_source(suite: Any, steps: int | str | None, split: str = "test") -> _SuiteSource:
+    """The tasks, seeds and tables to benchmark: a suite (by name, path or object) or custom tasks."""
     if isinstance(suite, (str, Path)):
-        from learned_opt.suites import load_suite
-
         suite = load_suite(suite)
     if hasattr(suite, "entries") and hasattr(suite, "seeds"):
         return _SuiteSource(suite.name, suite.path, as_bench_tasks(suite.entries, None),
@@ -266,9 +266,9 @@ def _configure(suite: Any, optimizers: Any, tune: bool | None, seeds: Any, steps
     check_device(device)
     if out is not None:
         check_output_dir(out)
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
-    src = _resolve_suite(suite, steps, split)
+    if split not in BENCH_SPLITS:
+        raise ValueError(f"split must be one of {list(BENCH_SPLITS)}, got {split!r}")
+    src = _suite_source(suite, steps, split)
     table = read_benchmark_table(src.tables, src.path) if src.tables.get("benchmark") is not None \
         else dict(BENCHMARK_DEFAULTS)
     tune = table["tune"] if tune is None else bool(tune)

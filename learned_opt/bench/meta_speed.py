@@ -8,7 +8,7 @@ alternating meta-step by meta-step (so a shared machine's load drifts over all a
 - **fused**: the library's path (``LSTMRule.update_first_order``: the chunk step with its
   written-out backward);
 - **plain**: the plain one-task-at-a-time loop through autograd's op-by-op LSTM
-  (``LSTMRule.update_reference``, selected with ``rule.fused_training = False``);
+  (``LSTMRule.update_reference``, the rule's config with ``fused_training=False``);
 - **bound**: the gate matmuls alone that one optimizee step needs, at the rule's chunk plan for
   the task's parameters: per chunk of ``N`` coordinates and layer the forward
   ``(4H × k) @ (k × N)`` with ``k = 1 + inputs + H`` (bias folded in), and the backward's
@@ -50,7 +50,7 @@ def meta_gate_matmuls(rule: LSTMRule, shapes: Sequence[torch.Size], tasks: int) 
     ``tasks`` tasks with parameters ``shapes``, at the rule's first-order chunk plan; and their FLOPs."""
     params = [torch.zeros(s) for s in shapes]
     _, per_param = rule.init_state(params)
-    sizes = [sum(b - a for _, a, b in chunk) for chunk in rule._plan_chunks(params, per_param, large_apart=True)]
+    sizes = [sum(b - a for _, a, b in chunk) for chunk in rule.chunk_plan(params, per_param, large_apart=True)]
     sizes = sizes * tasks
     H = rule.hidden_size
     widths = [1 + rule.input_size + H] + [1 + 2 * H] * (rule.num_layers - 1)
@@ -82,6 +82,49 @@ def _runs(rule: LSTMRule, suite: Suite, tasks: int, seed: int) -> list[InnerRun]
     return runs
 
 
+def _on_path(rule: LSTMRule, path: str) -> LSTMRule:
+    """``rule``'s θ in a rule whose first-order meta-training takes ``path`` (``fused_training`` on
+    for "fused", off for "plain"): the path is the rule's config, so each path gets its own rule."""
+    on_path = LSTMRule(**{**rule.config(), "fused_training": path == "fused"})
+    on_path.load_state_dict(rule.state_dict())
+    return on_path
+
+
+def _time_paths(
+    rules: dict[str, LSTMRule],
+    runs: dict[str, list[InnerRun]],
+    matmuls: Callable[[], None],
+    unroll: int,
+    rounds: int,
+    warmup: int,
+    seed: int,
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Per path (and the matmul bound) the seconds and optimizee steps of each timed meta-step,
+    alternating path by path each round; the first ``warmup`` rounds are not kept."""
+    estimator, objective = TruncatedBPTT(second_order=False), MetaLoss("mean")
+    noise = torch.Generator().manual_seed(seed)
+    times: dict[str, list[float]] = {path: [] for path in (*rules, "bound")}
+    steps: dict[str, list[int]] = {path: [] for path in rules}
+    for repeat in range(rounds):
+        for path, rule in rules.items():
+            start, done = time.perf_counter(), 0
+            for i, run in enumerate(runs[path]):
+                if run.finished:  # a fresh run of the same task
+                    run = runs[path][i] = InnerRun.start(rule, run.task, label=run.label, seed=run.seed,
+                                                         horizon=run.horizon)
+                n = min(unroll, run.remaining())
+                estimator.estimate(rule, run, n, objective, noise)
+                done += n
+            if repeat >= warmup:
+                times[path].append(time.perf_counter() - start)
+                steps[path].append(done)
+        start = time.perf_counter()
+        matmuls()
+        if repeat >= warmup:
+            times["bound"].append(time.perf_counter() - start)
+    return times, steps
+
+
 def measure_meta_throughput(
     suite: Suite | str = "l2l_mnist",
     *,
@@ -107,35 +150,11 @@ def measure_meta_throughput(
     if rule is None:
         torch.manual_seed(seed)
         rule = LSTMRule()
-    estimator, objective = TruncatedBPTT(second_order=False), MetaLoss("mean")
-    noise = torch.Generator().manual_seed(seed)
-    runs = {path: _runs(rule, suite, tasks, seed) for path in paths}
+    rules = {path: _on_path(rule, path) for path in paths}
+    runs = {path: _runs(rules[path], suite, tasks, seed) for path in paths}
     shapes = [p.shape for p in runs[paths[0]][0].params]
     matmuls, flops_per_step = meta_gate_matmuls(rule, shapes, 1)
-    times: dict[str, list[float]] = {path: [] for path in (*paths, "bound")}
-    steps: dict[str, list[int]] = {path: [] for path in paths}
-    fused_before = rule.fused_training
-    try:
-        for repeat in range(warmup + repeats):
-            for path in paths:
-                rule.fused_training = path == "fused"
-                start, done = time.perf_counter(), 0
-                for i, run in enumerate(runs[path]):
-                    if run.finished:  # a fresh run of the same task
-                        run = runs[path][i] = InnerRun.start(rule, run.task, label=run.label, seed=run.seed,
-                                                             horizon=run.horizon)
-                    n = min(unroll, run.remaining())
-                    estimator.estimate(rule, run, n, objective, noise)
-                    done += n
-                if repeat >= warmup:
-                    times[path].append(time.perf_counter() - start)
-                    steps[path].append(done)
-            start = time.perf_counter()
-            matmuls()
-            if repeat >= warmup:
-                times["bound"].append(time.perf_counter() - start)
-    finally:
-        rule.fused_training = fused_before
+    times, steps = _time_paths(rules, runs, matmuls, unroll, warmup + repeats, warmup, seed)
     rates = {path: statistics.median(s / t for s, t in zip(steps[path], times[path])) for path in paths}
     bound_step_s = statistics.median(times["bound"])
     row: dict[str, Any] = {

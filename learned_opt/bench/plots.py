@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 from learned_opt.bench.baselines import ADAM_1E3, TUNED_ADAM
 from learned_opt.bench.metrics import WIN_TOLERANCE
-from learned_opt.bench.report import plot_name
 from learned_opt.fileio import atomic_write_bytes
 
 
@@ -138,6 +138,11 @@ def plot_summary(plt: Any, results: dict[str, Any]) -> Any:
     ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18 - 1.2 / max(m, 1)), ncol=2)
     fig.tight_layout()
     return fig
+
+
+def plot_name(label: str) -> str:
+    """A file-system-safe name for a task's plot."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "task"
 
 
 def write_plots(results: dict[str, Any], out: Path) -> list[Path]:

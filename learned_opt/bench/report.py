@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from learned_opt.bench.baselines import ADAM_1E3, TUNED_ADAM
 from learned_opt.bench.metrics import SPEEDUP_CAP, WIN_TOLERANCE
+from learned_opt.bench.plots import write_plots
 from learned_opt.fileio import atomic_write_json, atomic_write_text
 
 
@@ -133,16 +133,9 @@ def _state_section(tasks: list[dict[str, Any]], labels: list[str]) -> list[str]:
             *_table(["task", "steps", *(f"{label}: {name}" for label, _, name in cols)], rows)]
 
 
-def plot_name(label: str) -> str:
-    """A file-system-safe name for a task's plot."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "task"
-
-
 def write_outputs(results: dict[str, Any], report: str, out: Path, *, plots: bool = True) -> list[Path]:
     """Write results.json, report.md and (with matplotlib installed) the plots under ``out``."""
     files = [atomic_write_json(out / "results.json", results), atomic_write_text(out / "report.md", report)]
     if plots:
-        from learned_opt.bench.plots import write_plots
-
         files += write_plots(results, out / "plots")
     return files

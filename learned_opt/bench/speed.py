@@ -19,7 +19,7 @@ Reported per optimizer and size:
 
 JSON rows also hold the fastest step (``*_min_s``), a steadier figure than the median on a busy machine.
 
-``run_speed_benchmark`` is the Python entry point (optimizers are :class:`OptimizerSpec` objects
+``run_speed_benchmark`` is the Python entry point (optimizers are :class:`SpeedSpec` objects
 with picklable factories); ``main`` is the command line (``scripts/bench_speed.py``,
 ``learned-opt bench-speed``).
 """
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
 
+from learned_opt.bench.timing import state_bytes
 from learned_opt.fileio import atomic_write_json, atomic_write_text
 from learned_opt.optim import (
     GradNormDecaySGD,
@@ -68,33 +69,33 @@ LARGE = 5_000_000  # sizes from here on use ``large_repeats`` timed steps
 
 
 @dataclass(frozen=True)
-class OptimizerSpec:
+class SpeedSpec:
     """A named optimizer: ``factory(params) -> Optimizer``; picklable (a class or functools.partial)."""
 
     name: str
     factory: Callable[[Iterable[nn.Parameter]], Optimizer]
 
 
-def default_optimizers() -> list[OptimizerSpec]:
+def default_optimizers() -> list[SpeedSpec]:
     """Adam (the baseline) and every library optimizer, at default hyperparameters.
 
     Learned rules without shipped weights run untrained: a step costs the same whatever the
     weights' values. The shipped ``default`` is measured when this install has it.
     """
     specs = [
-        OptimizerSpec(BASELINE, functools.partial(torch.optim.Adam, lr=1e-3, foreach=True)),
-        OptimizerSpec("lstm", functools.partial(LSTMOptimizer, weights=None)),
-        OptimizerSpec("hypergradient-adam", HypergradientAdam),
-        OptimizerSpec("hypergradient-sgd", HypergradientSGD),
-        OptimizerSpec("grad-norm-decay-sgd", GradNormDecaySGD),
-        OptimizerSpec("relative-adam", RelativeAdam),
+        SpeedSpec(BASELINE, functools.partial(torch.optim.Adam, lr=1e-3, foreach=True)),
+        SpeedSpec("lstm", functools.partial(LSTMOptimizer, weights=None)),
+        SpeedSpec("hypergradient-adam", HypergradientAdam),
+        SpeedSpec("hypergradient-sgd", HypergradientSGD),
+        SpeedSpec("grad-norm-decay-sgd", GradNormDecaySGD),
+        SpeedSpec("relative-adam", RelativeAdam),
     ]
     from learned_opt.optim import MLPOptimizer, load_optimizer
     from learned_opt.weights import list_pretrained
 
-    specs.append(OptimizerSpec("mlp (untrained)", functools.partial(MLPOptimizer, weights=None)))
+    specs.append(SpeedSpec("mlp (untrained)", functools.partial(MLPOptimizer, weights=None)))
     if "default" in list_pretrained():
-        specs.append(OptimizerSpec("default", functools.partial(load_optimizer, "default")))
+        specs.append(SpeedSpec("default", functools.partial(load_optimizer, "default")))
     return specs
 
 
@@ -119,17 +120,6 @@ def mlp_for(num_params: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(IN_FEATURES, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, CLASSES)
     )
-
-
-def state_bytes(opt: Optimizer) -> int:
-    """Bytes of tensor state held by ``opt`` (each storage once)."""
-    seen: dict[int, int] = {}
-    for st in opt.state.values():
-        for value in st.values():
-            if isinstance(value, torch.Tensor):
-                storage = value.untyped_storage()
-                seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
 
 
 def gate_matmuls(rule: LSTMRule, numel: int, dtype: torch.dtype = torch.float32) -> tuple[Callable[[], None], float]:
@@ -159,7 +149,7 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
-def measure(spec: OptimizerSpec, num_params: int, *, warmup: int, repeats: int, threads: int, seed: int = 0) -> dict[str, Any]:
+def measure(spec: SpeedSpec, num_params: int, *, warmup: int, repeats: int, threads: int, seed: int = 0) -> dict[str, Any]:
     """One optimizer on one model size, in this process (``run_speed_benchmark`` calls it in a fresh one)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -236,7 +226,7 @@ def machine_info() -> dict[str, Any]:
 
 def run_speed_benchmark(
     sizes: Sequence[int | str] = DEFAULT_SIZES,
-    optimizers: Sequence[OptimizerSpec] | None = None,
+    optimizers: Sequence[SpeedSpec] | None = None,
     *,
     repeats: int = 10,
     large_repeats: int = 3,

@@ -20,18 +20,25 @@ from learned_opt.tasks.base import Task
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of all tensors held in ``optimizer.state`` (nested dicts/lists included)."""
+    """Bytes of tensor storage held in ``optimizer.state`` (nested dicts/lists included), each
+    storage once: a group-wide tensor every parameter's state shares (the LSTM's reference state,
+    the non-finite skip count) is memory held once, not once per parameter."""
+    storages: dict[tuple[str, int], int] = {}
 
-    def size(obj: Any) -> int:
+    def visit(obj: Any) -> None:
         if isinstance(obj, Tensor):
-            return obj.numel() * obj.element_size()
-        if isinstance(obj, Mapping):
-            return sum(size(v) for v in obj.values())
-        if isinstance(obj, (list, tuple)):
-            return sum(size(v) for v in obj)
-        return 0
+            storage = obj.untyped_storage()
+            storages[(str(obj.device), storage.data_ptr())] = storage.nbytes()
+        elif isinstance(obj, Mapping):
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
 
-    return sum(size(s) for s in optimizer.state.values())
+    for st in optimizer.state.values():
+        visit(st)
+    return sum(storages.values())
 
 
 def _sync(device: torch.device) -> None:

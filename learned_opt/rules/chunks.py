@@ -60,3 +60,8 @@ def cast_parameters(module: nn.Module, like: Tensor, cache: dict[tuple, dict[str
     if key not in cache:
         cache[key] = {k: v.to(dtype=like.dtype, device=like.device) for k, v in module.named_parameters()}
     return cache[key]
+
+
+def state_dtype(p: Tensor) -> torch.dtype:
+    """A coordinate-wise rule's state dtype: the parameter's own floating dtype (float64 stays float64)."""
+    return p.dtype if p.is_floating_point() else torch.get_default_dtype()

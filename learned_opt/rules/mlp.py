@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from learned_opt.rules.base import Rule, RuleState, check_in_range
-from learned_opt.rules.chunks import cast_parameters, concat, gather, plan_chunks
+from learned_opt.rules.chunks import cast_parameters, concat, gather, plan_chunks, state_dtype
 from learned_opt.rules.directions import bias_corrected_adam
 from learned_opt.rules.hparam_base import log_param
 
@@ -233,11 +233,11 @@ class MLPRule(Rule):
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
         def zeros(p: Tensor, k: int) -> Tensor:
-            return torch.zeros((*p.shape, k), dtype=_state_dtype(p), device=p.device)
+            return torch.zeros((*p.shape, k), dtype=state_dtype(p), device=p.device)
 
         per_param = [{"mom": zeros(p, len(self.momentum_decays)), "rms": zeros(p, len(self.rms_decays))} for p in params]
         like = params[0] if params else torch.zeros(())
-        return {"step": torch.zeros((), dtype=_state_dtype(like), device=like.device)}, per_param
+        return {"step": torch.zeros((), dtype=state_dtype(like), device=like.device)}, per_param
 
     def update(
         self,
@@ -316,8 +316,3 @@ def _floats(key: str, values: Sequence[float]) -> tuple[float, ...]:
         return tuple(float(v) for v in values)
     except (TypeError, ValueError):
         raise ValueError(f"invalid {key}: {values!r} (must be a sequence of numbers)") from None
-
-
-def _state_dtype(p: Tensor) -> torch.dtype:
-    """State dtype: the parameter's own floating dtype (float64 stays float64)."""
-    return p.dtype if p.is_floating_point() else torch.get_default_dtype()

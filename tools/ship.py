@@ -31,8 +31,8 @@ RECIPE_DIR = REPO / "tasks" / "pretrained"
 RESULTS_DIR = REPO / "docs" / "results"
 README = REPO / "README.md"
 SHIP_DEFAULTS: dict[str, Any] = {"suite": "meta_train", "benchmark_suite": "heldout", "weights": "best"}
-TABLE_START = "<!-- generated table: {suite} (learned_opt.ship) start -->"
-TABLE_END = "<!-- generated table: {suite} (learned_opt.ship) end -->"
+TABLE_START = "<!-- generated table: {suite} (tools/ship.py) start -->"
+TABLE_END = "<!-- generated table: {suite} (tools/ship.py) end -->"
 
 
 def list_recipes(recipe_dir: Path = RECIPE_DIR) -> list[str]:

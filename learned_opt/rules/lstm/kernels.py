@@ -7,9 +7,9 @@ weight ``[b, W_ih, W_hh]`` (4H, 1 + I_l + H), gates reordered to i, f, o, g, by 
 over contiguous rows.
 
 :func:`layer_forward` is the one home of the cell's math in this layout: the optimizer's no-grad
-step (``LSTMRule.update_fast``) and the first-order meta-training step (:class:`ChunkStep`, a
-hand-written backward instead of autograd's op-by-op graph) both call it. The row-major
-``LSTMRule.cell`` is the readable reference that tests hold both against.
+step (:mod:`~learned_opt.rules.lstm.fast`) and the first-order meta-training step
+(:class:`ChunkStep`, a hand-written backward instead of autograd's op-by-op graph) both call it.
+The row-major ``LSTMCore.cell`` is the readable reference that tests hold both against.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-GATE_ORDER = "ifog"  # the fused weights' gate order: one sigmoid covers i, f, o
-
+from learned_opt.rules.lstm.layout import pin_
 
 def fuse_weights(weights: Mapping[str, Tensor], num_layers: int, hidden_size: int) -> list[Tensor]:
     """Per layer the fused ``[b_ih + b_hh, W_ih, W_hh]`` with gates reordered from torch's i, f, g, o
@@ -66,8 +65,8 @@ class ChunkStep(torch.autograd.Function):
     ``forward(spec, x, h, c, lr, ref_out, new_ref_h, new_ref_c, rest, head_w, head_b, *weights)``
     with ``spec = (L, H, scale)`` and fused ``weights`` (:func:`fuse_weights`) returns the update
     ``(head(h'_L) · scale - ref_out) · lr`` (n,) and the new ``h``, ``c`` (L·H, n). Columns
-    ``rest`` (coordinates at rest: zero gradient and exactly the reference state) are pinned to a
-    zero update and the reference's new state ``new_ref_h``/``new_ref_c`` (L·H,), bit for bit.
+    ``rest`` (indices of the coordinates at rest: zero gradient and exactly the reference state) are
+    pinned to a zero update and the reference's new state ``new_ref_h``/``new_ref_c`` (L·H, 1), bit for bit.
     Their state's gradient flows through their own cell, which computes the reference's function
     at the reference's point (the same derivative up to rounding), so the pinned values are
     taken as constants here.
@@ -100,10 +99,7 @@ class ChunkStep(torch.autograd.Function):
             inp = h_new[rows]
         raw = torch.mv(inp.t(), head_w.reshape(-1)).add_(head_b.reshape(()))
         u = (raw * scale - ref_out) * lr
-        if rest.numel():
-            u.index_fill_(0, rest, 0.0)
-            h_new.index_copy_(1, rest, new_ref_h.reshape(-1, 1).expand(-1, rest.numel()))
-            c_new.index_copy_(1, rest, new_ref_c.reshape(-1, 1).expand(-1, rest.numel()))
+        pin_(rest, u, h_new, c_new, new_ref_h, new_ref_c)
         ctx.spec = spec
         ctx.save_for_backward(c, h_new, raw, lr, ref_out, rest, head_w, *weights, *saved)
         return u, h_new, c_new
