@@ -26,46 +26,50 @@ from learned_opt.tasks.base import TaskFamily, validate_spec
 
 META_OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda")
+# The settings with a closed set of values (the estimators' registry among them); validation and
+# the command line's choices both read this.
+CHOICES: dict[str, tuple[str, ...]] = {"estimator": tuple(ESTIMATORS), "meta_loss": META_LOSS_KINDS,
+                                       "meta_optimizer": META_OPTIMIZERS}
+
+
+def _setting(default: Any = None, help: str | None = None, *, factory: Any = None) -> Any:  # noqa: A002
+    """A config field with its help text (the command line's flag help)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class MetaTrainConfig:
-    """Meta-training settings (the ``[meta_train]`` keys, plus ``suite``).
+    """Meta-training settings: the ``[meta_train]`` keys, plus ``suite``; each field's help says what it sets.
 
-    rule, rule_config: the Rule to meta-train (registry name and constructor kwargs).
-    estimator: ``bptt`` | ``es`` | ``pes``; second_order (bptt), es_sigma and es_pairs (es/pes).
-    unroll: optimizee steps per truncation, an int or a range spec (``{log_int = [10, 50]}``: log-uniform).
-    horizon: steps per inner run, ``"suite"`` (each entry's ``steps``), an int or a range spec.
-    random_start: each task slot's first run starts at a random iteration (desynchronises truncations).
-    tasks_per_step: inner runs per meta-step (the task batch; split across ranks).
-    meta_loss: ``mean`` | ``final`` | ``heldout``; loss_cap: cap on log(loss / initial loss).
-    meta_optimizer (adam | sgd), meta_lr, grad_clip (meta-gradient norm; 0 disables), meta_steps.
-    seed: seeds every sampler; eval_every / eval_tasks: validation schedule and size (best.*);
-    checkpoint_every: meta-steps between checkpoints; device: cpu | cuda.
+    ``unroll`` and ``horizon`` take an int or a range spec (``{log_int = [10, 50]}``: log-uniform);
+    ``horizon = "suite"`` uses each suite entry's ``steps``.
     """
 
-    rule: str = "lstm"
-    rule_config: dict[str, Any] = field(default_factory=dict)
-    estimator: str = "bptt"
-    second_order: bool = False
-    es_sigma: float = 0.01
-    es_pairs: int = 1
-    unroll: Any = 20
-    horizon: Any = "suite"
-    random_start: bool = True
-    tasks_per_step: int = 4
-    meta_loss: str = "mean"
-    loss_cap: float = 3.0
-    meta_optimizer: str = "adam"
-    meta_lr: float = 1e-3
-    grad_clip: float = 1.0
-    meta_steps: int = 1000
-    seed: int = 0
-    eval_every: int = 100
-    eval_tasks: int = 8
-    checkpoint_every: int = 50
-    device: str = "cpu"
-    suite: str = ""
+    rule: str = _setting("lstm", "rule to meta-train")
+    rule_config: dict[str, Any] = _setting(
+        factory=dict, help='rule constructor kwargs as JSON, e.g. \'{"hidden_size": 20}\'')
+    estimator: str = _setting("bptt", "meta-gradient estimator")
+    second_order: bool = _setting(False, "bptt: differentiate through the optimizee gradients too")
+    es_sigma: float = _setting(0.01, "es/pes perturbation scale")
+    es_pairs: int = _setting(1, "es/pes antithetic pairs per task and truncation")
+    unroll: Any = _setting(20, "steps per truncation: N, or LO:HI for log-uniform lengths")
+    horizon: Any = _setting("suite", "steps per inner run: N, LO:HI (log-uniform) or 'suite'")
+    random_start: bool = _setting(True, "start each slot's first run at a random iteration (desynchronises truncations)")
+    tasks_per_step: int = _setting(4, "inner runs per meta-step (split across ranks)")
+    meta_loss: str = _setting("mean", "how a truncation is scored")
+    loss_cap: float = _setting(3.0, "cap on log(loss / initial loss)")
+    meta_optimizer: str = _setting("adam", "optimizer of the meta-parameters")
+    meta_lr: float = _setting(1e-3, "meta-optimizer learning rate")
+    grad_clip: float = _setting(1.0, "meta-gradient norm clip (0: off)")
+    meta_steps: int = _setting(1000, "meta-steps to train for")
+    seed: int = _setting(0, "seeds every sampler")
+    eval_every: int = _setting(100, "meta-steps between validation runs (best.*)")
+    eval_tasks: int = _setting(8, "validation tasks per evaluation")
+    checkpoint_every: int = _setting(50, "meta-steps between checkpoints")
+    device: str = _setting("cpu", "cpu or cuda (cuda:N)")
+    suite: str = _setting("", "suite name (e.g. meta_train) or .toml path")
 
     @classmethod
     def table_defaults(cls) -> dict[str, Any]:
@@ -104,12 +108,9 @@ class MetaTrainConfig:
             raise bad("rule", "a registered rule name")
         if not isinstance(self.rule_config, Mapping):
             raise bad("rule_config", "a table of the rule's constructor arguments")
-        if self.estimator not in ESTIMATORS:
-            raise bad("estimator", f"choose from {sorted(ESTIMATORS)}")
-        if self.meta_loss not in META_LOSS_KINDS:
-            raise bad("meta_loss", f"choose from {list(META_LOSS_KINDS)}")
-        if self.meta_optimizer not in META_OPTIMIZERS:
-            raise bad("meta_optimizer", f"choose from {list(META_OPTIMIZERS)}")
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise bad(key, f"choose from {list(allowed)}")
         if not isinstance(self.device, str) or self.device.split(":")[0] not in DEVICES:
             raise bad("device", f"choose from {list(DEVICES)} (cuda:N allowed)")
         for key in ("second_order", "random_start"):
