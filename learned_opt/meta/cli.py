@@ -8,10 +8,13 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import Field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from learned_opt.cli import add_threads_flag, apply_threads, output_dir, suite_or_file
 from learned_opt.meta.config import CHOICES, MetaTrainConfig, parse_range_flag
+
+if TYPE_CHECKING:
+    from learned_opt.meta.trainer import MetaTrainResult
 
 EXAMPLES = """examples:
   python scripts/meta_train.py --config tasks/l2l_quadratic.toml --out runs/quad
@@ -113,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _summary(result: Any) -> None:
+def _summary(result: MetaTrainResult) -> None:
+    """The one-paragraph summary of a finished run (rank 0)."""
     rate = result.inner_steps_per_s
     print(f"meta-trained {result.step} steps in {result.wall_s:.1f}s ({result.inner_steps} optimizee steps"
           + ("" if rate is None else f", {rate:.0f}/s") + f"); final meta-loss {result.final_meta_loss}; "
