@@ -6,11 +6,15 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import Field, fields
+from typing import TYPE_CHECKING, Any
 
 from learned_opt.cli import add_threads_flag, apply_threads, output_dir, suite_or_file
-from learned_opt.meta.config import parse_range_flag
+from learned_opt.meta.config import CHOICES, MetaTrainConfig, parse_range_flag
+
+if TYPE_CHECKING:
+    from learned_opt.meta.trainer import MetaTrainResult
 
 EXAMPLES = """examples:
   python scripts/meta_train.py --config tasks/l2l_quadratic.toml --out runs/quad
@@ -43,7 +47,32 @@ def _rule_names() -> str:
     return ", ".join(sorted(RULES))
 
 
+# The config fields that are flags (``suite`` is the ``tasks`` argument), with the parsers of those
+# whose type their default does not tell.
+FLAG_FIELDS = tuple(f for f in fields(MetaTrainConfig) if f.name != "suite")
+PARSERS: dict[str, Callable[[str], Any]] = {"unroll": _range_arg, "horizon": _range_arg, "rule_config": _json_object}
+
+
+def _flag(f: Field[Any]) -> dict[str, Any]:
+    """argparse keyword arguments of the flag of config field ``f``: its type from its default, its
+    choices from :data:`~learned_opt.meta.config.CHOICES`, its help from the field."""
+    kwargs: dict[str, Any] = {"help": f.metadata.get("help")}
+    default = getattr(MetaTrainConfig(), f.name)
+    if f.name == "rule":
+        kwargs["help"] = f"{kwargs['help']}: {_rule_names()}"
+    if f.name in CHOICES:
+        kwargs["choices"] = list(CHOICES[f.name])
+    elif f.name in PARSERS:
+        kwargs["type"] = PARSERS[f.name]
+    elif isinstance(default, bool):
+        kwargs.update(action=argparse.BooleanOptionalAction, default=None)
+    elif isinstance(default, (int, float)):
+        kwargs["type"] = type(default)
+    return kwargs
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The parser: the run's own flags, then one flag per config field (overrides of the config file)."""
     p = argparse.ArgumentParser(
         prog="learned-opt meta-train",
         description="Meta-train a learned optimizer. Settings come from the config file's [meta_train] table; "
@@ -54,30 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=suite_or_file, help="TOML file with a [meta_train] table (and usually the [suite] to train on)")
     p.add_argument("--out", required=True, type=output_dir, help="output directory (must be empty unless --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--suite", type=suite_or_file, help="suite name (e.g. meta_train) or .toml path; default: the config file's [suite]")
-    p.add_argument("--rule", help=f"rule to meta-train: {_rule_names()}")
-    p.add_argument("--rule-config", type=_json_object, help='rule constructor kwargs as JSON, e.g. \'{"hidden_size": 20}\'')
-    p.add_argument("--estimator", choices=["bptt", "es", "pes"])
-    p.add_argument("--second-order", action=argparse.BooleanOptionalAction, default=None,
-                   help="bptt: differentiate through the optimizee gradients too")
-    p.add_argument("--es-sigma", type=float, help="es/pes perturbation scale")
-    p.add_argument("--es-pairs", type=int, help="es/pes antithetic pairs per task and truncation")
-    p.add_argument("--unroll", type=_range_arg, help="steps per truncation: N, or LO:HI for log-uniform lengths")
-    p.add_argument("--horizon", type=_range_arg, help="steps per inner run: N, LO:HI (log-uniform) or 'suite'")
-    p.add_argument("--random-start", action=argparse.BooleanOptionalAction, default=None,
-                   help="start each slot's first run at a random iteration")
-    p.add_argument("--tasks-per-step", type=int, help="inner runs per meta-step (split across ranks)")
-    p.add_argument("--meta-loss", choices=["mean", "final", "heldout"])
-    p.add_argument("--loss-cap", type=float, help="cap on log(loss / initial loss)")
-    p.add_argument("--meta-optimizer", choices=["adam", "sgd"])
-    p.add_argument("--meta-lr", type=float)
-    p.add_argument("--grad-clip", type=float, help="meta-gradient norm clip (0: off)")
-    p.add_argument("--meta-steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--eval-every", type=int, help="meta-steps between validation runs (best.*)")
-    p.add_argument("--eval-tasks", type=int, help="validation tasks per evaluation")
-    p.add_argument("--checkpoint-every", type=int, help="meta-steps between checkpoints")
-    p.add_argument("--device", help="cpu or cuda")
+    suite = MetaTrainConfig.__dataclass_fields__["suite"].metadata["help"]
+    p.add_argument("--suite", type=suite_or_file, help=f"{suite}; default: the config file's [suite]")
+    for f in FLAG_FIELDS:
+        p.add_argument("--" + f.name.replace("_", "-"), **_flag(f))
     add_threads_flag(p, "the same count makes a CPU run bitwise reproducible, so resume with the same --threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -91,16 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from learned_opt.meta.train import MetaTrainingInterrupted, meta_train
 
+    overrides = {f.name: getattr(args, f.name) for f in FLAG_FIELDS if f.name not in ("rule", "estimator")}
     try:
-        overrides = {
-            "rule_config": args.rule_config, "second_order": args.second_order, "es_sigma": args.es_sigma,
-            "es_pairs": args.es_pairs, "unroll": args.unroll, "horizon": args.horizon,
-            "random_start": args.random_start,
-            "tasks_per_step": args.tasks_per_step, "meta_loss": args.meta_loss, "loss_cap": args.loss_cap,
-            "meta_optimizer": args.meta_optimizer, "meta_lr": args.meta_lr, "grad_clip": args.grad_clip,
-            "meta_steps": args.meta_steps, "seed": args.seed, "eval_every": args.eval_every,
-            "eval_tasks": args.eval_tasks, "checkpoint_every": args.checkpoint_every, "device": args.device,
-        }
         result = meta_train(args.rule, args.suite, estimator=args.estimator, config=args.config, out=args.out,
                             resume=args.resume, progress=not args.no_progress, **overrides)
     except MetaTrainingInterrupted as exc:
@@ -111,12 +112,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if result.step == 0 or result.out is None or result.rank != 0:  # one summary per job
         return 0
+    _summary(result)
+    return 0
+
+
+def _summary(result: MetaTrainResult) -> None:
+    """The one-paragraph summary of a finished run (rank 0)."""
     rate = result.inner_steps_per_s
     print(f"meta-trained {result.step} steps in {result.wall_s:.1f}s ({result.inner_steps} optimizee steps"
           + ("" if rate is None else f", {rate:.0f}/s") + f"); final meta-loss {result.final_meta_loss}; "
           f"best validation {result.best_val} at step {result.best_step}; skipped updates {result.skipped}")
     print(f"weights: {result.out / 'final.safetensors'} (best: {result.out / 'best.safetensors'})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ same way whatever the estimator and whether or not a trajectory diverged.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -135,8 +135,10 @@ def unroll(
 class InnerRun:
     """One inner training run in flight (see the module docstring).
 
-    ``extra`` belongs to the gradient estimator (PES keeps its perturbed particles and perturbation
-    accumulators there); it is checkpointed with the run.
+    ``estimator_state`` belongs to the gradient estimator that advances the run (None for the
+    stateless ones; PES keeps its perturbed trajectories there, a
+    :class:`~learned_opt.meta.estimators.PESState`); it lives and ends with the run, and is checkpointed
+    with it through the estimator's ``state_tree``/``load_state``.
     """
 
     label: str
@@ -150,7 +152,7 @@ class InnerRun:
     iteration: int = 0
     initial_loss: Tensor | None = None
     diverged: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    estimator_state: Any = None
 
     @classmethod
     def start(cls, rule: Rule, task: Task, *, label: str, seed: int, horizon: int) -> InnerRun:
