@@ -112,11 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if result.step == 0 or result.out is None or result.rank != 0:  # one summary per job
         return 0
-    _summary(result)
+    _print_summary(result)
     return 0
 
 
-def _summary(result: MetaTrainResult) -> None:
+def _print_summary(result: MetaTrainResult) -> None:
     """The one-paragraph summary of a finished run (rank 0)."""
     rate = result.inner_steps_per_s
     print(f"meta-trained {result.step} steps in {result.wall_s:.1f}s ({result.inner_steps} optimizee steps"

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from learned_opt.bench.metrics import WIN_TOLERANCE
 from learned_opt.fileio import atomic_write_text
 from learned_opt.lockfile import lock_directory
 from learned_opt.meta.checkpoint import load_checkpoint, save_checkpoint
@@ -47,7 +48,6 @@ from learned_opt.suites import Suite, load_suite
 from learned_opt.weights import save_weights
 
 CHECKPOINT = "checkpoint.safetensors"
-WIN_TOLERANCE = 1e-4  # the benchmark's: a win is final/initial <= Adam's + 1e-4
 
 
 @dataclass

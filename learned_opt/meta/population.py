@@ -22,12 +22,12 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
+from learned_opt.bench.runner import DIVERGENCE_FACTOR
 from learned_opt.rules.base import RuleState
 from learned_opt.rules.directions import adam_direction
 from learned_opt.tasks.base import Task
 
 UpdateFn = Callable[[Any, list[Tensor], list[Tensor], RuleState], tuple[list[Tensor], RuleState]]
-DIVERGENCE_FACTOR = 10.0  # as the benchmark: a loss above 10x the initial one is a divergence
 
 
 @dataclass

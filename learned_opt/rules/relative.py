@@ -112,7 +112,7 @@ def _rms(x: Tensor) -> Tensor:
 SCALARS = ("ctrl", "cos_ema", "gnorm0", "gnorm_ema", "p0_norm")
 
 
-def _features(stats: Tensor, scalars: Tensor, numel: Tensor, is_vector: Tensor, step: Tensor,
+def _controller_features(stats: Tensor, scalars: Tensor, numel: Tensor, is_vector: Tensor, step: Tensor,
               total_steps: Tensor, floor: Tensor | float) -> tuple[Tensor, Tensor]:
     """Features ``[n, F]`` (:data:`FEATURES`) of a group's n tensors and their new scalar state ``[n, 5]``.
 
@@ -177,7 +177,7 @@ def relative_update(
         is_vector = torch.tensor([float(p.dim() <= 1) for p in params], dtype=step.dtype, device=step.device)
         scalars = torch.stack([st["controller"] for st in per_param])
         floor_t = floor if floor_vec is None else torch.where(is_vector > 0, floor_vec, floor)
-        feats, new_scalars = _features(stats, scalars, numel, is_vector, step, total_steps, floor_t)
+        feats, new_scalars = _controller_features(stats, scalars, numel, is_vector, step, total_steps, floor_t)
         increment, direct = controller_outputs(controller, feats)
         ctrl = torch.clamp(scalars[:, 0] + increment, *CTRL_RANGE)
         new_scalars = torch.cat([ctrl.unsqueeze(-1), new_scalars[:, 1:]], dim=-1)
@@ -248,7 +248,7 @@ def _directions_foreach(grads: Sequence[Tensor], params: Sequence[Tensor], per_p
     return dirs, list(zip(ms, vs)), stats
 
 
-def _group_init(params: Sequence[Tensor]) -> dict[str, Tensor]:
+def _step_counter(params: Sequence[Tensor]) -> dict[str, Tensor]:
     like = params[0] if params else torch.zeros(())
     return {"step": torch.zeros((), dtype=like.dtype, device=like.device)}
 
@@ -287,7 +287,7 @@ class RelativeAdamRule(_RelativeRule):
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
         per_param = [{"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)} for p in params]
-        return _group_init(params), per_param
+        return _step_counter(params), per_param
 
     def validate_hparams(self, hparams: Mapping[str, Any]) -> None:
         super().validate_hparams(hparams)
@@ -376,7 +376,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             scalars[SCALARS.index("p0_norm")] = torch.linalg.vector_norm(p.detach())
             per_param.append({"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
                               "p0": p.detach().clone(), "controller": scalars})
-        return _group_init(params), per_param
+        return _step_counter(params), per_param
 
     def validate_hparams(self, hparams: Mapping[str, Any]) -> None:
         super().validate_hparams(hparams)
