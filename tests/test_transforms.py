@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import learned_opt
-from learned_opt import optim
+from learned_opt import adapter, optim
 from learned_opt.meta.unroll import InnerRun, unroll
 from learned_opt.optim import (
     GradNormDecaySGD,
@@ -259,7 +259,7 @@ def test_device_guard_gives_the_host_guards_steps(make, monkeypatch: pytest.Monk
 
 def test_device_guard_warns_once_within_the_check_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transforms, "host_read_is_free", lambda grads: False)
-    monkeypatch.setattr(optim, "NONFINITE_CHECK_EVERY", 4)
+    monkeypatch.setattr(adapter, "NONFINITE_CHECK_EVERY", 4)  # read where the adapter steps
     prob = Problem()
     opt = HypergradientAdam(prob.params)
     caught_at = []
