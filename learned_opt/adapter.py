@@ -45,8 +45,9 @@ ADAPTER_HPARAMS = ("weight_decay", "maximize")
 class LearnedOptimizer(Optimizer):
     """Generic adapter: ``LearnedOptimizer(params, rule, lr=1.0, **hparams)``.
 
-    ``hparams`` are the rule's ``hyperparameters`` (per-group values, like torch's ``betas``).
-    ``lr`` multiplies the rule's update, so LR schedulers work. ``weight_decay``: by default
+    ``hparams`` are the rule's ``hyperparameters`` (per-group values, like torch's ``betas``;
+    defaults: the rule's own, :meth:`Rule.default_hparams`). ``lr`` is a multiplier (default 1.0)
+    of the rule's own rate (its learned or hand-set ``init_lr``), so LR schedulers scale that rate. ``weight_decay``: by default
     coupled (L2: ``wd·p`` added to the gradient the rule sees); with
     ``decoupled_weight_decay=True`` AdamW-style instead (the parameter shrinks by ``lr·wd·p`` each
     step, apart from the rule's update; ``lr`` is the group's, so a scheduler scales the decay as
@@ -86,7 +87,7 @@ class LearnedOptimizer(Optimizer):
                 f"unknown hyperparameters {sorted(unknown)} for rule {rule.name!r}; "
                 f"allowed: {sorted(set(rule.hyperparameters) | set(STEP_DEFAULTS))}"
             )
-        defaults = {**rule.hyperparameters, **hparams, "lr": lr, "weight_decay": weight_decay,
+        defaults = {**rule.default_hparams(), **hparams, "lr": lr, "weight_decay": weight_decay,
                     "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize}
         self.rule = rule
         self.weights_sha256 = weights_sha256

@@ -14,6 +14,7 @@ from learned_opt.adapter import (
 )
 from learned_opt.optimizers import (
     HYPERPARAMETER_OPTIMIZERS,
+    GradNormDecayAdam,
     GradNormDecaySGD,
     HypergradientAdam,
     HypergradientSGD,
@@ -29,6 +30,7 @@ __all__ = [
     "HYPERPARAMETER_OPTIMIZERS",
     "NONFINITE_CHECK_EVERY",
     "NONFINITE_KEY",
+    "GradNormDecayAdam",
     "GradNormDecaySGD",
     "HypergradientAdam",
     "HypergradientSGD",

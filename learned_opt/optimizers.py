@@ -16,9 +16,20 @@ from torch.optim import Optimizer
 
 from learned_opt.adapter import LearnedOptimizer
 from learned_opt.rules.base import Rule
-from learned_opt.rules.grad_norm_decay import GradNormDecayRule
+from learned_opt.rules.base import check_nonnegative
+from learned_opt.rules.grad_norm_decay import (
+    ABSOLUTE_DEFAULTS,
+    RELATIVE_DEFAULTS,
+    GradNormDecayAdamRule,
+    GradNormDecayRule,
+)
 from learned_opt.rules.hparam_base import HyperparameterRule
-from learned_opt.rules.hypergradient import HypergradientAdamRule, HypergradientSGDRule
+from learned_opt.rules.hypergradient import (
+    NORMALIZED_HYPER_LR,
+    PAPER_HYPER_LR,
+    HypergradientAdamRule,
+    HypergradientSGDRule,
+)
 from learned_opt.rules.learnable import LearnableAdamRule, LearnableSGDRule
 from learned_opt.rules.lstm import LSTMRule
 from learned_opt.rules.mlp import MLPRule
@@ -104,107 +115,151 @@ def _rule_from_weights(
     return rule, card
 
 
+def _resolved(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``given`` with each None replaced by its default (defaults that depend on the rule's form)."""
+    return {k: defaults[k] if v is None else v for k, v in given.items()}
+
+
 class GradNormDecaySGD(LearnedOptimizer):
-    """SGD whose rate decays by ``decay`` each step the group's gradient norm is below ``threshold``.
+    """SGD (heavy-ball ``momentum``) whose rate decays by ``decay`` when the gradient norm falls
+    (:mod:`learned_opt.rules.grad_norm_decay`).
 
-    The exact rule (no relaxation); the adapted factor is ``opt.state[p]["lr_factor"]`` (or
-    ``opt.group_state(i)``) and the step is ``group['lr'] × lr_factor``, so a scheduler's ``lr`` and
-    the decay multiply. ``decay_count`` in the same state counts how often the decay fired.
-    ``weight_decay`` is coupled (SGD's) unless ``decoupled_weight_decay=True`` (``p -= lr·wd·p``).
+    ``lr`` is a multiplier (default 1.0) of the absolute initial rate ``init_lr``: the step is
+    ``lr × init_lr × lr_factor × d``, so a scheduler's ``lr`` and the decay multiply.
+    ``relative=True`` (default, scale-free): the decay fires when the group's gradient norm has
+    stayed below ``threshold`` (ρ) × its reference (the first norm, then the norm at the last
+    firing) for ``patience`` steps, at most once per ``cooldown`` steps; defaults
+    :data:`~learned_opt.rules.grad_norm_decay.RELATIVE_DEFAULTS`. ``relative=False``: the seeds'
+    literal rule ``if ||g|| < threshold: lr *= decay`` (defaults threshold 1e-3, decay 0.9,
+    patience 1, cooldown 0). The adapted factor, firing count and first firing step are
+    ``opt.group_state(i)``'s ``lr_factor``, ``decay_count``, ``first_decay_step``.
+    ``weight_decay`` is coupled (SGD's) unless ``decoupled_weight_decay=True`` (``p -= lr·init_lr·wd·p``).
     """
 
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 0.1,
-        decay: float = 0.9,
-        threshold: float = 1e-3,
+        lr: float = 1.0,
+        decay: float | None = None,
+        threshold: float | None = None,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         *,
+        init_lr: float = 0.1,
+        relative: bool = True,
+        patience: int | None = None,
+        cooldown: int | None = None,
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
-        super().__init__(
-            params,
-            GradNormDecayRule(),
-            lr=lr,
-            decay=decay,
-            threshold=threshold,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize,
-        )
+        form = _resolved({"decay": decay, "threshold": threshold, "patience": patience, "cooldown": cooldown},
+                         RELATIVE_DEFAULTS if relative is True else ABSOLUTE_DEFAULTS)
+        super().__init__(params, GradNormDecayRule(), lr=lr, init_lr=init_lr, relative=relative, **form,
+                         momentum=momentum, weight_decay=weight_decay,
+                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
 
 
-class HypergradientSGD(LearnedOptimizer):
-    """SGD-HD (Baydin et al. 2018): the rate adapts online, ``α ← max(0, α + hyper_lr · g_t·u_{t-1})``;
-    ``normalized=True``: ``α ← α · exp(hyper_lr · cos(g_t, u_{t-1}))``, the same β for any loss scale.
-
-    ``α = group['lr'] × state['lr_factor']``: the hypergradient step is taken on α and stored as a
-    factor of ``lr``, so a scheduler rescales the online rate multiplicatively (see
-    :mod:`learned_opt.rules.hypergradient`). ``weight_decay`` is coupled unless
-    ``decoupled_weight_decay=True`` (``p -= lr·wd·p``, ``lr`` the base rate, not α).
+class GradNormDecayAdam(LearnedOptimizer):
+    """Adam whose rate decays by ``decay`` when the gradient norm falls: :class:`GradNormDecaySGD`'s
+    rule and conventions (``lr`` a multiplier of ``init_lr``, ``relative``, ``patience``,
+    ``cooldown``) on Adam's direction. ``decoupled_weight_decay=True`` makes ``weight_decay``
+    AdamW's (``p -= lr·init_lr·wd·p``) instead of Adam's L2.
     """
 
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 0.01,
-        hyper_lr: float = 1e-3,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        *,
-        normalized: bool = False,
-        decoupled_weight_decay: bool = False,
-        maximize: bool = False,
-    ) -> None:
-        super().__init__(
-            params,
-            HypergradientSGDRule(),
-            lr=lr,
-            hyper_lr=hyper_lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            normalized=normalized,
-            maximize=maximize,
-        )
-
-
-class HypergradientAdam(LearnedOptimizer):
-    """Adam-HD (Baydin et al. 2018): Adam whose rate adapts online by ``hyper_lr · g_t·u_{t-1}``.
-
-    Same rate/scheduler convention as :class:`HypergradientSGD`. ``decoupled_weight_decay=True``
-    makes ``weight_decay`` AdamW's (``p -= lr·wd·p``, ``lr`` the base rate) instead of Adam's L2.
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        hyper_lr: float = 1e-7,
+        lr: float = 1.0,
+        decay: float | None = None,
+        threshold: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
-        normalized: bool = False,
+        init_lr: float = 1e-3,
+        relative: bool = True,
+        patience: int | None = None,
+        cooldown: int | None = None,
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
-        super().__init__(
-            params,
-            HypergradientAdamRule(),
-            lr=lr,
-            hyper_lr=hyper_lr,
-            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,  # anything else: ValueError
-            eps=eps,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            normalized=normalized,
-            maximize=maximize,
-        )
+        form = _resolved({"decay": decay, "threshold": threshold, "patience": patience, "cooldown": cooldown},
+                         RELATIVE_DEFAULTS if relative is True else ABSOLUTE_DEFAULTS)
+        super().__init__(params, GradNormDecayAdamRule(), lr=lr, init_lr=init_lr, relative=relative, **form,
+                         betas=_pair(betas), eps=eps, weight_decay=weight_decay,
+                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+
+
+def _pair(betas: Any) -> Any:
+    """``betas`` as a tuple (a list is accepted, as torch does); anything else is left to validation."""
+    return tuple(betas) if isinstance(betas, (tuple, list)) else betas
+
+
+class HypergradientSGD(LearnedOptimizer):
+    """SGD-HD (Baydin et al. 2018): SGD whose rate adapts online to the gradients' agreement.
+
+    ``lr`` is a multiplier (default 1.0) of the absolute initial rate ``init_lr``: the step is
+    ``lr × init_lr × lr_factor^s``, ``lr_factor`` (in ``opt.state[p]``) the adapted factor and
+    ``s = lr / max lr so far``. ``normalized=True`` (default, scale-free): ``lr_factor`` moves by
+    ``exp(hyper_lr · s · cos(g_t, u_{t-1}))`` (``hyper_lr`` default
+    :data:`~learned_opt.rules.hypergradient.NORMALIZED_HYPER_LR`); ``normalized=False``: the
+    paper's ``α ← max(0, α + hyper_lr · g_t·u_{t-1})`` (``hyper_lr`` default 1e-3, in the loss's
+    units). A scheduler scales ``lr``; as it decays ``lr`` the adaptation fades out (``f^s``), so the
+    rate follows the schedule (see :mod:`learned_opt.rules.hypergradient`). ``weight_decay`` is
+    coupled unless ``decoupled_weight_decay=True`` (``p -= lr·init_lr·wd·p``, not the adapted rate).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        hyper_lr: float | None = None,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        init_lr: float = 0.01,
+        normalized: bool = True,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        beta = _hyper_lr(hyper_lr, normalized, "sgd")
+        super().__init__(params, HypergradientSGDRule(), lr=lr, init_lr=init_lr, hyper_lr=beta, momentum=momentum,
+                         weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                         normalized=normalized, maximize=maximize)
+
+
+class HypergradientAdam(LearnedOptimizer):
+    """Adam-HD (Baydin et al. 2018): Adam whose rate adapts online, as :class:`HypergradientSGD`
+    (``lr`` a multiplier of ``init_lr``, default ``normalized=True``; the paper's form with
+    ``normalized=False``, ``hyper_lr`` default 1e-7). ``decoupled_weight_decay=True`` makes
+    ``weight_decay`` AdamW's (``p -= lr·init_lr·wd·p``) instead of Adam's L2.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        hyper_lr: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        init_lr: float = 1e-3,
+        normalized: bool = True,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        beta = _hyper_lr(hyper_lr, normalized, "adam")
+        super().__init__(params, HypergradientAdamRule(), lr=lr, init_lr=init_lr, hyper_lr=beta, betas=_pair(betas),
+                         eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                         normalized=normalized, maximize=maximize)
+
+
+def _hyper_lr(hyper_lr: float | None, normalized: Any, direction: str) -> float:
+    """The given β, or the default of the form: normalized's, or the paper's for ``direction``."""
+    if hyper_lr is not None:
+        return hyper_lr
+    return NORMALIZED_HYPER_LR if normalized is True else PAPER_HYPER_LR[direction]
 
 
 class RelativeAdam(LearnedOptimizer):
@@ -251,6 +306,7 @@ class RelativeAdam(LearnedOptimizer):
 # Rule name -> the public optimizer built from a card's learned hyperparameters.
 HYPERPARAMETER_OPTIMIZERS: dict[str, type[Optimizer]] = {
     GradNormDecayRule.name: GradNormDecaySGD,
+    GradNormDecayAdamRule.name: GradNormDecayAdam,
     HypergradientSGDRule.name: HypergradientSGD,
     HypergradientAdamRule.name: HypergradientAdam,
     LearnableAdamRule.name: torch.optim.Adam,
@@ -263,12 +319,15 @@ def load_optimizer(
 ) -> Optimizer:
     """A ready optimizer from shipped or exported weights of any rule.
 
+    ``lr`` is always a multiplier (default 1.0) of the weights' own learned rate, so ``lr=0.5``
+    halves every step of the trained optimizer and a scheduler scales the learned rate.
     ``lstm`` weights give an :class:`LSTMOptimizer`, ``mlp`` weights an :class:`MLPOptimizer`;
-    hyperparameter rules give their public class (``learnable-adam`` → ``torch.optim.Adam``,
-    ``learnable-sgd`` → ``torch.optim.SGD``) with the learned values as defaults; any other rule
-    (the shipped ``default``, a learned relative Adam) runs in :class:`LearnedOptimizer`, with its
-    card as ``opt.card``. ``overrides`` are constructor arguments that replace those defaults (e.g.
-    ``lr=0.5``, ``weight_decay=1e-4``, ``total_steps=N`` for a horizon-aware rule).
+    hyperparameter rules give their public class with the learned values as defaults (``init_lr``
+    the learned rate), ``learnable-adam``/``-sgd`` a ``torch.optim.Adam``/``SGD`` whose ``lr`` is
+    the learned rate times the ``lr`` given; any other rule (the shipped ``default``, a learned
+    relative Adam) runs in :class:`LearnedOptimizer`, with its card as ``opt.card``. ``overrides``
+    are constructor arguments that replace those defaults (e.g. ``lr=0.5``, ``weight_decay=1e-4``,
+    ``total_steps=N`` for a horizon-aware rule).
     A torch optimizer gets a step pre-hook that bounds its gradients as the learned optimizers'
     (:func:`~learned_opt.rules.transforms.bound_optimizer_gradients`), so a huge finite gradient
     cannot overflow its state either.
@@ -280,12 +339,26 @@ def load_optimizer(
         opt = MLPOptimizer(params, weights=rule, **overrides)
     elif rule.name in HYPERPARAMETER_OPTIMIZERS:
         assert isinstance(rule, HyperparameterRule)
-        opt = HYPERPARAMETER_OPTIMIZERS[rule.name](params, **{**rule.optimizer_defaults(), **overrides})
-        if not isinstance(opt, LearnedOptimizer):
-            opt.register_step_pre_hook(bound_optimizer_gradients)
+        opt = _hyperparameter_optimizer(rule, params, overrides)
     else:
         opt = LearnedOptimizer(params, rule, **overrides)
     if isinstance(opt, LearnedOptimizer):
         opt.weights_sha256 = card["sha256"]
         opt.card = card
+    return opt
+
+
+def _hyperparameter_optimizer(
+    rule: HyperparameterRule, params: Iterable[Tensor] | Iterable[dict[str, Any]], overrides: dict[str, Any]
+) -> Optimizer:
+    """The public optimizer of a hyperparameter rule at its learned values; a torch optimizer's
+    absolute ``lr`` is the multiplier ``lr`` times the learned ``init_lr``."""
+    cls = HYPERPARAMETER_OPTIMIZERS[rule.name]
+    kwargs = {**rule.optimizer_defaults(), **overrides}
+    if issubclass(cls, LearnedOptimizer):
+        return cls(params, **kwargs)
+    multiplier = kwargs.pop("lr", 1.0)
+    check_nonnegative("lr", multiplier)
+    opt = cls(params, lr=multiplier * kwargs.pop("init_lr"), **kwargs)
+    opt.register_step_pre_hook(bound_optimizer_gradients)
     return opt
