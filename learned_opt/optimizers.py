@@ -199,14 +199,14 @@ class HypergradientSGD(LearnedOptimizer):
     """SGD-HD (Baydin et al. 2018): SGD whose rate adapts online to the gradients' agreement.
 
     ``lr`` is a multiplier (default 1.0) of the absolute initial rate ``init_lr``: the step is
-    ``lr × init_lr × lr_factor^s``, ``lr_factor`` (in ``opt.state[p]``) the adapted factor and
-    ``s = lr / max lr so far``. ``normalized=True`` (default, scale-free): ``lr_factor`` moves by
-    ``exp(hyper_lr · s · cos(g_t, u_{t-1}))`` (``hyper_lr`` default
-    :data:`~learned_opt.rules.hypergradient.NORMALIZED_HYPER_LR`); ``normalized=False``: the
-    paper's ``α ← max(0, α + hyper_lr · g_t·u_{t-1})`` (``hyper_lr`` default 1e-3, in the loss's
-    units). A scheduler scales ``lr``; as it decays ``lr`` the adaptation fades out (``f^s``), so the
-    rate follows the schedule (see :mod:`learned_opt.rules.hypergradient`). ``weight_decay`` is
-    coupled unless ``decoupled_weight_decay=True`` (``p -= lr·init_lr·wd·p``, not the adapted rate).
+    ``lr × init_lr × lr_factor``, ``lr_factor`` (in ``opt.state[p]``) the adapted factor.
+    ``normalized=True`` (default, scale-free): ``lr_factor`` moves by ``exp(hyper_lr · cos(g_t,
+    u_{t-1}))`` (``hyper_lr`` default :data:`~learned_opt.rules.hypergradient.NORMALIZED_HYPER_LR`);
+    ``normalized=False``: the paper's ``α ← max(0, α + hyper_lr · g_t·u_{t-1})`` (``hyper_lr``
+    default 1e-3, in the loss's units). A scheduler scales ``lr``; when it lowers ``lr`` by a ratio
+    r the factor becomes ``lr_factor^r``, so the adaptation fades with the decay and the rate follows
+    the schedule (see :mod:`learned_opt.rules.hypergradient`). ``weight_decay`` is coupled unless
+    ``decoupled_weight_decay=True`` (``p -= lr·init_lr·wd·p``, not the adapted rate).
     """
 
     def __init__(

@@ -154,19 +154,21 @@ def test_reduces_to_torch_optimizer(ours, theirs) -> None:
 
 
 def test_scheduler_fades_the_adapted_factor() -> None:
-    """Under a schedule the step is lr_t x init_lr x f^s, s = lr_t / its peak (the factor fades out)."""
+    """When a schedule lowers lr by a ratio r, the factor is first raised to r: f_t = f_{t-1}^r + β g·u / rate."""
     x = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
     opt = HypergradientSGD([x], init_lr=0.1, hyper_lr=0.01, normalized=False)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    for _ in range(3):
+    factor, prev = 1.0, 0.0
+    for _ in range(4):
         x.grad = x.detach().clone()
-        before = x.detach().clone()
-        used_lr = opt.param_groups[0]["lr"]
+        lr, before = opt.param_groups[0]["lr"], x.detach().clone()
         opt.step()
         sched.step()
-        factor = float(opt.state[x]["lr_factor"])
-        torch.testing.assert_close(x.detach(), before - used_lr * 0.1 * factor**used_lr * before)
-    assert float(opt.state[x]["peak_lr"]) == 1.0
+        factor = factor ** min(1.0, lr / prev if prev else 1.0) + 0.01 * float(before) * prev_dir / (lr * 0.1) \
+            if prev else 1.0
+        prev, prev_dir = lr, float(before)
+        assert float(opt.state[x]["lr_factor"]) == pytest.approx(factor, rel=1e-12)
+        torch.testing.assert_close(x.detach(), before - lr * 0.1 * factor * before)
 
 
 @pytest.mark.parametrize("rule_cls", [HypergradientSGDRule, HypergradientAdamRule, LearnableAdamRule, LearnableSGDRule])

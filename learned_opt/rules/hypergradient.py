@@ -1,24 +1,26 @@
 """Hypergradient descent (Baydin et al. 2018, "Online Learning Rate Adaptation with Hypergradient
 Descent"): SGD-HD and Adam-HD with one adapted rate per param group.
 
-The rate is ``α_t = lr_t × init_lr × f_t^{s_t}``: ``init_lr`` the base rate, ``lr_t`` the group's
-multiplier (what a scheduler changes), ``f_t`` the adapted factor (``opt.state[p]["lr_factor"]``,
-starting at 1) and ``s_t = lr_t / max_{k≤t} lr_k`` the schedule's fraction of its peak (group
-state ``peak_lr``). With ``u_{t-1}`` the previous direction (the gradient for plain SGD, the
-momentum buffer with momentum, Adam's ``m̂/(sqrt(v̂)+eps)`` for Adam-HD), the factor adapts by
+The rate is ``α_t = lr_t × init_lr × f_t``: ``init_lr`` the base rate, ``lr_t`` the group's
+multiplier (what a scheduler changes) and ``f_t`` the adapted factor (``opt.state[p]["lr_factor"]``,
+starting at 1). With ``u_{t-1}`` the previous direction (the gradient for plain SGD, the momentum
+buffer with momentum, Adam's ``m̂/(sqrt(v̂)+eps)`` for Adam-HD), the factor adapts by
 
-- ``normalized=True`` (the public optimizers' default, scale-free): ``f_t = f_{t-1} ·
-  exp(β s_t cos(g_t, u_{t-1}))``: β is a log-rate change per step whatever the loss's scale
-  (cos = 0 while either vector is all zero); ``s_t`` is the chain rule of ``f^{s}``;
-- ``normalized=False`` (the paper's exact form): ``f_t = max(0, f_{t-1} + β g_t·u_{t-1} / (lr_t
+- ``normalized=True`` (the public optimizers' default, scale-free): ``f_t = f_{t-1}^r ·
+  exp(β cos(g_t, u_{t-1}))``: β is a log-rate change per step whatever the loss's scale
+  (cos = 0 while either vector is all zero);
+- ``normalized=False`` (the paper's exact form): ``f_t = max(0, f_{t-1}^r + β g_t·u_{t-1} / (lr_t
   init_lr))``, the paper's step ``α ← α + β g·u`` on the rate, in the loss's units (so one β cannot
   suit tasks whose gradients differ by orders of magnitude: β = 1e-3 diverges on a least-squares
-  problem with loss ~150 where SGD converges). The rate never goes negative.
+  problem with loss ~150 where SGD at the same rate converges). The rate never goes negative.
 
-Schedules: an external scheduler owns the rate's envelope. With a constant ``lr`` (``s = 1``) the
-trajectory is exactly the rule above; as a schedule decays ``lr`` below its peak, the adapted factor
-fades out with it (``f^s``), so it cannot undo the decay: at the end of a decay-to-zero schedule the
-rate is the schedule's. ``lr = 0`` freezes the parameters and the factor.
+Schedules: an external scheduler owns the rate's envelope. ``r = min(1, lr_t / lr_{t-1})`` (group
+state ``prev_lr``) is 1 while ``lr`` is constant or rising, so the trajectory is exactly the rule
+above; when a schedule lowers ``lr`` by a ratio r, the factor's log shrinks by that ratio too
+(``f^r``), so the adaptation made at the higher rate fades with the decay instead of undoing it:
+near the end of a decay-to-zero schedule ``f`` is within ``e^β`` per step of 1 and the rate is the
+schedule's (tested: within 2× over the last tenth of a cosine schedule). ``lr = 0`` freezes the
+parameters and the factor.
 
 Rule defaults (a card without ``normalized`` was trained in the paper's form): ``normalized=False``
 with the paper's β = 1e-3 (SGD-HD) and 1e-7 (Adam-HD); the public optimizers default to
@@ -39,20 +41,20 @@ from learned_opt.rules.hparam_base import HyperparameterRule, check_betas, log_p
 from learned_opt.rules.transforms import absolute_rate
 
 
-# β of the normalized form (a log-rate change per step): the factor can move e^2 ≈ 7× in 100
+# β of the normalized form (a log-rate change per step): the factor can move e^5 ≈ 150× in 100
 # aligned steps. Chosen on the contract problems and a least-squares example (docs/optimizers.md).
-NORMALIZED_HYPER_LR = 0.02
+NORMALIZED_HYPER_LR = 0.05
 # The paper's β (Baydin et al. 2018): the rules' defaults, in the loss's units.
 PAPER_HYPER_LR = {"sgd": 1e-3, "adam": 1e-7}
 
 
-def schedule_fraction(lr: Tensor | float, peak: Tensor) -> tuple[Tensor, Tensor]:
-    """``(s, new_peak)``: the group's ``lr`` as a fraction of the largest seen so far (1 while it is
-    the largest, or while every lr so far was 0), and that largest."""
-    lr_t = torch.as_tensor(lr, dtype=peak.dtype, device=peak.device)
-    new_peak = torch.maximum(peak, lr_t)
-    positive = new_peak > 0
-    return torch.where(positive, lr_t / torch.where(positive, new_peak, torch.ones_like(new_peak)), 1.0), new_peak
+def schedule_ratio(lr: Tensor | float, prev_lr: Tensor) -> tuple[Tensor, Tensor]:
+    """``(r, lr)``: how much the group's ``lr`` fell since the previous step, ``min(1, lr/prev_lr)``
+    (1 at the first step, after an lr of 0, and while lr rises), and this step's lr as a tensor."""
+    lr_t = torch.as_tensor(lr, dtype=prev_lr.dtype, device=prev_lr.device)
+    positive = prev_lr > 0
+    ratio = torch.where(positive, lr_t / torch.where(positive, prev_lr, torch.ones_like(prev_lr)), 1.0)
+    return ratio.clamp_max(1.0), lr_t
 
 
 def hypergradient_factor(
@@ -62,21 +64,22 @@ def hypergradient_factor(
     rate: Tensor | float,
     hyper_lr: Tensor | float,
     normalized: bool = False,
-    fraction: Tensor | float = 1.0,
+    ratio: Tensor | float = 1.0,
 ) -> Tensor:
     """The adapted factor after one hypergradient step; ``rate = lr × init_lr = 0`` keeps it.
 
-    Paper: ``max(0, f + β (g·u_prev) / rate)``; ``normalized``: ``f · exp(β s cos(g, u_prev))``
-    with ``s`` the schedule ``fraction`` (cos = 0 while either is all zero).
+    The factor is first faded by the schedule, ``f^r``; then paper: ``max(0, f^r + β (g·u_prev) /
+    rate)``; ``normalized``: ``f^r · exp(β cos(g, u_prev))`` (cos = 0 while either is all zero).
     """
     h = group_dot(grads, prev_dirs)
     rate_t = torch.as_tensor(rate, dtype=factor.dtype, device=factor.device)
     positive = rate_t > 0
+    faded = factor**ratio
     if normalized:
         norms = (group_dot(grads, grads) * group_dot(prev_dirs, prev_dirs)).clamp_min(1e-30).sqrt()
-        new = factor * torch.exp(hyper_lr * fraction * h / norms)
+        new = faded * torch.exp(hyper_lr * h / norms)
     else:
-        new = (factor + hyper_lr * h / torch.where(positive, rate_t, torch.ones_like(rate_t))).clamp_min(0.0)
+        new = (faded + hyper_lr * h / torch.where(positive, rate_t, torch.ones_like(rate_t))).clamp_min(0.0)
     return torch.where(positive, new, factor)
 
 
@@ -84,19 +87,19 @@ def adapted_rate(
     group_state: Mapping[str, Tensor], grads: Sequence[Tensor], prev_dirs: Sequence[Tensor],
     hparams: Mapping[str, Any],
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``(α_t, new group entries)``: the step size ``lr × init_lr × f^s`` of the module docstring,
-    with the new ``lr_factor`` and ``peak_lr``."""
+    """``(α_t, new group entries)``: the step size ``lr × init_lr × f_t`` of the module docstring,
+    with the new ``lr_factor`` and ``prev_lr``."""
     rate = absolute_rate(hparams)
-    fraction, peak = schedule_fraction(hparams.get("lr", 1.0), group_state["peak_lr"])
+    ratio, lr = schedule_ratio(hparams.get("lr", 1.0), group_state["prev_lr"])
     factor = hypergradient_factor(group_state["lr_factor"], grads, prev_dirs, rate, hparams["hyper_lr"],
-                                  bool(hparams.get("normalized", False)), fraction)
-    return rate * factor**fraction, {"lr_factor": factor, "peak_lr": peak}
+                                  bool(hparams.get("normalized", False)), ratio)
+    return rate * factor, {"lr_factor": factor, "prev_lr": lr}
 
 
 def _group_init(params: Sequence[Tensor], with_step: bool) -> dict[str, Tensor]:
     like = params[0] if params else torch.zeros(())
     zero = torch.zeros((), dtype=like.dtype, device=like.device)
-    state = {"lr_factor": zero + 1, "peak_lr": zero.clone()}
+    state = {"lr_factor": zero + 1, "prev_lr": zero.clone()}
     if with_step:
         state["step"] = zero.clone()
     return state
@@ -106,7 +109,7 @@ class HypergradientSGDRule(HyperparameterRule):
     """SGD-HD. θ: log initial lr, log hyper-lr; momentum is a fixed config value.
 
     Per-parameter state: ``prev_dir`` (u_{t-1}) and, with momentum, ``momentum_buffer``; group
-    state ``lr_factor``, ``peak_lr``.
+    state ``lr_factor``, ``prev_lr``.
     """
 
     name: ClassVar[str] = "hypergradient-sgd"
@@ -161,7 +164,7 @@ class HypergradientAdamRule(HyperparameterRule):
     """Adam-HD. θ: log initial lr, log hyper-lr, logit betas, log eps.
 
     Per-parameter state: ``exp_avg``, ``exp_avg_sq``, ``prev_dir``; group state ``step``,
-    ``lr_factor``, ``peak_lr``.
+    ``lr_factor``, ``prev_lr``.
     """
 
     name: ClassVar[str] = "hypergradient-adam"
