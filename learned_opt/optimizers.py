@@ -115,8 +115,9 @@ def _rule_from_weights(
     return rule, card
 
 
-def _resolved(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """``given`` with each None replaced by its default (defaults that depend on the rule's form)."""
+def _decay_form(relative: Any, **given: Any) -> dict[str, Any]:
+    """The gradient-norm decay's settings, each None replaced by its form's default (relative or absolute)."""
+    defaults = RELATIVE_DEFAULTS if relative is True else ABSOLUTE_DEFAULTS
     return {k: defaults[k] if v is None else v for k, v in given.items()}
 
 
@@ -152,8 +153,7 @@ class GradNormDecaySGD(LearnedOptimizer):
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
-        form = _resolved({"decay": decay, "threshold": threshold, "patience": patience, "cooldown": cooldown},
-                         RELATIVE_DEFAULTS if relative is True else ABSOLUTE_DEFAULTS)
+        form = _decay_form(relative, decay=decay, threshold=threshold, patience=patience, cooldown=cooldown)
         super().__init__(params, GradNormDecayRule(), lr=lr, init_lr=init_lr, relative=relative, **form,
                          momentum=momentum, weight_decay=weight_decay,
                          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
@@ -183,8 +183,7 @@ class GradNormDecayAdam(LearnedOptimizer):
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
-        form = _resolved({"decay": decay, "threshold": threshold, "patience": patience, "cooldown": cooldown},
-                         RELATIVE_DEFAULTS if relative is True else ABSOLUTE_DEFAULTS)
+        form = _decay_form(relative, decay=decay, threshold=threshold, patience=patience, cooldown=cooldown)
         super().__init__(params, GradNormDecayAdamRule(), lr=lr, init_lr=init_lr, relative=relative, **form,
                          betas=_pair(betas), eps=eps, weight_decay=weight_decay,
                          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)

@@ -44,8 +44,10 @@ from learned_opt.rules.directions import adam_direction, group_norm, momentum_di
 from learned_opt.rules.hparam_base import HyperparameterRule, check_betas, log_param, logit_param
 from learned_opt.rules.transforms import absolute_rate
 
-# The public optimizers' defaults: per form (relative or the seeds' absolute rule).
-RELATIVE_DEFAULTS: dict[str, Any] = {"threshold": 0.1, "decay": 0.5, "patience": 5, "cooldown": 10}
+# The public optimizers' defaults per form (relative, or the seeds' absolute rule). ρ = 0.3: on noisy
+# least squares (3 seeds, 300 steps) ρ = 0.1 rarely fired, 0.3 and 0.5 beat constant SGD/Adam at the
+# same rate on every seed (0.5 most); 0.3 decays less on deterministic problems.
+RELATIVE_DEFAULTS: dict[str, Any] = {"threshold": 0.3, "decay": 0.5, "patience": 5, "cooldown": 10}
 ABSOLUTE_DEFAULTS: dict[str, Any] = {"threshold": 1e-3, "decay": 0.9, "patience": 1, "cooldown": 0}
 STATE_KEYS = ("lr_factor", "decay_count", "first_decay_step", "step", "ref_norm", "below", "cooldown_left")
 
