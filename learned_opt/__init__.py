@@ -4,6 +4,7 @@ from learned_opt._version import __version__
 from learned_opt.bench.harness import benchmark
 from learned_opt.meta.train import meta_train
 from learned_opt.optim import (
+    GradNormDecayAdam,
     GradNormDecaySGD,
     HypergradientAdam,
     HypergradientSGD,
@@ -17,6 +18,7 @@ from learned_opt.suites import Suite, SuiteEntry, load_suite
 from learned_opt.weights import list_pretrained
 
 __all__ = [
+    "GradNormDecayAdam",
     "GradNormDecaySGD",
     "HypergradientAdam",
     "HypergradientSGD",

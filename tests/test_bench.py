@@ -620,12 +620,15 @@ def test_report_counts_how_often_the_decay_branch_fired(tmp_path):
         '[suite]\nsteps = 20\nseeds = { train = [0, 10], validation = [10, 20], test = [20, 30] }\n'
         '[[suite.family]]\nlabel = "q"\nfamily = "quadratic"\n[suite.family.settings]\ndim = 3\n'
     )
-    res = learned_opt.benchmark(str(suite_file), {"always": "GradNormDecaySGD[threshold=1e6,lr=0.001]",
-                                                  "never": "GradNormDecaySGD[threshold=1e-12,lr=0.001]"},
+    res = learned_opt.benchmark(str(suite_file), {"always": "GradNormDecaySGD[threshold=1e6,lr=0.01,relative=false]",
+                                                  "never": "GradNormDecaySGD[threshold=1e-12,lr=0.01]"},
                                 seeds=2, progress=False, timing_steps=0)
     runs = res.results["tasks"][0]["results"]
     assert [r["extra"]["state"]["decay_count"] for r in runs["always"]["runs"]] == [20.0, 20.0]
     assert [r["extra"]["state"]["decay_count"] for r in runs["never"]["runs"]] == [0.0, 0.0]
     assert "always: decay fired (steps)" in res.report
-    assert "| q | 20 | 20 | 0.122 | 0 | 1 |" in res.report  # fired 20 times: lr factor 0.9**20
+    # fired 20 times from step 1 on (both seeds): lr factor 0.9**20; never fired: factor 1
+    assert "| q | 20 | 20 | 1 (2/2) | 0.122 | 0 | never (0/2) | 1 |" in res.report
+    assert "| always | 0.122 | 0.122 | 0.122 | 2 | 1/1 |" in res.report  # the final factor's spread
+    assert "| never | 1 | 1 | 1 | 2 | 0/1 |" in res.report
     assert "state" not in runs["adam (tuned)"]["runs"][0]["extra"]

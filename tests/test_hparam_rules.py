@@ -37,7 +37,7 @@ def test_grad_norm_decay_hand_computed_trajectory() -> None:
     # step 4: g=0.1875: f=0.25          x = 0.1875*(1-0.125)  = 0.1640625
     want = [0.5, 0.25, 0.1875, 0.1640625]
     traj, opt = _quadratic_run(
-        lambda p: GradNormDecaySGD(p, lr=0.5, decay=0.5, threshold=0.3), 4, torch.ones(1), torch.ones(1, dtype=torch.float64)
+        lambda p: GradNormDecaySGD(p, init_lr=0.5, decay=0.5, threshold=0.3, relative=False), 4, torch.ones(1), torch.ones(1, dtype=torch.float64)
     )
     assert [float(t) for t in traj] == pytest.approx(want, abs=1e-15)
     st = opt.group_state(0)
@@ -47,7 +47,7 @@ def test_grad_norm_decay_hand_computed_trajectory() -> None:
 def test_grad_norm_decay_uses_the_group_norm() -> None:
     # per-coordinate |g| = 0.2 < 0.3 but the group norm sqrt(4 * 0.04) = 0.4 is not: no decay
     _, opt = _quadratic_run(
-        lambda p: GradNormDecaySGD(p, lr=0.0, threshold=0.3), 1, torch.ones(4), torch.full((4,), 0.2)
+        lambda p: GradNormDecaySGD(p, lr=0.0, threshold=0.3, relative=False), 1, torch.ones(4), torch.full((4,), 0.2)
     )
     assert float(opt.group_state(0)["decay_count"]) == 0
 
@@ -57,7 +57,7 @@ def test_grad_norm_decay_soft_tends_to_exact() -> None:
     p = [torch.zeros(2)]
     for soft_temp, tol in ((0.01, 1e-6), (1.0, None)):
         exact, soft = GradNormDecayRule(), GradNormDecayRule(soft=True, temperature=soft_temp)
-        hp = {"lr": 0.1, "decay": 0.5, "threshold": 0.01, "momentum": 0.0}
+        hp = {"init_lr": 0.1, "decay": 0.5, "threshold": 0.01, "momentum": 0.0}
         s_exact, s_soft = exact.init_state(p), soft.init_state(p)
         for g in grads:
             g = g[:2] if g.numel() >= 2 else g.repeat(2)
@@ -92,7 +92,7 @@ def test_hypergradient_sgd_worked_example() -> None:
     a3 = a2 + 0.01 * x2 * 0.9
     x3 = x2 - a3 * x2
     traj, opt = _quadratic_run(
-        lambda p: HypergradientSGD(p, lr=0.1, hyper_lr=0.01), 3, torch.ones(1), torch.ones(1, dtype=torch.float64)
+        lambda p: HypergradientSGD(p, init_lr=0.1, hyper_lr=0.01, normalized=False), 3, torch.ones(1), torch.ones(1, dtype=torch.float64)
     )
     assert [float(t) for t in traj] == pytest.approx([0.9, x2, x3], abs=1e-14)
     assert float(opt.state[opt.param_groups[0]["params"][0]]["lr_factor"]) * 0.1 == pytest.approx(a3, abs=1e-14)
@@ -113,7 +113,7 @@ def test_hypergradient_adam_worked_example() -> None:
         u_prev = u
         want.append(x)
     traj, _ = _quadratic_run(
-        lambda p: HypergradientAdam(p, lr=0.01, hyper_lr=beta), 4, torch.full((1,), 3.0), torch.ones(1, dtype=torch.float64)
+        lambda p: HypergradientAdam(p, init_lr=0.01, hyper_lr=beta, normalized=False), 4, torch.full((1,), 3.0), torch.ones(1, dtype=torch.float64)
     )
     assert [float(t) for t in traj] == pytest.approx(want, rel=1e-12)
 
@@ -121,7 +121,7 @@ def test_hypergradient_adam_worked_example() -> None:
 def test_hypergradient_rate_never_negative() -> None:
     # x^2/2 from x=1 with lr=1.5 overshoots to -0.5; then h = -0.5 and 1.5 + 10 * (-0.5) < 0 -> clamped to 0
     x = torch.nn.Parameter(torch.ones(1))
-    opt = HypergradientSGD([x], lr=1.5, hyper_lr=10.0)
+    opt = HypergradientSGD([x], init_lr=1.5, hyper_lr=10.0, normalized=False)
     factors, xs = [], []
     for _ in range(4):
         x.grad = x.detach().clone()
@@ -135,13 +135,13 @@ def test_hypergradient_rate_never_negative() -> None:
 @pytest.mark.parametrize(
     ("ours", "theirs"),
     [
-        (lambda p: HypergradientSGD(p, lr=0.05, hyper_lr=0.0, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
-        (lambda p: HypergradientAdam(p, lr=0.05, hyper_lr=0.0, betas=(0.8, 0.99)),
+        (lambda p: HypergradientSGD(p, init_lr=0.05, hyper_lr=0.0, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
+        (lambda p: HypergradientAdam(p, init_lr=0.05, hyper_lr=0.0, betas=(0.8, 0.99)),
          lambda p: torch.optim.Adam(p, lr=0.05, betas=(0.8, 0.99))),
-        (lambda p: LearnedOptimizer(p, LearnableAdamRule(), lr=0.05, betas=(0.8, 0.99), eps=1e-6),
+        (lambda p: LearnedOptimizer(p, LearnableAdamRule(), init_lr=0.05, betas=(0.8, 0.99), eps=1e-6),
          lambda p: torch.optim.Adam(p, lr=0.05, betas=(0.8, 0.99), eps=1e-6)),
-        (lambda p: LearnedOptimizer(p, LearnableSGDRule(), lr=0.05, momentum=0.7), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.7)),
-        (lambda p: GradNormDecaySGD(p, lr=0.05, threshold=0.0, momentum=0.5), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.5)),
+        (lambda p: LearnedOptimizer(p, LearnableSGDRule(), init_lr=0.05, momentum=0.7), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.7)),
+        (lambda p: GradNormDecaySGD(p, init_lr=0.05, threshold=0.0, momentum=0.5), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.5)),
     ],
     ids=["sgd-hd-beta0", "adam-hd-beta0", "learnable-adam", "learnable-sgd", "gnd-never-fires"],
 )
@@ -153,20 +153,22 @@ def test_reduces_to_torch_optimizer(ours, theirs) -> None:
     torch.testing.assert_close(a[-1], b[-1], rtol=1e-10, atol=1e-12)
 
 
-def test_scheduler_multiplies_hypergradient_rate() -> None:
-    """With a scheduler, the effective rate is group['lr'] x lr_factor."""
+def test_scheduler_fades_the_adapted_factor() -> None:
+    """When a schedule lowers lr by a ratio r, the factor is first raised to r: f_t = f_{t-1}^r + β g·u / rate."""
     x = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
-    opt = HypergradientSGD([x], lr=0.1, hyper_lr=0.01)
+    opt = HypergradientSGD([x], init_lr=0.1, hyper_lr=0.01, normalized=False)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    for _ in range(3):
+    factor, prev = 1.0, 0.0
+    for _ in range(4):
         x.grad = x.detach().clone()
-        before = x.detach().clone()
+        lr, before = opt.param_groups[0]["lr"], x.detach().clone()
         opt.step()
         sched.step()
-        factor = float(opt.state[x]["lr_factor"])
-        # the step taken used the lr before the scheduler stepped
-        used_lr = opt.param_groups[0]["lr"] * 2
-        torch.testing.assert_close(x.detach(), before - used_lr * factor * before)
+        factor = factor ** min(1.0, lr / prev if prev else 1.0) + 0.01 * float(before) * prev_dir / (lr * 0.1) \
+            if prev else 1.0
+        prev, prev_dir = lr, float(before)
+        assert float(opt.state[x]["lr_factor"]) == pytest.approx(factor, rel=1e-12)
+        torch.testing.assert_close(x.detach(), before - lr * 0.1 * factor * before)
 
 
 @pytest.mark.parametrize("rule_cls", [HypergradientSGDRule, HypergradientAdamRule, LearnableAdamRule, LearnableSGDRule])
@@ -227,7 +229,7 @@ def test_normalized_hypergradient_adam_worked_example() -> None:
         x = [xi - alpha * ui for xi, ui in zip(x, u_prev)]
         want.append(list(x))
     traj, opt = _quadratic_run(
-        lambda p: HypergradientAdam(p, lr=0.05, hyper_lr=beta, normalized=True), 5, torch.tensor(scales),
+        lambda p: HypergradientAdam(p, init_lr=0.05, hyper_lr=beta, normalized=True), 5, torch.tensor(scales),
         torch.tensor([1.0, -2.0], dtype=torch.float64),
     )
     assert [t.tolist() for t in traj] == [pytest.approx(w, rel=1e-12) for w in want]
@@ -241,7 +243,7 @@ def test_normalized_hypergradient_is_invariant_to_the_loss_scale(opt_cls) -> Non
     for scale in (1.0, 1000.0):
         torch.manual_seed(0)
         w = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
-        opt = opt_cls([w], lr=0.01 / scale if opt_cls is HypergradientSGD else 0.01, hyper_lr=0.1, normalized=True)
+        opt = opt_cls([w], init_lr=0.01 / scale if opt_cls is HypergradientSGD else 0.01, hyper_lr=0.1, normalized=True)
         for step in range(8):
             opt.zero_grad()
             (scale * ((w - torch.arange(5.0, dtype=torch.float64)) ** 2).sum()).backward()

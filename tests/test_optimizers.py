@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from learned_opt.optim import (
+    GradNormDecayAdam,
     GradNormDecaySGD,
     HypergradientAdam,
     HypergradientSGD,
@@ -63,11 +64,16 @@ RELATIVE_RULE = _relative_rule()
 
 FACTORIES: dict[str, Callable[..., LearnedOptimizer]] = {
     "lstm": lambda params, **kw: LSTMOptimizer(params, weights=copy.deepcopy(LSTM_RULE), **kw),
-    "grad-norm-decay-sgd": lambda params, **kw: GradNormDecaySGD(params, **{"lr": 0.05, "threshold": 0.5, "momentum": 0.5, **kw}),
-    "hypergradient-sgd": lambda params, **kw: HypergradientSGD(params, **{"lr": 0.02, "momentum": 0.3, **kw}),
-    "hypergradient-adam": lambda params, **kw: HypergradientAdam(params, **{"lr": 0.01, "hyper_lr": 1e-4, **kw}),
-    "learnable-adam": lambda params, **kw: LearnedOptimizer(params, LearnableAdamRule(), **{"lr": 0.01, **kw}),
-    "learnable-sgd": lambda params, **kw: LearnedOptimizer(params, LearnableSGDRule(), **{"lr": 0.02, "momentum": 0.9, **kw}),
+    "grad-norm-decay-sgd": lambda params, **kw: GradNormDecaySGD(
+        params, **{"init_lr": 0.05, "threshold": 0.5, "momentum": 0.5, "relative": False, **kw}),
+    "grad-norm-decay-adam": lambda params, **kw: GradNormDecayAdam(
+        params, **{"init_lr": 0.01, "threshold": 0.7, "patience": 2, "cooldown": 3, **kw}),
+    "hypergradient-sgd": lambda params, **kw: HypergradientSGD(params, **{"init_lr": 0.02, "momentum": 0.3, **kw}),
+    "hypergradient-adam": lambda params, **kw: HypergradientAdam(
+        params, **{"init_lr": 0.01, "hyper_lr": 1e-4, "normalized": False, **kw}),
+    "learnable-adam": lambda params, **kw: LearnedOptimizer(params, LearnableAdamRule(), **{"init_lr": 0.01, **kw}),
+    "learnable-sgd": lambda params, **kw: LearnedOptimizer(
+        params, LearnableSGDRule(), **{"init_lr": 0.02, "momentum": 0.9, **kw}),
     "mlp": lambda params, **kw: MLPOptimizer(params, weights=copy.deepcopy(MLP_RULE), **kw),
     "relative-adam": lambda params, **kw: RelativeAdam(params, **{"alpha": 0.05, **kw}),
     "learned-relative-adam": lambda params, **kw: LearnedOptimizer(params, copy.deepcopy(RELATIVE_RULE),
@@ -547,6 +553,7 @@ def test_cuda_matches_cpu(make) -> None:
         (lambda ps: LSTMOptimizer(ps, weights=None), 320),
         (lambda ps: GradNormDecaySGD(ps), 0),
         (lambda ps: GradNormDecaySGD(ps, momentum=0.9), 4),
+        (lambda ps: GradNormDecayAdam(ps), 8),
         (lambda ps: HypergradientSGD(ps), 4),
         (lambda ps: HypergradientSGD(ps, momentum=0.9), 8),
         (lambda ps: HypergradientAdam(ps), 12),

@@ -77,7 +77,7 @@ def test_another_optimizers_state_is_refused_at_load(make, foreign) -> None:
 
 def test_fresh_state_of_another_class_lacking_hyperparameters_is_refused() -> None:
     adam = torch.optim.Adam(_params((3,)), lr=0.1)  # no per-parameter state yet
-    with pytest.raises(ValueError, match=r"param group 0 lacks hyperparameters \['hyper_lr', 'normalized'\]"):
+    with pytest.raises(ValueError, match=r"param group 0 lacks hyperparameters \['hyper_lr', 'init_lr', 'normalized'\]"):
         HypergradientAdam(_params((3,))).load_state_dict(adam.state_dict())
 
 
@@ -90,7 +90,7 @@ def test_another_rules_state_without_its_label_is_refused() -> None:
         LSTMOptimizer(_params((3,)), weights=None).load_state_dict(sd)
     sd = _stepped(HypergradientSGD(_params((3,)), momentum=0.5)).state_dict()
     del sd["learned_opt"]
-    with pytest.raises(ValueError, match=r"lacks hyperparameters \['decay', 'threshold'\]"):
+    with pytest.raises(ValueError, match=r"lacks hyperparameters \['cooldown', 'decay', 'patience', 'relative', 'threshold'\]"):
         GradNormDecaySGD(_params((3,)), momentum=0.5).load_state_dict(sd)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import learned_opt
-from learned_opt import optim
+from learned_opt import adapter, optim
 from learned_opt.meta.unroll import InnerRun, unroll
 from learned_opt.optim import (
     GradNormDecaySGD,
@@ -33,6 +33,7 @@ from learned_opt.rules import (
     Rule,
 )
 from learned_opt.rules import transforms
+from learned_opt.rules.transforms import absolute_rate
 from learned_opt.rules.hparam_base import HyperparameterRule
 from meta_toys import ToyQuadratic
 from test_optimizers import FACTORIES, LSTM_RULE, MLP_RULE, Problem
@@ -111,7 +112,8 @@ def test_meta_gradient_flows_through_weight_decay() -> None:
 
 # --- weight decay --------------------------------------------------------------------------------
 def test_decoupled_weight_decay_adds_minus_lr_wd_p(make) -> None:
-    """With decoupled decay a step is the rule's step plus ``-lr·wd·p``, for every optimizer."""
+    """With decoupled decay a step is the rule's step plus ``-lr·init_lr·wd·p`` (``-lr·wd·p`` for rules
+    without an ``init_lr``), for every optimizer."""
     prob_a, prob_b = Problem(), Problem()
     opt_a, opt_b = make(prob_a.params), make(prob_b.params)
     for opt, prob in ((opt_a, prob_a), (opt_b, prob_b)):
@@ -123,9 +125,9 @@ def test_decoupled_weight_decay_adds_minus_lr_wd_p(make) -> None:
     for opt, prob in ((opt_a, prob_a), (opt_b, prob_b)):
         prob.backward()
         opt.step()
-    lr = opt_a.param_groups[0]["lr"]
+    rate = absolute_rate(opt_a.param_groups[0])  # lr, times init_lr for the hyperparameter rules
     for a, b, p0 in zip(prob_a.params, prob_b.params, before):
-        torch.testing.assert_close(a.detach() - b.detach(), -lr * 0.1 * p0)
+        torch.testing.assert_close(a.detach() - b.detach(), -rate * 0.1 * p0)
 
 
 @pytest.fixture(params=list(FACTORIES))
@@ -136,7 +138,7 @@ def make(request: pytest.FixtureRequest) -> Callable[..., LearnedOptimizer]:
 def test_decoupled_hypergradient_adam_is_adamw() -> None:
     """Adam-HD without adaptation (hyper_lr=0) and decoupled decay is torch's AdamW."""
     prob_a, prob_b = Problem(), Problem()
-    ours = HypergradientAdam(prob_a.params, lr=0.01, hyper_lr=0.0, weight_decay=0.2, decoupled_weight_decay=True)
+    ours = HypergradientAdam(prob_a.params, init_lr=0.01, hyper_lr=0.0, weight_decay=0.2, decoupled_weight_decay=True)
     theirs = torch.optim.AdamW(prob_b.params, lr=0.01, weight_decay=0.2)
     for _ in range(5):
         for opt, prob in ((ours, prob_a), (theirs, prob_b)):
@@ -259,7 +261,7 @@ def test_device_guard_gives_the_host_guards_steps(make, monkeypatch: pytest.Monk
 
 def test_device_guard_warns_once_within_the_check_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transforms, "host_read_is_free", lambda grads: False)
-    monkeypatch.setattr(optim, "NONFINITE_CHECK_EVERY", 4)
+    monkeypatch.setattr(adapter, "NONFINITE_CHECK_EVERY", 4)  # read where the adapter steps
     prob = Problem()
     opt = HypergradientAdam(prob.params)
     caught_at = []

@@ -131,15 +131,19 @@ def test_lstm_optimizer_from_path_records_sha(tmp_path: Path) -> None:
     ("rule", "cls", "expected"),
     [
         (GradNormDecayRule(init_lr=0.05, init_decay=0.8, init_threshold=1e-2), GradNormDecaySGD,
-         {"lr": 0.05, "decay": 0.8, "threshold": 1e-2}),
-        (HypergradientSGDRule(init_lr=0.02, init_hyper_lr=1e-4), HypergradientSGD, {"lr": 0.02, "hyper_lr": 1e-4}),
-        (HypergradientAdamRule(init_lr=3e-3, init_betas=(0.8, 0.99)), HypergradientAdam, {"lr": 3e-3, "betas": (0.8, 0.99)}),
+         {"init_lr": 0.05, "decay": 0.8, "threshold": 1e-2, "relative": False}),
+        (HypergradientSGDRule(init_lr=0.02, init_hyper_lr=1e-4), HypergradientSGD,
+         {"init_lr": 0.02, "hyper_lr": 1e-4, "normalized": False}),
+        (HypergradientAdamRule(init_lr=3e-3, init_betas=(0.8, 0.99)), HypergradientAdam,
+         {"init_lr": 3e-3, "betas": (0.8, 0.99)}),
         (LearnableAdamRule(init_lr=2e-3, init_betas=(0.85, 0.995), init_eps=1e-6), torch.optim.Adam,
          {"lr": 2e-3, "betas": (0.85, 0.995), "eps": 1e-6}),
         (LearnableSGDRule(init_lr=0.03, init_momentum=0.7), torch.optim.SGD, {"lr": 0.03, "momentum": 0.7}),
     ],
 )
 def test_load_optimizer_gives_public_class_with_learned_values(tmp_path: Path, rule, cls, expected) -> None:
+    """The card's values are the defaults (a card without ``normalized``/``relative`` runs the form
+    it was trained in); ``lr`` multiplies the learned rate (a torch optimizer's lr is their product)."""
     path = save_weights(rule, tmp_path / "h", name="h", meta_training=META)
     p = torch.nn.Parameter(torch.zeros(3))
     opt = learned_opt.load_optimizer(path, [p])
@@ -147,9 +151,11 @@ def test_load_optimizer_gives_public_class_with_learned_values(tmp_path: Path, r
     for key, value in expected.items():
         assert opt.defaults[key] == pytest.approx(value, rel=1e-5)
     over = learned_opt.load_optimizer(path, [p], lr=0.5)
-    assert over.param_groups[0]["lr"] == 0.5
     if isinstance(opt, LearnedOptimizer):
+        assert opt.param_groups[0]["lr"] == 1.0 and over.param_groups[0]["lr"] == 0.5
         assert opt.weights_sha256 == file_sha256(path)
+    else:
+        assert over.param_groups[0]["lr"] == 0.5 * opt.param_groups[0]["lr"]
 
 
 def test_load_optimizer_lstm(tmp_path: Path) -> None:

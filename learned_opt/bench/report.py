@@ -109,28 +109,56 @@ def render_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-STATE_KEYS = {"decay_count": "decay fired (steps)", "lr_factor": "final lr factor"}
+STATE_KEYS = {"decay_count": "decay fired (steps)", "first_decay_step": "first firing (step)",
+              "lr_factor": "final lr factor"}
+
+
+def _state_values(rec: dict[str, Any], key: str) -> list[float]:
+    """A run record's end-of-run group state ``key`` over its seeds (None: non-finite, left out)."""
+    return [run["extra"]["state"][key] for run in rec["runs"]
+            if run.get("extra", {}).get("state", {}).get(key) is not None]
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _state_cell(values: list[float], key: str) -> str:
+    """Mean over seeds; the first firing is the median over the seeds that fired, with how many
+    fired (0 is "never")."""
+    if not values:
+        return "—"
+    if key != "first_decay_step":
+        return _num(sum(values) / len(values))
+    fired = [v for v in values if v > 0]
+    return f"{_num(_median(fired)) if fired else 'never'} ({len(fired)}/{len(values)})"
 
 
 def _state_section(tasks: list[dict[str, Any]], labels: list[str]) -> list[str]:
-    """How the adaptive-rate rules adapted: mean over seeds of their end-of-run group state."""
-    cols = []
-    for label in labels:
-        for key, name in STATE_KEYS.items():
-            if any(key in run.get("extra", {}).get("state", {}) for t in tasks for run in t["results"][label]["runs"]):
-                cols.append((label, key, name))
+    """How the adaptive-rate rules adapted: their end-of-run group state per task (mean over seeds;
+    the step of the first firing), and the final factor's distribution over every task and seed."""
+    cols = [(label, key, name) for label in labels for key, name in STATE_KEYS.items()
+            if any(_state_values(t["results"][label], key) for t in tasks)]
     if not cols:
         return []
-    rows = []
-    for t in tasks:
-        row = [t["label"], str(t["steps"])]
-        for label, key, _ in cols:
-            values = [run["extra"]["state"][key] for run in t["results"][label]["runs"]
-                      if run.get("extra", {}).get("state", {}).get(key) is not None]  # None: non-finite
-            row.append(_num(sum(values) / len(values)) if values else "—")
-        rows.append(row)
-    return ["", "## Adaptive rules: end-of-run state (mean over seeds, runs at the reported lr)", "",
-            *_table(["task", "steps", *(f"{label}: {name}" for label, _, name in cols)], rows)]
+    rows = [[t["label"], str(t["steps"]), *(_state_cell(_state_values(t["results"][label], key), key)
+                                            for label, key, _ in cols)] for t in tasks]
+    lines = ["", "## Adaptive rules: end-of-run state (mean over seeds, runs at the reported lr; first firing: "
+             "median over the seeds that fired, with how many did)", "",
+             *_table(["task", "steps", *(f"{label}: {name}" for label, _, name in cols)], rows)]
+    spread = []
+    for label in dict.fromkeys(label for label, key, _ in cols if key == "lr_factor"):
+        values = [v for t in tasks for v in _state_values(t["results"][label], "lr_factor")]
+        fired = sum(1 for t in tasks if any(v > 0 for v in _state_values(t["results"][label], "first_decay_step")))
+        has_decay = any(key == "decay_count" and lab == label for lab, key, _ in cols)
+        spread.append([label, _num(_median(values)), _num(min(values)), _num(max(values)), str(len(values)),
+                       f"{fired}/{len(tasks)}" if has_decay else "—"])
+    if spread:
+        lines += ["", "Final lr factor over every task and seed:", "",
+                  *_table(["optimizer", "median", "min", "max", "runs", "tasks where it fired"], spread)]
+    return lines
 
 
 def write_outputs(results: dict[str, Any], report: str, out: Path, *, plots: bool = True) -> list[Path]:

@@ -4,7 +4,7 @@ Importing this package registers every rule in ``RULES`` (by its ``name``).
 """
 
 from learned_opt.rules.base import RULES, Rule, RuleState, build_rule
-from learned_opt.rules.grad_norm_decay import GradNormDecayRule
+from learned_opt.rules.grad_norm_decay import GradNormDecayAdamRule, GradNormDecayRule
 from learned_opt.rules.hypergradient import HypergradientAdamRule, HypergradientSGDRule
 from learned_opt.rules.learnable import LearnableAdamRule, LearnableSGDRule
 from learned_opt.rules.lstm import LSTMRule
@@ -13,6 +13,7 @@ from learned_opt.rules.relative import LearnedRelativeAdamRule, RelativeAdamRule
 
 __all__ = [
     "RULES",
+    "GradNormDecayAdamRule",
     "GradNormDecayRule",
     "HypergradientAdamRule",
     "HypergradientSGDRule",

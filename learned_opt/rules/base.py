@@ -30,7 +30,8 @@ class Rule(nn.Module):
 
     Subclasses set ``name`` (the registry key written into weight cards), ``hyperparameters`` (the
     param-group keys and defaults the optimizer adapter passes in ``hparams``; always includes
-    ``lr``, which multiplies the rule's update), and implement ``init_state``/``update``/``config``.
+    ``lr``, a multiplier of the rule's own rate: 1.0 is the step the rule was trained or set to
+    take, and schedulers scale it), and implement ``init_state``/``update``/``config``.
     """
 
     name: ClassVar[str] = ""
@@ -92,6 +93,11 @@ class Rule(nn.Module):
     def meta_hparams(self) -> dict[str, Tensor | float]:
         """The ``hparams`` meta-training passes to ``update``: derived from θ where θ holds them."""
         return {k: v for k, v in self.hyperparameters.items()}
+
+    def default_hparams(self) -> dict[str, Any]:
+        """This instance's defaults of ``hyperparameters``: the optimizer adapter's group defaults
+        (a rule whose θ holds hyperparameters gives its learned or configured values)."""
+        return dict(self.hyperparameters)
 
 
 def check_number(key: str, value: Any) -> float:

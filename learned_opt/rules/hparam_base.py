@@ -1,5 +1,9 @@
 """Shared base of the hyperparameter rules: θ holds log/logit-parameterised hyperparameters.
 
+Every such rule steps at ``lr × init_lr`` (times its adapted factor, if any): ``init_lr`` is the
+absolute base rate (learned, or hand-set), ``lr`` a multiplier of it (default 1.0), as ``lr`` is
+for every rule of the library; meta-training leaves ``lr`` at 1 and learns ``init_lr``.
+
 Meta-training calls ``update(..., rule.meta_hparams())`` so the hyperparameters are differentiable
 functions of θ; the public optimizers pass the same keys as plain per-group floats. Both paths run
 the rule's one ``update``. ``optimizer_defaults()`` turns learned θ into the floats a public
@@ -56,6 +60,8 @@ class HyperparameterRule(Rule):
         super().validate_hparams(hparams)
         if "momentum" in hparams:
             check_in_range("momentum", hparams["momentum"], 0.0, 1.0)
+        if "init_lr" in hparams:
+            check_nonnegative("init_lr", hparams["init_lr"])
         if "hyper_lr" in hparams:
             check_nonnegative("hyper_lr", hparams["hyper_lr"])
         if "betas" in hparams:
@@ -68,3 +74,6 @@ class HyperparameterRule(Rule):
     def optimizer_defaults(self) -> dict[str, Any]:
         """The learned hyperparameters as floats: defaults of the matching public optimizer."""
         return {k: to_float(v) for k, v in self.meta_hparams().items()}
+
+    def default_hparams(self) -> dict[str, Any]:
+        return {**self.hyperparameters, **self.optimizer_defaults()}

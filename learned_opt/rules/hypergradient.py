@@ -1,29 +1,30 @@
 """Hypergradient descent (Baydin et al. 2018, "Online Learning Rate Adaptation with Hypergradient
 Descent"): SGD-HD and Adam-HD with one adapted rate per param group.
 
-The paper adapts the rate by gradient descent on it: with ``u_{t-1}`` the previous update direction
-(the gradient for plain SGD, the momentum buffer with momentum, Adam's ``m̂/(sqrt(v̂)+eps)`` for
-Adam-HD), ``d loss / d α = -g_t · u_{t-1}``, so::
+The rate is ``α_t = lr_t × init_lr × f_t``: ``init_lr`` the base rate, ``lr_t`` the group's
+multiplier (what a scheduler changes) and ``f_t`` the adapted factor (``opt.state[p]["lr_factor"]``,
+starting at 1). With ``u_{t-1}`` the previous direction (the gradient for plain SGD, the momentum
+buffer with momentum, Adam's ``m̂/(sqrt(v̂)+eps)`` for Adam-HD), the factor adapts by
 
-    α_t = max(0, α_{t-1} + β g_t · u_{t-1})        (dot product over the whole group)
-    θ_t = θ_{t-1} - α_t u_t
+- ``normalized=True`` (the public optimizers' default, scale-free): ``f_t = f_{t-1}^r ·
+  exp(β cos(g_t, u_{t-1}))``: β is a log-rate change per step whatever the loss's scale
+  (cos = 0 while either vector is all zero);
+- ``normalized=False`` (the paper's exact form): ``f_t = max(0, f_{t-1}^r + β g_t·u_{t-1} / (lr_t
+  init_lr))``, the paper's step ``α ← α + β g·u`` on the rate, in the loss's units (so one β cannot
+  suit tasks whose gradients differ by orders of magnitude: β = 1e-3 diverges on a least-squares
+  problem with loss ~150 where SGD at the same rate converges). The rate never goes negative.
 
-The rate never goes negative (the original code let it, and then ascended the loss).
+Schedules: an external scheduler owns the rate's envelope. ``r = min(1, lr_t / lr_{t-1})`` (group
+state ``prev_lr``) is 1 while ``lr`` is constant or rising, so the trajectory is exactly the rule
+above; when a schedule lowers ``lr`` by a ratio r, the factor's log shrinks by that ratio too
+(``f^r``), so the adaptation made at the higher rate fades with the decay instead of undoing it:
+near the end of a decay-to-zero schedule ``f`` is within ``e^β`` per step of 1 and the rate is the
+schedule's (tested: within 2× over the last tenth of a cosine schedule). ``lr = 0`` freezes the
+parameters and the factor.
 
-The adapted rate is kept as a factor of the group's ``lr``: ``α_t = lr × lr_factor`` with
-``lr_factor`` in the group state (``opt.state[p]["lr_factor"]``), starting at 1. The hypergradient
-step is taken in the paper's units (on α) and converted to the factor by dividing by the current
-``lr``, so with a constant ``lr`` the trajectory is exactly the paper's. A scheduler that changes
-``lr`` rescales the online rate multiplicatively (``α = lr_t × factor``), and ``lr = 0`` freezes
-both the parameters and the factor.
-
-Hand-set defaults are the paper's: β = 1e-3 for SGD-HD, β = 1e-7 for Adam-HD.
-
-``normalized=True`` is a scale-free variant: the factor moves multiplicatively by the *cosine*
-between the gradient and the previous direction, ``f_t = f_{t-1} · exp(β cos(g_t, u_{t-1}))``, so
-β is a log-rate change per step whatever the loss's scale (the paper's step ``β g·u`` is in the
-loss's units, so one β cannot suit tasks whose gradients differ by orders of magnitude). The rate
-stays positive by construction; β of a few hundredths lets it move 10× within ~100 steps.
+Rule defaults (a card without ``normalized`` was trained in the paper's form): ``normalized=False``
+with the paper's β = 1e-3 (SGD-HD) and 1e-7 (Adam-HD); the public optimizers default to
+``normalized=True`` with :data:`NORMALIZED_HYPER_LR`.
 """
 
 from __future__ import annotations
@@ -37,36 +38,68 @@ from torch import Tensor
 from learned_opt.rules.base import RuleState, check_bool, check_in_range
 from learned_opt.rules.directions import adam_direction, group_dot, momentum_direction
 from learned_opt.rules.hparam_base import HyperparameterRule, check_betas, log_param, logit_param
+from learned_opt.rules.transforms import absolute_rate
+
+
+# β of the normalized form (a log-rate change per step): the factor can move e^5 ≈ 150× in 100
+# aligned steps. Chosen on the contract problems and a least-squares example (docs/optimizers.md).
+NORMALIZED_HYPER_LR = 0.05
+# The paper's β (Baydin et al. 2018): the rules' defaults, in the loss's units.
+PAPER_HYPER_LR = {"sgd": 1e-3, "adam": 1e-7}
+
+
+def schedule_ratio(lr: Tensor | float, prev_lr: Tensor) -> tuple[Tensor, Tensor]:
+    """``(r, lr)``: how much the group's ``lr`` fell since the previous step, ``min(1, lr/prev_lr)``
+    (1 at the first step, after an lr of 0, and while lr rises), and this step's lr as a tensor."""
+    lr_t = torch.as_tensor(lr, dtype=prev_lr.dtype, device=prev_lr.device)
+    positive = prev_lr > 0
+    ratio = torch.where(positive, lr_t / torch.where(positive, prev_lr, torch.ones_like(prev_lr)), 1.0)
+    return ratio.clamp_max(1.0), lr_t
 
 
 def hypergradient_factor(
     factor: Tensor,
     grads: Sequence[Tensor],
     prev_dirs: Sequence[Tensor],
-    lr: Tensor | float,
+    rate: Tensor | float,
     hyper_lr: Tensor | float,
     normalized: bool = False,
+    ratio: Tensor | float = 1.0,
 ) -> Tensor:
-    """The adapted factor after one hypergradient step; lr = 0 keeps f.
+    """The adapted factor after one hypergradient step; ``rate = lr × init_lr = 0`` keeps it.
 
-    Paper: ``max(0, f + β (g·u_prev) / lr)``; ``normalized``: ``f · exp(β cos(g, u_prev))`` (cos = 0
-    while either is all zero).
+    The factor is first faded by the schedule, ``f^r``; then paper: ``max(0, f^r + β (g·u_prev) /
+    rate)``; ``normalized``: ``f^r · exp(β cos(g, u_prev))`` (cos = 0 while either is all zero).
     """
     h = group_dot(grads, prev_dirs)
-    lr_t = torch.as_tensor(lr, dtype=factor.dtype, device=factor.device)
-    positive = lr_t > 0
+    rate_t = torch.as_tensor(rate, dtype=factor.dtype, device=factor.device)
+    positive = rate_t > 0
+    faded = factor**ratio
     if normalized:
         norms = (group_dot(grads, grads) * group_dot(prev_dirs, prev_dirs)).clamp_min(1e-30).sqrt()
-        new = factor * torch.exp(hyper_lr * h / norms)
+        new = faded * torch.exp(hyper_lr * h / norms)
     else:
-        new = (factor + hyper_lr * h / torch.where(positive, lr_t, torch.ones_like(lr_t))).clamp_min(0.0)
+        new = (faded + hyper_lr * h / torch.where(positive, rate_t, torch.ones_like(rate_t))).clamp_min(0.0)
     return torch.where(positive, new, factor)
+
+
+def adapted_rate(
+    group_state: Mapping[str, Tensor], grads: Sequence[Tensor], prev_dirs: Sequence[Tensor],
+    hparams: Mapping[str, Any],
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(α_t, new group entries)``: the step size ``lr × init_lr × f_t`` of the module docstring,
+    with the new ``lr_factor`` and ``prev_lr``."""
+    rate = absolute_rate(hparams)
+    ratio, lr = schedule_ratio(hparams.get("lr", 1.0), group_state["prev_lr"])
+    factor = hypergradient_factor(group_state["lr_factor"], grads, prev_dirs, rate, hparams["hyper_lr"],
+                                  bool(hparams.get("normalized", False)), ratio)
+    return rate * factor, {"lr_factor": factor, "prev_lr": lr}
 
 
 def _group_init(params: Sequence[Tensor], with_step: bool) -> dict[str, Tensor]:
     like = params[0] if params else torch.zeros(())
     zero = torch.zeros((), dtype=like.dtype, device=like.device)
-    state = {"lr_factor": zero + 1}
+    state = {"lr_factor": zero + 1, "prev_lr": zero.clone()}
     if with_step:
         state["step"] = zero.clone()
     return state
@@ -75,13 +108,15 @@ def _group_init(params: Sequence[Tensor], with_step: bool) -> dict[str, Tensor]:
 class HypergradientSGDRule(HyperparameterRule):
     """SGD-HD. θ: log initial lr, log hyper-lr; momentum is a fixed config value.
 
-    Per-parameter state: ``prev_dir`` (u_{t-1}) and, with momentum, ``momentum_buffer``.
+    Per-parameter state: ``prev_dir`` (u_{t-1}) and, with momentum, ``momentum_buffer``; group
+    state ``lr_factor``, ``prev_lr``.
     """
 
     name: ClassVar[str] = "hypergradient-sgd"
-    hyperparameters: ClassVar[dict[str, Any]] = {"lr": 0.01, "hyper_lr": 1e-3, "momentum": 0.0, "normalized": False}
+    hyperparameters: ClassVar[dict[str, Any]] = {"lr": 1.0, "init_lr": 0.01, "hyper_lr": PAPER_HYPER_LR["sgd"],
+                                                 "momentum": 0.0, "normalized": False}
 
-    def __init__(self, init_lr: float = 0.01, init_hyper_lr: float = 1e-3, momentum: float = 0.0,
+    def __init__(self, init_lr: float = 0.01, init_hyper_lr: float = PAPER_HYPER_LR["sgd"], momentum: float = 0.0,
                  normalized: bool = False) -> None:
         super().__init__()
         check_in_range("momentum", momentum, 0.0, 1.0)
@@ -99,7 +134,7 @@ class HypergradientSGDRule(HyperparameterRule):
         }
 
     def meta_hparams(self) -> dict[str, Tensor | float]:
-        return {"lr": self.log_lr.exp(), "hyper_lr": self.log_hyper_lr.exp(), "momentum": self.momentum,
+        return {"init_lr": self.log_lr.exp(), "hyper_lr": self.log_hyper_lr.exp(), "momentum": self.momentum,
                 "normalized": self.normalized}
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
@@ -113,36 +148,33 @@ class HypergradientSGDRule(HyperparameterRule):
         hparams: Mapping[str, Tensor | float],
     ) -> tuple[list[Tensor], RuleState]:
         group_state, per_param = state
-        lr = hparams["lr"]
-        factor = hypergradient_factor(
-            group_state["lr_factor"], grads, [st["prev_dir"] for st in per_param], lr, hparams["hyper_lr"],
-            bool(hparams.get("normalized", False)),
-        )
+        alpha, adapted = adapted_rate(group_state, grads, [st["prev_dir"] for st in per_param], hparams)
         updates, new_per_param = [], []
         for g, st in zip(grads, per_param):
             direction, buf = momentum_direction(g, st.get("momentum_buffer"), hparams.get("momentum", 0.0))
-            updates.append(direction * (-lr * factor))
+            updates.append(direction * -alpha)
             new_st = {"prev_dir": direction}
             if buf is not None:
                 new_st["momentum_buffer"] = buf
             new_per_param.append(new_st)
-        return updates, ({**group_state, "lr_factor": factor}, new_per_param)
+        return updates, ({**group_state, **adapted}, new_per_param)
 
 
 class HypergradientAdamRule(HyperparameterRule):
     """Adam-HD. θ: log initial lr, log hyper-lr, logit betas, log eps.
 
-    Per-parameter state: ``exp_avg``, ``exp_avg_sq``, ``prev_dir``; group state ``step``, ``lr_factor``.
+    Per-parameter state: ``exp_avg``, ``exp_avg_sq``, ``prev_dir``; group state ``step``,
+    ``lr_factor``, ``prev_lr``.
     """
 
     name: ClassVar[str] = "hypergradient-adam"
-    hyperparameters: ClassVar[dict[str, Any]] = {"lr": 1e-3, "hyper_lr": 1e-7, "betas": (0.9, 0.999), "eps": 1e-8,
-                                                 "normalized": False}
+    hyperparameters: ClassVar[dict[str, Any]] = {"lr": 1.0, "init_lr": 1e-3, "hyper_lr": PAPER_HYPER_LR["adam"],
+                                                 "betas": (0.9, 0.999), "eps": 1e-8, "normalized": False}
 
     def __init__(
         self,
         init_lr: float = 1e-3,
-        init_hyper_lr: float = 1e-7,
+        init_hyper_lr: float = PAPER_HYPER_LR["adam"],
         init_betas: tuple[float, float] = (0.9, 0.999),
         init_eps: float = 1e-8,
         normalized: bool = False,
@@ -159,7 +191,7 @@ class HypergradientAdamRule(HyperparameterRule):
     def config(self) -> dict[str, Any]:
         hp = self.optimizer_defaults()
         return {
-            "init_lr": hp["lr"],
+            "init_lr": hp["init_lr"],
             "init_hyper_lr": hp["hyper_lr"],
             "init_betas": list(hp["betas"]),
             "init_eps": hp["eps"],
@@ -168,7 +200,7 @@ class HypergradientAdamRule(HyperparameterRule):
 
     def meta_hparams(self) -> dict[str, Tensor | float]:
         return {
-            "lr": self.log_lr.exp(),
+            "init_lr": self.log_lr.exp(),
             "hyper_lr": self.log_hyper_lr.exp(),
             "betas": (torch.sigmoid(self.logit_beta1), torch.sigmoid(self.logit_beta2)),
             "eps": self.log_eps.exp(),
@@ -190,15 +222,11 @@ class HypergradientAdamRule(HyperparameterRule):
         hparams: Mapping[str, Tensor | float],
     ) -> tuple[list[Tensor], RuleState]:
         group_state, per_param = state
-        lr = hparams["lr"]
         step = group_state["step"] + 1
-        factor = hypergradient_factor(
-            group_state["lr_factor"], grads, [st["prev_dir"] for st in per_param], lr, hparams["hyper_lr"],
-            bool(hparams.get("normalized", False)),
-        )
+        alpha, adapted = adapted_rate(group_state, grads, [st["prev_dir"] for st in per_param], hparams)
         updates, new_per_param = [], []
         for g, st in zip(grads, per_param):
             direction, m, v = adam_direction(g, st["exp_avg"], st["exp_avg_sq"], step, hparams["betas"], hparams["eps"])
-            updates.append(direction * (-lr * factor))
+            updates.append(direction * -alpha)
             new_per_param.append({"exp_avg": m, "exp_avg_sq": v, "prev_dir": direction})
-        return updates, ({**group_state, "lr_factor": factor, "step": step}, new_per_param)
+        return updates, ({**group_state, **adapted, "step": step}, new_per_param)

@@ -12,7 +12,8 @@ the update that ships. In the spirit of optax's ``chain``, one step is small com
    gradient gives finite parameters and state. Gradients this large are far outside training;
    the rescale only changes steps that would otherwise overflow or come close to it;
 3. the rule's ``update``;
-4. :func:`add_decoupled_weight_decay` (AdamW-style ``u − lr·wd·p``, ``lr`` the group's multiplier);
+4. :func:`add_decoupled_weight_decay` (AdamW-style ``u − rate·wd·p``, ``rate`` the group's
+   :func:`absolute_rate`: ``lr × init_lr`` for the hyperparameter rules, ``lr`` for the others);
 5. the guard's verdict: a group with a non-finite gradient is skipped (zero updates, its state
    unchanged), as ``GradScaler`` skips a step.
 
@@ -97,12 +98,19 @@ def add_coupled_weight_decay(
 def add_decoupled_weight_decay(
     updates: list[Tensor], params: Sequence[Tensor], hparams: Mapping[str, Any]
 ) -> list[Tensor]:
-    """``u − lr·wd·p`` (AdamW: the parameter shrinks by ``lr·wd`` per step, whatever the rule)."""
+    """``u − rate·wd·p`` (AdamW: the parameter shrinks by ``rate·wd`` per step, whatever the rule;
+    ``rate`` is :func:`absolute_rate`, without any factor the rule adapts)."""
     wd = hparams.get("weight_decay", 0.0)
     if is_zero(wd) or not hparams.get("decoupled_weight_decay", False):
         return updates
-    rate = hparams.get("lr", 1.0) * wd
+    rate = absolute_rate(hparams) * wd
     return [_add_scaled(u, p, -rate) for u, p in zip(updates, params)]
+
+
+def absolute_rate(hparams: Mapping[str, Any]) -> Any:
+    """The group's scheduled rate: ``lr × init_lr`` (``init_lr``: a hyperparameter rule's base
+    rate; rules without one, such as the LSTM, step at ``lr`` times their own learned scale)."""
+    return hparams.get("lr", 1.0) * hparams.get("init_lr", 1.0)
 
 
 def _add_scaled(x: Tensor, y: Tensor, alpha: Tensor | float) -> Tensor:

@@ -1,0 +1,366 @@
+"""The public optimizers: the LSTM and MLP learned optimizers, the hand-set adaptive-rate rules,
+relative Adam, and :func:`load_optimizer` for any shipped or exported weights.
+
+Each is a :class:`~learned_opt.adapter.LearnedOptimizer` over one rule of :mod:`learned_opt.rules`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from learned_opt.adapter import LearnedOptimizer
+from learned_opt.rules.base import Rule
+from learned_opt.rules.base import check_nonnegative
+from learned_opt.rules.grad_norm_decay import (
+    ABSOLUTE_DEFAULTS,
+    RELATIVE_DEFAULTS,
+    GradNormDecayAdamRule,
+    GradNormDecayRule,
+)
+from learned_opt.rules.hparam_base import HyperparameterRule
+from learned_opt.rules.hypergradient import (
+    NORMALIZED_HYPER_LR,
+    PAPER_HYPER_LR,
+    HypergradientAdamRule,
+    HypergradientSGDRule,
+)
+from learned_opt.rules.learnable import LearnableAdamRule, LearnableSGDRule
+from learned_opt.rules.lstm import LSTMRule
+from learned_opt.rules.mlp import MLPRule
+from learned_opt.rules.relative import RelativeAdamRule
+from learned_opt.rules.transforms import bound_optimizer_gradients
+from learned_opt.weights import load_rule
+
+class LSTMOptimizer(LearnedOptimizer):
+    """The coordinate-wise LSTM optimizer (Andrychowicz et al. 2016) as a ``torch.optim.Optimizer``.
+
+    ``weights``: a shipped name (default ``"lstm-general"``), a ``.safetensors`` path, an
+    ``LSTMRule`` instance, or ``None`` for an explicitly *untrained* rule (meta-training's start).
+    ``lr`` multiplies the learned update: 1.0 is the step the LSTM was trained to take, 0 freezes.
+    The loaded card is ``self.card`` (None for an instance or ``weights=None``).
+    ``weight_decay`` is coupled (added to the gradient the LSTM reads) unless
+    ``decoupled_weight_decay=True`` (AdamW-style: ``p -= lr·weight_decay·p`` each step, so with
+    ``lr=1`` the decay per step is ``weight_decay`` itself: use small values, e.g. 1e-4).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        weights: str | Path | Rule | None = "lstm-general",
+        *,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        rule, self.card = _rule_from_weights(weights, LSTMRule, type(self).__name__)
+        sha = self.card["sha256"] if self.card else None
+        super().__init__(params, rule, lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                         maximize=maximize, weights_sha256=sha)
+
+
+class MLPOptimizer(LearnedOptimizer):
+    """The per-coordinate MLP learned optimizer (:mod:`learned_opt.rules.mlp`) as a ``torch.optim.Optimizer``.
+
+    ``weights`` (required: no MLP weights ship; the shipped ``default`` is a meta-trained
+    hypergradient Adam, which beat this rule on the validation split, see docs/ablations.md): a
+    ``.safetensors`` path, an ``MLPRule`` instance, or ``None`` for an explicitly *untrained* rule (meta-training's start: tiny steps,
+    or exactly Adam(1e-3) with ``MLPRule(adam_residual=True)``). ``lr`` multiplies the learned
+    update: 1.0 is the step the rule was trained to take, 0 freezes. The loaded card is
+    ``self.card`` (None for an instance or ``weights=None``). ``weight_decay`` is coupled unless
+    ``decoupled_weight_decay=True`` (``p -= lr·weight_decay·p`` per step), as for :class:`LSTMOptimizer`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        *,
+        weights: str | Path | Rule | None,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        rule, self.card = _rule_from_weights(weights, MLPRule, type(self).__name__)
+        sha = self.card["sha256"] if self.card else None
+        super().__init__(params, rule, lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                         maximize=maximize, weights_sha256=sha)
+
+
+def _rule_from_weights(
+    weights: str | Path | Rule | None, rule_cls: type[Rule], optimizer: str
+) -> tuple[Rule, dict[str, Any] | None]:
+    """(rule, card) for a public optimizer's ``weights`` argument; the card is None unless loaded from disk.
+
+    ``None`` builds an untrained ``rule_cls()``; weights of another rule raise ValueError.
+    """
+    card = None
+    if weights is None:
+        rule: Rule = rule_cls()
+    elif isinstance(weights, Rule):
+        rule = weights
+    else:
+        rule, card = load_rule(weights)
+    if not isinstance(rule, rule_cls):
+        raise ValueError(
+            f"{optimizer} needs {rule_cls.name!r} weights, but {weights!r} holds rule {rule.name!r}; "
+            "use learned_opt.load_optimizer for other rules"
+        )
+    return rule, card
+
+
+def _decay_form(relative: Any, **given: Any) -> dict[str, Any]:
+    """The gradient-norm decay's settings, each None replaced by its form's default (relative or absolute)."""
+    defaults = RELATIVE_DEFAULTS if relative is True else ABSOLUTE_DEFAULTS
+    return {k: defaults[k] if v is None else v for k, v in given.items()}
+
+
+class GradNormDecaySGD(LearnedOptimizer):
+    """SGD (heavy-ball ``momentum``) whose rate decays by ``decay`` when the gradient norm falls
+    (:mod:`learned_opt.rules.grad_norm_decay`).
+
+    ``lr`` is a multiplier (default 1.0) of the absolute initial rate ``init_lr``: the step is
+    ``lr × init_lr × lr_factor × d``, so a scheduler's ``lr`` and the decay multiply.
+    ``relative=True`` (default, scale-free): the decay fires when the group's gradient norm has
+    stayed below ``threshold`` (ρ) × its reference (the first norm, then the norm at the last
+    firing) for ``patience`` steps, at most once per ``cooldown`` steps; defaults
+    :data:`~learned_opt.rules.grad_norm_decay.RELATIVE_DEFAULTS`. ``relative=False``: the seeds'
+    literal rule ``if ||g|| < threshold: lr *= decay`` (defaults threshold 1e-3, decay 0.9,
+    patience 1, cooldown 0). The adapted factor, firing count and first firing step are
+    ``opt.group_state(i)``'s ``lr_factor``, ``decay_count``, ``first_decay_step``.
+    ``weight_decay`` is coupled (SGD's) unless ``decoupled_weight_decay=True`` (``p -= lr·init_lr·wd·p``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        decay: float | None = None,
+        threshold: float | None = None,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        init_lr: float = 0.1,
+        relative: bool = True,
+        patience: int | None = None,
+        cooldown: int | None = None,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        form = _decay_form(relative, decay=decay, threshold=threshold, patience=patience, cooldown=cooldown)
+        super().__init__(params, GradNormDecayRule(), lr=lr, init_lr=init_lr, relative=relative, **form,
+                         momentum=momentum, weight_decay=weight_decay,
+                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+
+
+class GradNormDecayAdam(LearnedOptimizer):
+    """Adam whose rate decays by ``decay`` when the gradient norm falls: :class:`GradNormDecaySGD`'s
+    rule and conventions (``lr`` a multiplier of ``init_lr``, ``relative``, ``patience``,
+    ``cooldown``) on Adam's direction. ``decoupled_weight_decay=True`` makes ``weight_decay``
+    AdamW's (``p -= lr·init_lr·wd·p``) instead of Adam's L2.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        decay: float | None = None,
+        threshold: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        init_lr: float = 1e-3,
+        relative: bool = True,
+        patience: int | None = None,
+        cooldown: int | None = None,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        form = _decay_form(relative, decay=decay, threshold=threshold, patience=patience, cooldown=cooldown)
+        super().__init__(params, GradNormDecayAdamRule(), lr=lr, init_lr=init_lr, relative=relative, **form,
+                         betas=_pair(betas), eps=eps, weight_decay=weight_decay,
+                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+
+
+def _pair(betas: Any) -> Any:
+    """``betas`` as a tuple (a list is accepted, as torch does); anything else is left to validation."""
+    return tuple(betas) if isinstance(betas, (tuple, list)) else betas
+
+
+class HypergradientSGD(LearnedOptimizer):
+    """SGD-HD (Baydin et al. 2018): SGD whose rate adapts online to the gradients' agreement.
+
+    ``lr`` is a multiplier (default 1.0) of the absolute initial rate ``init_lr``: the step is
+    ``lr × init_lr × lr_factor``, ``lr_factor`` (in ``opt.state[p]``) the adapted factor.
+    ``normalized=True`` (default, scale-free): ``lr_factor`` moves by ``exp(hyper_lr · cos(g_t,
+    u_{t-1}))`` (``hyper_lr`` default :data:`~learned_opt.rules.hypergradient.NORMALIZED_HYPER_LR`);
+    ``normalized=False``: the paper's ``α ← max(0, α + hyper_lr · g_t·u_{t-1})`` (``hyper_lr``
+    default 1e-3, in the loss's units). A scheduler scales ``lr``; when it lowers ``lr`` by a ratio
+    r the factor becomes ``lr_factor^r``, so the adaptation fades with the decay and the rate follows
+    the schedule (see :mod:`learned_opt.rules.hypergradient`). ``weight_decay`` is coupled unless
+    ``decoupled_weight_decay=True`` (``p -= lr·init_lr·wd·p``, not the adapted rate).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        hyper_lr: float | None = None,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        init_lr: float = 0.01,
+        normalized: bool = True,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        beta = _hyper_lr(hyper_lr, normalized, "sgd")
+        super().__init__(params, HypergradientSGDRule(), lr=lr, init_lr=init_lr, hyper_lr=beta, momentum=momentum,
+                         weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                         normalized=normalized, maximize=maximize)
+
+
+class HypergradientAdam(LearnedOptimizer):
+    """Adam-HD (Baydin et al. 2018): Adam whose rate adapts online, as :class:`HypergradientSGD`
+    (``lr`` a multiplier of ``init_lr``, default ``normalized=True``; the paper's form with
+    ``normalized=False``, ``hyper_lr`` default 1e-7). ``decoupled_weight_decay=True`` makes
+    ``weight_decay`` AdamW's (``p -= lr·init_lr·wd·p``) instead of Adam's L2.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        hyper_lr: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        init_lr: float = 1e-3,
+        normalized: bool = True,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        beta = _hyper_lr(hyper_lr, normalized, "adam")
+        super().__init__(params, HypergradientAdamRule(), lr=lr, init_lr=init_lr, hyper_lr=beta, betas=_pair(betas),
+                         eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                         normalized=normalized, maximize=maximize)
+
+
+def _hyper_lr(hyper_lr: float | None, normalized: Any, direction: str) -> float:
+    """The given β, or the default of the form: normalized's, or the paper's for ``direction``."""
+    if hyper_lr is not None:
+        return hyper_lr
+    return NORMALIZED_HYPER_LR if normalized is True else PAPER_HYPER_LR[direction]
+
+
+class RelativeAdam(LearnedOptimizer):
+    """Parameter-relative Adam, hand-set: each step moves a tensor by ``α · s(t)`` of its own RMS
+    along Adam's direction (:mod:`learned_opt.rules.relative`), untuned across tasks.
+
+    ``lr`` multiplies the rule's own rate (1.0 = ``alpha``), so schedulers scale it. ``total_steps``
+    (optional, as ``OneCycleLR``'s) turns on the warm-up + cosine-to-zero schedule over the run;
+    without it the step stays at ``alpha`` after a short warm-up (``warmup × 200`` steps).
+    ``floor`` keeps zero-initialised tensors (biases) moving: the step scale is ``RMS(p) + floor``;
+    ``floor_vec``, when given, is the floor of vectors and scalars (biases, gains) instead.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        alpha: float = 0.03,
+        total_steps: int | None = None,
+        warmup: float = 0.05,
+        floor: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        floor_vec: float | None = None,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            RelativeAdamRule(),
+            floor_vec=floor_vec,
+            lr=lr,
+            alpha=alpha,
+            total_steps=total_steps,
+            warmup=warmup,
+            floor=floor,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+        )
+
+
+# Rule name -> the public optimizer built from a card's learned hyperparameters.
+HYPERPARAMETER_OPTIMIZERS: dict[str, type[Optimizer]] = {
+    GradNormDecayRule.name: GradNormDecaySGD,
+    GradNormDecayAdamRule.name: GradNormDecayAdam,
+    HypergradientSGDRule.name: HypergradientSGD,
+    HypergradientAdamRule.name: HypergradientAdam,
+    LearnableAdamRule.name: torch.optim.Adam,
+    LearnableSGDRule.name: torch.optim.SGD,
+}
+
+
+def load_optimizer(
+    name_or_path: str | Path, params: Iterable[Tensor] | Iterable[dict[str, Any]], **overrides: Any
+) -> Optimizer:
+    """A ready optimizer from shipped or exported weights of any rule.
+
+    ``lr`` is always a multiplier (default 1.0) of the weights' own learned rate, so ``lr=0.5``
+    halves every step of the trained optimizer and a scheduler scales the learned rate.
+    ``lstm`` weights give an :class:`LSTMOptimizer`, ``mlp`` weights an :class:`MLPOptimizer`;
+    hyperparameter rules give their public class with the learned values as defaults (``init_lr``
+    the learned rate), ``learnable-adam``/``-sgd`` a ``torch.optim.Adam``/``SGD`` whose ``lr`` is
+    the learned rate times the ``lr`` given; any other rule (the shipped ``default``, a learned
+    relative Adam) runs in :class:`LearnedOptimizer`, with its card as ``opt.card``. ``overrides``
+    are constructor arguments that replace those defaults (e.g. ``lr=0.5``, ``weight_decay=1e-4``,
+    ``total_steps=N`` for a horizon-aware rule).
+    A torch optimizer gets a step pre-hook that bounds its gradients as the learned optimizers'
+    (:func:`~learned_opt.rules.transforms.bound_optimizer_gradients`), so a huge finite gradient
+    cannot overflow its state either.
+    """
+    rule, card = load_rule(name_or_path)
+    if isinstance(rule, LSTMRule):
+        opt: Optimizer = LSTMOptimizer(params, weights=rule, **overrides)
+    elif isinstance(rule, MLPRule):
+        opt = MLPOptimizer(params, weights=rule, **overrides)
+    elif rule.name in HYPERPARAMETER_OPTIMIZERS:
+        assert isinstance(rule, HyperparameterRule)
+        opt = _hyperparameter_optimizer(rule, params, overrides)
+    else:
+        opt = LearnedOptimizer(params, rule, **overrides)
+    if isinstance(opt, LearnedOptimizer):
+        opt.weights_sha256 = card["sha256"]
+        opt.card = card
+    return opt
+
+
+def _hyperparameter_optimizer(
+    rule: HyperparameterRule, params: Iterable[Tensor] | Iterable[dict[str, Any]], overrides: dict[str, Any]
+) -> Optimizer:
+    """The public optimizer of a hyperparameter rule at its learned values; a torch optimizer's
+    absolute ``lr`` is the multiplier ``lr`` times the learned ``init_lr``."""
+    cls = HYPERPARAMETER_OPTIMIZERS[rule.name]
+    kwargs = {**rule.optimizer_defaults(), **overrides}
+    if issubclass(cls, LearnedOptimizer):
+        return cls(params, **kwargs)
+    multiplier = kwargs.pop("lr", 1.0)
+    check_nonnegative("lr", multiplier)
+    opt = cls(params, lr=multiplier * kwargs.pop("init_lr"), **kwargs)
+    opt.register_step_pre_hook(bound_optimizer_gradients)
+    return opt

@@ -1,0 +1,202 @@
+"""The adaptive-rate rules (issue 13): one meaning of ``lr``, scale-free hypergradient defaults and
+their interplay with a schedule, and the scale-free gradient-norm decay."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import learned_opt
+from learned_opt.optim import (
+    GradNormDecayAdam,
+    GradNormDecaySGD,
+    HypergradientAdam,
+    HypergradientSGD,
+    LSTMOptimizer,
+    RelativeAdam,
+)
+from test_optimizers import Problem
+
+Factory = Callable[..., torch.optim.Optimizer]
+
+
+# --- one meaning of lr -----------------------------------------------------------------------------
+def _shipped(name: str) -> Factory:
+    return lambda params, **kw: learned_opt.load_optimizer(name, params, **kw)
+
+
+LR_MULTIPLIED: dict[str, Factory] = {
+    **{name: _shipped(name) for name in learned_opt.list_pretrained()},
+    "LSTMOptimizer": lambda params, **kw: LSTMOptimizer(params, weights=None, **kw),
+    "RelativeAdam": RelativeAdam,
+    "GradNormDecaySGD": GradNormDecaySGD,
+    "GradNormDecayAdam": GradNormDecayAdam,
+    "HypergradientSGD": HypergradientSGD,
+    "HypergradientAdam": HypergradientAdam,
+}
+
+
+def _first_update(make: Factory, **kwargs: float) -> torch.Tensor:
+    """The first step from zero (so the parameter after it is the update, with no rounding)."""
+    torch.manual_seed(0)  # the same untrained LSTM every time
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    opt = make([p], **kwargs)
+    p.grad = torch.linspace(-2.0, 3.0, 12).reshape(4, 3)
+    opt.step()
+    return p.detach().clone()
+
+
+def test_every_shipped_name_is_covered() -> None:
+    assert set(learned_opt.list_pretrained()) <= set(LR_MULTIPLIED)
+
+
+@pytest.mark.parametrize("name", list(LR_MULTIPLIED))
+def test_lr_multiplies_the_optimizers_own_rate(name: str) -> None:
+    """``lr=0.5`` is exactly half the first update of ``lr=1.0``, which is the default."""
+    make = LR_MULTIPLIED[name]
+    full, half, default = _first_update(make, lr=1.0), _first_update(make, lr=0.5), _first_update(make)
+    assert full.abs().sum() > 0
+    assert torch.equal(half * 2, full)
+    assert torch.equal(default, full)
+
+
+def test_shipped_lr_no_longer_replaces_the_learned_rate() -> None:
+    """``load_optimizer("learnable-adam", lr=0.5)`` used to run Adam at 0.5, not half its rate."""
+    rule, _ = learned_opt.weights.load_rule("learnable-adam")
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = learned_opt.load_optimizer("learnable-adam", [p], lr=0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * float(rule.log_lr.exp()), rel=1e-6)
+
+
+# --- scale-free hypergradient defaults -------------------------------------------------------------
+def _least_squares(seed: int = 0) -> tuple[torch.nn.Parameter, Callable[[], torch.Tensor]]:
+    """The issue's example: a 10×5 least-squares problem with loss ~150 at x = 0."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(10, 5, generator=g), 5.5 * torch.randn(10, generator=g)
+    x = torch.nn.Parameter(torch.zeros(5))
+    return x, lambda: 0.5 * ((a @ x - b) ** 2).sum()
+
+
+def _least_squares_run(make: Factory, steps: int = 30) -> tuple[float, float]:
+    x, loss = _least_squares()
+    opt = make([x])
+    first = float(loss().detach())
+    for _ in range(steps):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    return first, float(loss().detach())
+
+
+def test_least_squares_example_converges_at_the_defaults() -> None:
+    """At lr 0.05 torch's SGD converges; so does normalized SGD-HD/Adam-HD; the paper's β diverges."""
+    first, sgd = _least_squares_run(lambda ps: torch.optim.SGD(ps, lr=0.05))
+    assert 100 < first < 200 and sgd < 0.6 * first
+    for make in (lambda ps: HypergradientSGD(ps, init_lr=0.05), lambda ps: HypergradientAdam(ps, init_lr=0.05),
+                 HypergradientSGD, HypergradientAdam):
+        _, last = _least_squares_run(make)
+        assert math.isfinite(last) and last < first
+    _, ours = _least_squares_run(lambda ps: HypergradientSGD(ps, init_lr=0.05))
+    assert ours <= sgd * 1.01
+    _, paper = _least_squares_run(lambda ps: HypergradientSGD(ps, init_lr=0.05, normalized=False))
+    assert not paper < first  # diverged (inf or nan)
+
+
+@pytest.mark.parametrize("cls", [HypergradientSGD, HypergradientAdam])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hypergradient_defaults_converge_on_the_contract_problem(cls: type, seed: int) -> None:
+    prob = Problem(seed)
+    opt = cls(prob.params)
+    first = float(prob.loss().detach())
+    for _ in range(100):
+        prob.backward()
+        opt.step()
+    assert float(prob.loss().detach()) < 0.4 * first
+
+
+@pytest.mark.parametrize("cls", [HypergradientSGD, HypergradientAdam])
+def test_cosine_schedule_sets_the_rate_at_the_end(cls: type) -> None:
+    """Under a cosine decay to 0 the factor adapts mid-run but fades with the decay: over the last
+    steps the effective rate is within 2× of the schedule's (it was 144× with the factor unfaded)."""
+    steps = 200
+    prob = Problem(0)
+    opt = cls(prob.params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+    factors = []
+    for _ in range(steps):
+        prob.backward()
+        opt.step()
+        sched.step()
+        factors.append(float(opt.group_state(0)["lr_factor"]))
+    assert max(factors) > 4  # it did adapt
+    assert all(0.5 <= f <= 2 for f in factors[-5:])
+
+
+# --- scale-free gradient-norm decay ----------------------------------------------------------------
+def _norm_run(make: Factory, norms: list[float]) -> torch.optim.Optimizer:
+    """Steps whose group gradient norm is each of ``norms`` (a fixed direction)."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = make([p])
+    direction = torch.tensor([0.5, -0.5, 0.5, 0.5])
+    for n in norms:
+        p.grad = direction * n
+        opt.step()
+    return opt
+
+
+def test_relative_decay_fires_on_the_runs_own_scale() -> None:
+    """ρ = 0.5, patience 2, cool-down 1: fires at step 4 (norms 0.4, 0.3 below 0.5 × 1), the
+    reference becomes 0.3, and the next firing needs two steps below 0.15 after the cool-down."""
+    norms = [1.0, 0.8, 0.4, 0.3, 0.14, 0.1, 0.1, 0.2]
+    for scale in (1.0, 1e-4, 1e4):
+        opt = _norm_run(lambda ps: GradNormDecaySGD(ps, threshold=0.5, decay=0.5, patience=2, cooldown=1),
+                        [n * scale for n in norms])
+        st = opt.group_state(0)
+        assert float(st["decay_count"]) == 2 and float(st["lr_factor"]) == 0.25
+        assert float(st["first_decay_step"]) == 4
+        assert float(st["ref_norm"]) == pytest.approx(0.1 * scale)
+
+
+def test_cooldown_holds_off_a_second_firing() -> None:
+    opt = _norm_run(lambda ps: GradNormDecaySGD(ps, threshold=0.9, patience=1, cooldown=3),
+                    [1.0, 0.5, 0.2, 0.1, 0.05, 0.01])
+    assert float(opt.group_state(0)["decay_count"]) == 2  # steps 2 and 6 (3, 4, 5 cool down)
+
+
+def test_absolute_rule_is_the_seeds_literal_rule() -> None:
+    """relative=False: fires at every step below the threshold, in gradient units (not at 1e4 scale)."""
+    opt = _norm_run(lambda ps: GradNormDecaySGD(ps, relative=False), [1.0, 5e-4, 5e-4, 2e-3])
+    st = opt.group_state(0)
+    assert float(st["decay_count"]) == 2 and float(st["lr_factor"]) == pytest.approx(0.81)
+    assert float(st["first_decay_step"]) == 2
+
+
+def test_never_fired_reports_first_decay_step_zero() -> None:
+    opt = _norm_run(GradNormDecayAdam, [1.0, 0.9, 0.95])
+    assert float(opt.group_state(0)["first_decay_step"]) == 0
+
+
+def test_grad_norm_decay_adam_is_adam_until_it_fires() -> None:
+    prob_a, prob_b = Problem(), Problem()
+    ours = GradNormDecayAdam(prob_a.params, init_lr=0.01, threshold=0.0)
+    theirs = torch.optim.Adam(prob_b.params, lr=0.01)
+    for _ in range(10):
+        for opt, prob in ((ours, prob_a), (theirs, prob_b)):
+            prob.backward()
+            opt.step()
+    for a, b in zip(prob_a.params, prob_b.params):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"patience": 0}, "invalid patience"), ({"patience": 1.5}, "invalid patience"),
+    ({"cooldown": -1}, "invalid cooldown"), ({"relative": 1}, "invalid relative"),
+    ({"init_lr": -1.0}, "invalid init_lr"),
+])
+def test_bad_decay_settings(kwargs: dict, message: str) -> None:
+    for cls in (GradNormDecaySGD, GradNormDecayAdam):
+        with pytest.raises(ValueError, match=message):
+            cls([torch.nn.Parameter(torch.zeros(2))], **kwargs)
