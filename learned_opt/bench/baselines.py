@@ -12,9 +12,9 @@ reported first. ``NAME`` is one of:
 - a torch baseline: ``sgd``, ``momentum`` (SGD, momentum 0.9), ``nesterov``, ``adam``, ``adamw``,
   ``rmsprop``, ``adagrad`` — tuned under ``--tune``; ``NAME-cosine`` (``adam-cosine``, …) is the same
   optimizer with its lr decayed to 0 over the run's horizon by a cosine (tuned: its peak lr);
-- a hand-set class of this library: ``GradNormDecaySGD``, ``HypergradientSGD``,
+- a hand-set class of this library: ``GradNormDecaySGD``, ``GradNormDecayAdam``, ``HypergradientSGD``,
   ``HypergradientAdam``, ``RelativeAdam`` — run at their documented (hand-set) defaults;
-  ``[tune=true]`` tunes the initial lr;
+  ``[tune=true]`` tunes ``lr`` (the multiplier of the class's initial rate);
 - a shipped weights name or a ``.safetensors`` path, loaded with :func:`learned_opt.load_optimizer`
   and run untuned; the cache identity holds the weights' sha256;
 - ``module:factory`` or ``path/to/file.py:factory``: ``factory(params, **kwargs)`` returns an
@@ -90,7 +90,7 @@ TORCH_BASELINES: dict[str, _TorchBaseline] = {
     "rmsprop": _TorchBaseline("RMSprop", {}),
     "adagrad": _TorchBaseline("Adagrad", {}),
 }
-HANDSET_CLASSES = ("GradNormDecaySGD", "HypergradientSGD", "HypergradientAdam", "RelativeAdam")
+HANDSET_CLASSES = ("GradNormDecaySGD", "GradNormDecayAdam", "HypergradientSGD", "HypergradientAdam", "RelativeAdam")
 OPTIONAL_PACKAGES = {"schedulefree-adamw": "schedulefree", "prodigy": "prodigyopt"}
 
 _SPEC_RE = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<args>[^\[\]]*)\])?$")

@@ -21,8 +21,8 @@ def build_parser(prog: str = "learned-opt benchmark") -> argparse.ArgumentParser
     p.add_argument("--suite", required=True, type=suite_or_file, help="suite name (e.g. heldout) or path to a suite .toml file")
     p.add_argument("--optimizers", nargs="+", metavar="SPEC",
                    help="shipped names, .safetensors paths, sgd momentum nesterov adam adamw rmsprop adagrad, "
-                   "GradNormDecaySGD HypergradientSGD HypergradientAdam, module:factory, schedulefree-adamw, "
-                   "prodigy; NAME[lr=0.01,...] fixes hyperparameters (quote it in the shell)")
+                   "GradNormDecaySGD GradNormDecayAdam HypergradientSGD HypergradientAdam RelativeAdam, module:factory, "
+                   "schedulefree-adamw, prodigy; NAME[lr=0.01,...] fixes hyperparameters (quote it in the shell)")
     tune = p.add_mutually_exclusive_group()
     tune.add_argument("--tune", dest="tune", action="store_true", default=None,
                       help="tune each tunable optimizer's lr per task (grid 1e-4 … 1, half-decades, extended)")

@@ -12,7 +12,10 @@ to the parameter scale, which makes the right multiplier far more uniform across
   ``warmup · T`` steps, then cosine to 0 at ``T``; without it, the same warm-up over
   ``warmup · HORIZON_FREE_STEPS`` steps (10 at the hand-set 0.05) and then constant (the
   controller decays from there);
-- ``c_t`` is the per-tensor log multiplier of the learned controller (0 for the hand-set rule).
+- ``c_t`` is the per-tensor log multiplier of the learned controller (0 for the hand-set rule);
+- ``floor`` keeps tensors near zero moving; ``floor_vec`` (optional) is the floor of vectors and
+  scalars instead: biases start at zero, and with the matrices' 1e-3 they moved only ``α · 1e-3``
+  per step (the learned rule learns it as ``log_floor_vec``).
 
 The controller (:class:`ControllerNet`) is a tiny MLP shared by all tensors; per step it reads
 scale-free features of each tensor (:data:`FEATURES`) and emits two numbers: a bounded increment
@@ -336,7 +339,8 @@ def check_total_steps(value: Any) -> None:
 class LearnedRelativeAdamRule(_RelativeRule):
     """Parameter-relative Adam with a learned per-tensor controller (the flagship ``default``).
 
-    θ: ``log_alpha``, ``logit_warmup``, ``log_floor`` and the controller net (``ctrl.*``).
+    θ: ``log_alpha``, ``logit_warmup``, ``log_floor``, ``log_floor_vec`` (with ``init_floor_vec`` set;
+    older weights without it use ``floor`` for vectors too) and the controller net (``ctrl.*``).
     ``hparams``: ``lr`` (a multiplier, 1.0 = as meta-trained) and ``total_steps`` (None: unknown).
     State per parameter: Adam's two moments, the initial value ``p0`` (12 bytes per float32
     parameter in all) and ``controller``, the tensor's five scalars (:data:`SCALARS`); per group:
