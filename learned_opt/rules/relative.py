@@ -107,10 +107,6 @@ def controller_outputs(theta: Mapping[str, Tensor], feats: Tensor) -> tuple[Tens
     return CTRL_RATE * out[:, 0], CTRL_DIRECT * out[:, 1]
 
 
-def _rms(x: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
-
-
 # Per-tensor scalar state of the controller, packed in one vector per parameter (``controller``).
 SCALARS = ("ctrl", "cos_ema", "gnorm0", "gnorm_ema", "p0_norm")
 
@@ -171,7 +167,8 @@ def relative_update(
     s = schedule(step, total_steps, warmup)
     directions = _directions_foreach if inplace else _directions
     floors = [floor if floor_vec is None or p.dim() > 1 else floor_vec for p in params]
-    dirs, moments, stats = directions(grads, params, per_param, step, betas, eps, floors, controller is not None)
+    dirs, moments, stats, scales = directions(grads, params, per_param, step, betas, eps, floors,
+                                              controller is not None)
     new_per_param = [{"exp_avg": m, "exp_avg_sq": v} for m, v in moments]
     if controller is None or not dirs:
         mults = s.expand(len(dirs))
@@ -187,68 +184,82 @@ def relative_update(
         mults = s * torch.exp(ctrl + direct)
         for i, (new_st, st) in enumerate(zip(new_per_param, per_param)):
             new_st.update(p0=st["p0"], controller=new_scalars[i])
+    if not dirs:
+        return [], ({**group_state, "step": step}, new_per_param)
+    factors = scales * mults * (-lr * alpha)  # one multiply per tensor: relative scale, schedule, controller
     if inplace:
-        torch._foreach_mul_(dirs, (mults * (-lr * alpha)).tolist())
+        torch._foreach_mul_(dirs, factors.tolist())
         updates = dirs
     else:
-        updates = [d * (m * (-lr * alpha)) for d, m in zip(dirs, mults.unbind(0))]
+        updates = [d * f for d, f in zip(dirs, factors.unbind(0))]
     return updates, ({**group_state, "step": step}, new_per_param)
 
 
-Directions = tuple[list[Tensor], list[tuple[Tensor, Tensor]], Tensor | None]
+Directions = tuple[list[Tensor], list[tuple[Tensor, Tensor]], Tensor | None, Tensor | None]
+
+
+def _rms_scale(p_norm: Tensor, u_norm: Tensor, numel: int, floor: Tensor | float) -> Tensor:
+    """``(RMS(p) + floor) / RMS(u)`` from the two norms: the factor that makes a step of ``u`` move
+    the tensor by a fraction of its own scale."""
+    root = math.sqrt(max(numel, 1))
+    return (p_norm / root + floor) / torch.clamp(u_norm / root, min=TINY)
 
 
 def _directions(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
                 step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float,
                 floors: Sequence[Tensor | float], with_stats: bool) -> Directions:
-    """Per tensor: Adam's direction rescaled to ``(RMS(p) + floor) / RMS(u)``, the new moments, and
-    (``with_stats``) the controller's statistics ``[n, 4]`` (see :func:`_features`). Pure."""
+    """Per tensor: Adam's direction ``u = m / (√v̂ + eps)`` (its bias correction of ``m`` cancels in the
+    relative rescaling), the new moments, the rescaling ``(RMS(p) + floor) / RMS(u)`` as a stacked
+    tensor, and (``with_stats``) the controller's statistics ``[n, 4]`` (see
+    :func:`_controller_features`). Pure."""
     beta1, beta2 = betas
-    bias1 = 1 - beta1**step
     bias2_sqrt = (1 - beta2**step).sqrt()
-    dirs, moments, stats = [], [], []
+    dirs, moments, stats, scales = [], [], [], []
     for g, p, st, floor in zip(grads, params, per_param, floors):
-        m = st["exp_avg"] * beta1 + g * (1 - beta1)
-        v = st["exp_avg_sq"] * beta2 + g * g * (1 - beta2)
-        u = (m / bias1) / (v.sqrt() / bias2_sqrt + eps)
-        dirs.append(u * ((_rms(p) + floor) / torch.clamp(_rms(u), min=TINY)))
-        moments.append((m, v))
+        m_old = st["exp_avg"]
         if with_stats:
-            m_old = st["exp_avg"]
             stats.append(torch.stack([torch.linalg.vector_norm(g), torch.linalg.vector_norm(m_old),
                                       torch.dot(g.reshape(-1), m_old.reshape(-1)),
                                       torch.linalg.vector_norm(p - st["p0"])]))
-    return dirs, moments, torch.stack(stats) if stats else None
+        m = torch.lerp(m_old, g, 1 - beta1)
+        v = torch.addcmul(st["exp_avg_sq"] * beta2, g, g, value=1 - beta2)
+        u = m / (v.sqrt() / bias2_sqrt + eps)
+        scales.append(_rms_scale(torch.linalg.vector_norm(p), torch.linalg.vector_norm(u), p.numel(), floor))
+        dirs.append(u)
+        moments.append((m, v))
+    if not dirs:
+        return [], [], None, None
+    return dirs, moments, torch.stack(stats) if stats else None, torch.stack(scales)
 
 
 def _directions_foreach(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
                         step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float,
                         floors: Sequence[Tensor | float], with_stats: bool) -> Directions:
-    """:func:`_directions` with the moments updated in place by ``torch._foreach_*`` kernels. The
-    operations and their order are the pure path's, so the results are bitwise the same."""
+    """:func:`_directions` with the moments updated in place by ``torch._foreach_*`` kernels (fewer
+    passes over memory). The operations and their order are the pure path's, so the results are
+    bitwise the same."""
     grads, params = list(grads), list(params)
+    if not grads:
+        return [], [], None, None
     ms, vs = [st["exp_avg"] for st in per_param], [st["exp_avg_sq"] for st in per_param]
     stats = None
     if with_stats:  # before the moments move: the statistics read m_{t-1}
-        stats = torch.stack([torch.stack([torch.linalg.vector_norm(g), torch.linalg.vector_norm(m),
-                                          torch.dot(g.reshape(-1), m.reshape(-1)),
-                                          torch.linalg.vector_norm(p - st["p0"])])
-                             for g, m, p, st in zip(grads, ms, params, per_param)])
+        travelled = torch._foreach_norm(torch._foreach_sub(params, [st["p0"] for st in per_param]))
+        dots = [torch.dot(g.reshape(-1), m.reshape(-1)) for g, m in zip(grads, ms)]
+        stats = torch.stack([torch.stack(x) for x in zip(torch._foreach_norm(grads), torch._foreach_norm(ms),
+                                                         dots, travelled)])
     beta1, beta2 = betas
-    bias1 = float(1 - beta1**step)
     bias2_sqrt = float((1 - beta2**step).sqrt())
-    torch._foreach_mul_(ms, float(beta1))
-    torch._foreach_add_(ms, torch._foreach_mul(grads, float(1 - beta1)))
+    torch._foreach_lerp_(ms, grads, float(1 - beta1))
     torch._foreach_mul_(vs, float(beta2))
-    torch._foreach_add_(vs, torch._foreach_mul(torch._foreach_mul(grads, grads), float(1 - beta2)))
+    torch._foreach_addcmul_(vs, grads, grads, value=float(1 - beta2))
     denom = torch._foreach_sqrt(vs)
     torch._foreach_div_(denom, bias2_sqrt)
     torch._foreach_add_(denom, float(eps))
-    dirs = torch._foreach_div(ms, bias1)
-    torch._foreach_div_(dirs, denom)
-    scales = [(_rms(p) + floor) / torch.clamp(_rms(u), min=TINY) for p, u, floor in zip(params, dirs, floors)]
-    torch._foreach_mul_(dirs, [float(x) for x in scales])
-    return dirs, list(zip(ms, vs)), stats
+    dirs = torch._foreach_div(ms, denom)
+    scales = [_rms_scale(pn, un, p.numel(), floor)
+              for pn, un, p, floor in zip(torch._foreach_norm(params), torch._foreach_norm(dirs), params, floors)]
+    return dirs, list(zip(ms, vs)), stats, torch.stack(scales)
 
 
 def _step_counter(params: Sequence[Tensor]) -> dict[str, Tensor]:
