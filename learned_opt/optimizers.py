@@ -59,10 +59,8 @@ class LSTMOptimizer(LearnedOptimizer):
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
-        rule, self.card = _rule_from_weights(weights, LSTMRule, type(self).__name__)
-        sha = self.card["sha256"] if self.card else None
-        super().__init__(params, rule, lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-                         maximize=maximize, weights_sha256=sha)
+        _init_with_weights(self, params, weights, LSTMRule, lr=lr, weight_decay=weight_decay,
+                           decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
 
 
 class MLPOptimizer(LearnedOptimizer):
@@ -87,10 +85,16 @@ class MLPOptimizer(LearnedOptimizer):
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
-        rule, self.card = _rule_from_weights(weights, MLPRule, type(self).__name__)
-        sha = self.card["sha256"] if self.card else None
-        super().__init__(params, rule, lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-                         maximize=maximize, weights_sha256=sha)
+        _init_with_weights(self, params, weights, MLPRule, lr=lr, weight_decay=weight_decay,
+                           decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+
+
+def _init_with_weights(opt: LearnedOptimizer, params: Any, weights: str | Path | Rule | None, rule_cls: type[Rule],
+                       **settings: Any) -> None:
+    """Initialise a weights-backed optimizer: its rule and ``card`` from ``weights``, then the adapter."""
+    rule, opt.card = _rule_from_weights(weights, rule_cls, type(opt).__name__)
+    sha = opt.card["sha256"] if opt.card else None
+    LearnedOptimizer.__init__(opt, params, rule, weights_sha256=sha, **settings)
 
 
 def _rule_from_weights(
