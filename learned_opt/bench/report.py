@@ -109,7 +109,7 @@ def render_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-STATE_KEYS = {"decay_count": "decay fired (steps)", "first_decay_step": "first firing (step)",
+STATE_COLUMNS = {"decay_count": "decay fired (steps)", "first_decay_step": "first firing (step)",
               "lr_factor": "final lr factor"}
 
 
@@ -139,7 +139,7 @@ def _state_cell(values: list[float], key: str) -> str:
 def _state_section(tasks: list[dict[str, Any]], labels: list[str]) -> list[str]:
     """How the adaptive-rate rules adapted: their end-of-run group state per task (mean over seeds;
     the step of the first firing), and the final factor's distribution over every task and seed."""
-    cols = [(label, key, name) for label in labels for key, name in STATE_KEYS.items()
+    cols = [(label, key, name) for label in labels for key, name in STATE_COLUMNS.items()
             if any(_state_values(t["results"][label], key) for t in tasks)]
     if not cols:
         return []
