@@ -68,7 +68,7 @@ def test_shipped_lr_no_longer_replaces_the_learned_rate() -> None:
     rule, _ = learned_opt.weights.load_rule("learnable-adam")
     p = torch.nn.Parameter(torch.zeros(2))
     opt = learned_opt.load_optimizer("learnable-adam", [p], lr=0.5)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * float(rule.log_lr.exp()), rel=1e-6)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * float(rule.log_lr.detach().exp()), rel=1e-6)
 
 
 # --- scale-free hypergradient defaults -------------------------------------------------------------
