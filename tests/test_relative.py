@@ -320,3 +320,31 @@ def test_inplace_foreach_step_matches_the_pure_update(rule, total_steps):
             assert torch.equal(w, u)
         pure_p = [p + u for p, u in zip(pure_p, up)]
         fast_p = [p + u for p, u in zip(fast_p, uf)]
+
+
+def test_es_meta_trains_a_hyperparameter_rule(tmp_path):
+    """The engine takes any rule with ``with_theta``: a gradient-norm decay Adam, whose batched runs
+    match the public optimizer's, meta-trains, exports and loads as its public class."""
+    from learned_opt.meta.es import es_rule
+    from learned_opt.rules.grad_norm_decay import GradNormDecayAdamRule
+
+    table = {"name": "grad-norm-decay-adam", "relative": True, "patience": 2, "cooldown": 3, "init_threshold": 0.5}
+    trainer = PopulationESTrainer(_cfg(meta_steps=2, rule=table, horizon_known=0.0), tmp_path / "gnd",
+                                  suite=_tiny_suite())
+    assert isinstance(trainer.rule, GradNormDecayAdamRule) and not trainer.horizon_aware
+    draw = trainer.val[0]
+    thetas = trainer.theta.detach().unsqueeze(0) + torch.tensor([[0.0, 0.0, 0.0], [0.5, -0.3, 0.2]])
+    result_r, _ = trainer.score(draw, thetas, torch.zeros(2))
+    task = trainer.task(draw)
+    ref, initial = trainer.reference(draw)
+    for i in range(2):
+        member = es_rule(table)
+        torch.nn.utils.vector_to_parameters(thetas[i].clone(), member.parameters())
+        single = run(task, lambda ps: LearnedOptimizer(ps, member), draw.seed, draw.steps, draw.steps)
+        expect = log_ratio(torch.tensor(single.losses[-1]), initial, ref, torch.tensor(False), trainer.cfg.ratio_clip)
+        assert float(result_r[i]) == pytest.approx(float(expect), rel=1e-3, abs=1e-4)
+    trainer.run(progress=False)
+    opt = learned_opt.load_optimizer(tmp_path / "gnd" / "best.safetensors", _params())
+    assert isinstance(opt, learned_opt.GradNormDecayAdam)
+    with pytest.raises(ValueError, match="with_theta"):
+        es_rule({"name": "lstm"})

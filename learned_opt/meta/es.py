@@ -42,6 +42,7 @@ from learned_opt.fileio import atomic_write_text
 from learned_opt.lockfile import lock_directory
 from learned_opt.meta.checkpoint import load_checkpoint, save_checkpoint
 from learned_opt.meta.population import run_population, tuned_adam_final
+from learned_opt.rules.base import Rule, build_rule
 from learned_opt.rules.relative import LearnedRelativeAdamRule
 from learned_opt.rules.transforms import apply_update
 from learned_opt.suites import Suite, load_suite
@@ -160,7 +161,7 @@ class PopulationESTrainer:
         cfg.validate()
         self.cfg, self.out, self.command = cfg, Path(out), command
         self.suite = suite if suite is not None else load_suite(cfg.suite)
-        self.rule = LearnedRelativeAdamRule(**cfg.rule)
+        self.rule = es_rule(cfg.rule)
         self.theta = torch.nn.utils.parameters_to_vector(self.rule.parameters()).detach().clone().requires_grad_(True)
         self.meta_opt = torch.optim.Adam([self.theta], lr=cfg.meta_lr)
         pool_rng = np.random.default_rng([cfg.seed, 0x9001])
@@ -174,6 +175,11 @@ class PopulationESTrainer:
         self.best_theta: Tensor | None = None
         self.wall = 0.0
         self._tasks: dict[tuple[str, int], Any] = {}
+
+    @property
+    def horizon_aware(self) -> bool:
+        """Whether the rule takes ``total_steps`` (else "told" and "free" runs are the same run)."""
+        return "total_steps" in self.rule.hyperparameters
 
     # --- tasks and references ------------------------------------------------------------------
     def task(self, draw: TaskDraw) -> Any:
@@ -214,8 +220,8 @@ class PopulationESTrainer:
 
         def update(member: tuple[dict[str, Tensor], Tensor], grads: Any, params: Any, state: Any) -> Any:
             theta, horizon = member  # through the optimizer's own step path (guard and bound included)
-            result = apply_update(self.rule.with_theta(theta), grads, params, state,
-                                  {"lr": 1.0, "total_steps": horizon})
+            hparams = {"lr": 1.0, "total_steps": horizon} if self.horizon_aware else {"lr": 1.0}
+            result = apply_update(self.rule.with_theta(theta), grads, params, state, hparams)
             return result.updates, result.state
 
         result = run_population(task, draw.seed, draw.steps, (self.members(thetas), horizons), len(thetas),
@@ -333,11 +339,21 @@ class PopulationESTrainer:
 
     def export(self, name: str, theta: Tensor, row: Mapping[str, Any]) -> Path:
         """θ as ``out/NAME.safetensors`` + card (loadable with ``learned_opt.load_optimizer``)."""
-        rule = LearnedRelativeAdamRule(**self.cfg.rule)
+        rule = es_rule(self.cfg.rule)
         torch.nn.utils.vector_to_parameters(theta.detach().clone(), rule.parameters())
         meta = {"engine": "population-es", "config": asdict(self.cfg), "steps": self.step,
                 "wall_time_s": round(self.wall, 1), "command": self.command, "selected": dict(row)}
         return save_weights(rule, self.out / name, name=name, meta_training=meta)
+
+
+def es_rule(table: Mapping[str, Any]) -> Rule:
+    """The rule a ``rule = {...}`` table names: ``name`` (default the learned relative Adam) and its
+    config. It must offer ``with_theta`` (a θ-given proxy for the batched runs)."""
+    config = dict(table)
+    rule = build_rule(config.pop("name", LearnedRelativeAdamRule.name), config)
+    if not callable(getattr(rule, "with_theta", None)):
+        raise ValueError(f"rule {rule.name!r} cannot be meta-trained by population ES (it has no with_theta)")
+    return rule
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:

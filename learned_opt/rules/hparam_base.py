@@ -71,9 +71,33 @@ class HyperparameterRule(Rule):
         if "normalized" in hparams:
             check_bool("normalized", hparams["normalized"])
 
+    def forward(self) -> dict[str, Tensor | float]:
+        """:meth:`meta_hparams`: so ``torch.func.functional_call(rule, θ, ())`` gives any θ's hyperparameters."""
+        return self.meta_hparams()
+
+    def with_theta(self, theta: Mapping[str, Tensor]) -> HparamThetaRule:
+        """This rule with θ replaced by ``theta`` (one member of a batched ES population)."""
+        return HparamThetaRule(self, theta)
+
     def optimizer_defaults(self) -> dict[str, Any]:
         """The learned hyperparameters as floats: defaults of the matching public optimizer."""
         return {k: to_float(v) for k, v in self.meta_hparams().items()}
 
     def default_hparams(self) -> dict[str, Any]:
         return {**self.hyperparameters, **self.optimizer_defaults()}
+
+
+class HparamThetaRule:
+    """A hyperparameter rule whose θ is given (a vmapped population member), for
+    :func:`learned_opt.rules.transforms.apply_update`: the rule's one ``update``, with the
+    hyperparameters θ implies merged over the step's."""
+
+    def __init__(self, rule: HyperparameterRule, theta: Mapping[str, Tensor]) -> None:
+        self.rule, self.theta = rule, theta
+        self.hyperparameters = rule.hyperparameters
+
+    def update(self, grads: Any, params: Any, state: Any, hparams: Mapping[str, Any]) -> Any:
+        learned = torch.func.functional_call(self.rule, dict(self.theta), ())
+        return self.rule.update(grads, params, state, {**hparams, **learned})
+
+    update_inplace = update
