@@ -119,3 +119,14 @@ def test_meta_modules_import_each_other_without_cycles() -> None:
 
     for module in graph:
         visit(module, ())
+
+
+def test_a_population_es_recipe_is_pointed_to_its_runner(tmp_path):
+    import pytest
+
+    from learned_opt.meta.config import ConfigFile
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[population_es]\nmeta_steps = 1\n")
+    with pytest.raises(ValueError, match="ship_pretrained"):
+        ConfigFile.read(recipe)

@@ -176,11 +176,15 @@ class ConfigFile:
     def read(cls, path: str | os.PathLike[str]) -> ConfigFile:
         file = Path(path).expanduser()
         try:
-            return cls(file, tomllib.loads(file.read_text(encoding="utf-8")))
+            document = tomllib.loads(file.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ValueError(f"cannot read config {path}: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path}: invalid TOML: {exc}") from exc
+        if "population_es" in document and "meta_train" not in document:
+            raise ValueError(f"{path}: a [population_es] recipe is run by `python scripts/ship_pretrained.py NAME` "
+                             "or learned_opt.meta.es.train_es, not by meta-train (which reads [meta_train])")
+        return cls(file, document)
 
     @property
     def table(self) -> dict[str, Any]:
