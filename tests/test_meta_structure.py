@@ -11,7 +11,7 @@ import torch
 
 import learned_opt
 from learned_opt.meta.checkpoint import decode, encode
-from learned_opt.meta.config import MetaTrainConfig, family_suite, resolve
+from learned_opt.meta.config import ConfigFile, MetaTrainConfig, family_suite, resolve
 from learned_opt.meta.estimators import PES, AntitheticES, PESState, TruncatedBPTT
 from learned_opt.meta.losses import MetaLoss
 from learned_opt.meta.slots import new_run, new_slot, restore_run, run_payload
@@ -122,10 +122,6 @@ def test_meta_modules_import_each_other_without_cycles() -> None:
 
 
 def test_a_population_es_recipe_is_pointed_to_its_runner(tmp_path):
-    import pytest
-
-    from learned_opt.meta.config import ConfigFile
-
     recipe = tmp_path / "r.toml"
     recipe.write_text("[population_es]\nmeta_steps = 1\n")
     with pytest.raises(ValueError, match="ship_pretrained"):
