@@ -8,3 +8,11 @@ def test_population_throughput_measures_both_paths(need_data):
                                                               repeats=1))
     assert set(result["steps_per_s"]) == {"batched", "loop"}
     assert all(v > 0 for v in result["steps_per_s"].values()) and result["ratio"] > 0
+
+
+def test_bad_suite_is_one_line_not_a_traceback(capsys):
+    from learned_opt.bench.population_speed import main
+
+    assert main(["--suite", "no-such-suite", "--tasks", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "no-such-suite" in err and "Traceback" not in err

@@ -89,17 +89,21 @@ def measure_population_throughput(suite: str = "meta_train_general", *, tasks: i
 
 def main(argv: Sequence[str] | None = None, prog: str = "bench_population_speed.py") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", default="meta_train_general")
+    parser.add_argument("--suite", default="meta_train_general", help="suite name or .toml path (default: %(default)s)")
     parser.add_argument("--tasks", type=int, default=4, help="tasks drawn from the suite's train split")
     parser.add_argument("--members", type=int, default=16, help="population size (2 × ES pairs)")
     parser.add_argument("--steps", type=int, default=100, help="optimizee steps per run")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, help="write results.json here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = measure_population_throughput(args.suite, tasks=args.tasks, members=args.members, steps=args.steps,
-                                           repeats=args.repeats)
+    try:
+        result = measure_population_throughput(args.suite, tasks=args.tasks, members=args.members, steps=args.steps,
+                                               repeats=args.repeats)
+    except (ValueError, FileNotFoundError) as exc:  # bad input or missing data: one line, not a traceback
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     s = result["steps_per_s"]
     print(f"{args.suite}: {result['tasks']}, {args.members} members x {args.steps} steps")
     print(f"batched {s['batched']:.0f} optimizee steps/s, loop {s['loop']:.0f}; ratio {result['ratio']:.2f}x")

@@ -50,6 +50,7 @@ from torch.optim import Optimizer
 from learned_opt.bench.timing import state_bytes
 from learned_opt.fileio import atomic_write_json, atomic_write_text
 from learned_opt.optim import (
+    GradNormDecayAdam,
     GradNormDecaySGD,
     HypergradientAdam,
     HypergradientSGD,
@@ -88,6 +89,7 @@ def default_optimizers() -> list[SpeedSpec]:
         SpeedSpec("hypergradient-adam", HypergradientAdam),
         SpeedSpec("hypergradient-sgd", HypergradientSGD),
         SpeedSpec("grad-norm-decay-sgd", GradNormDecaySGD),
+        SpeedSpec("grad-norm-decay-adam", GradNormDecayAdam),
         SpeedSpec("relative-adam", RelativeAdam),
     ]
     from learned_opt.optim import MLPOptimizer, load_optimizer
