@@ -262,12 +262,13 @@ class PopulationESTrainer:
         """The benchmark's summary of the current θ on the validation tasks, with and without the horizon."""
         wins = {"told": 0, "free": 0}
         logs = {"told": [], "free": []}
-        thetas = self.theta.detach().unsqueeze(0).repeat(2, 1)
+        runs = 2 if self.horizon_aware else 1  # a rule without a horizon: told and free are one run
+        thetas = self.theta.detach().unsqueeze(0).repeat(runs, 1)
         for draw in self.val:
-            r, win = self.score(draw, thetas, torch.tensor([float(draw.steps), 0.0]))
+            r, win = self.score(draw, thetas, torch.tensor([float(draw.steps), 0.0][:runs]))
             for j, mode in enumerate(("told", "free")):
-                wins[mode] += int(win[j])
-                logs[mode].append(float(r[j]))
+                wins[mode] += int(win[min(j, runs - 1)])
+                logs[mode].append(float(r[min(j, runs - 1)]))
         row = {}
         for mode in ("told", "free"):
             row[f"val_wins_{mode}"] = wins[mode]

@@ -112,7 +112,7 @@ SCALARS = ("ctrl", "cos_ema", "gnorm0", "gnorm_ema", "p0_norm")
 
 
 def _controller_features(stats: Tensor, scalars: Tensor, numel: Tensor, is_vector: Tensor, step: Tensor,
-              total_steps: Tensor, floor: Tensor | float) -> tuple[Tensor, Tensor]:
+                         total_steps: Tensor, floor: Tensor | float) -> tuple[Tensor, Tensor]:
     """Features ``[n, F]`` (:data:`FEATURES`) of a group's n tensors and their new scalar state ``[n, 5]``.
 
     ``stats`` holds per tensor ``(||g||, ||m_{t-1}||, g·m_{t-1}, ||p - p0||)``; ``scalars`` the old
@@ -170,7 +170,9 @@ def relative_update(
     dirs, moments, stats, scales = directions(grads, params, per_param, step, betas, eps, floors,
                                               controller is not None)
     new_per_param = [{"exp_avg": m, "exp_avg_sq": v} for m, v in moments]
-    if controller is None or not dirs:
+    if not dirs:
+        return [], ({**group_state, "step": step}, new_per_param)
+    if controller is None:
         mults = s.expand(len(dirs))
     else:
         numel = torch.tensor([float(max(p.numel(), 1)) for p in params], dtype=step.dtype, device=step.device)
@@ -184,8 +186,6 @@ def relative_update(
         mults = s * torch.exp(ctrl + direct)
         for i, (new_st, st) in enumerate(zip(new_per_param, per_param)):
             new_st.update(p0=st["p0"], controller=new_scalars[i])
-    if not dirs:
-        return [], ({**group_state, "step": step}, new_per_param)
     factors = scales * mults * (-lr * alpha)  # one multiply per tensor: relative scale, schedule, controller
     if inplace:
         torch._foreach_mul_(dirs, factors.tolist())
