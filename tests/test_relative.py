@@ -157,6 +157,19 @@ def test_adam_sweep_matches_torch_adam():
         assert ref.losses[-1] == pytest.approx(final, rel=1e-4)
 
 
+def test_es_reference_is_the_benchmarks_tuning():
+    """tuned_adam_final tunes as the benchmark does (tune_lr), the grid batched in one population run."""
+    from learned_opt.bench.tuning import tune_lr
+    from learned_opt.meta.population import tuned_adam_final
+
+    task = _small_task()
+    final, lr, initial = tuned_adam_final(task, 5, 15)
+    one_by_one = tune_lr(lambda x: float(adam_sweep(task, 5, 15, [x]).final_losses[0]))
+    assert lr == one_by_one.best_lr
+    assert final == pytest.approx(one_by_one.scores[lr], rel=1e-5)
+    assert initial == pytest.approx(float(task.eval_loss(task.init_params(torch.Generator().manual_seed(5)))))
+
+
 def test_centered_ranks_and_log_ratio():
     r = centered_ranks(torch.tensor([3.0, 1.0, 2.0, 2.0]))
     assert r.tolist() == [0.5, -0.5, 0.0, 0.0]

@@ -40,6 +40,7 @@ def tune_lr(
     high: int = GRID_HIGH,
     max_extension: int = MAX_EXTENSION,
     on_extend: Callable[[], None] | None = None,
+    score_many: Callable[[list[float]], list[float]] | None = None,
 ) -> TuneResult:
     """Minimise ``score(lr)`` over the half-decade grid ``[10**(low/2), 10**(high/2)]``.
 
@@ -47,17 +48,25 @@ def tune_lr(
     diverged settings rank worst). Ties go to the smaller lr. ``on_extend`` is called before each
     extension (progress bars use it to grow their total). While the best sits on an edge, the
     grid extends one half-decade step past it, up to ``max_extension`` steps per side.
+    ``score_many`` (optional) scores the initial grid in one call (e.g. one batched run of all its lrs).
     """
     if low > high:
         raise ValueError(f"empty grid: low={low} > high={high}")
     scores: dict[int, float] = {}
 
-    def evaluate(k: int) -> None:
-        value = float(score(grid_lr(k)))
-        scores[k] = math.inf if math.isnan(value) else value
+    def record(k: int, value: float) -> None:
+        scores[k] = math.inf if math.isnan(value) else float(value)
 
-    for k in range(low, high + 1):
-        evaluate(k)
+    def evaluate(k: int) -> None:
+        record(k, score(grid_lr(k)))
+
+    grid = list(range(low, high + 1))
+    if score_many is None:
+        for k in grid:
+            evaluate(k)
+    else:
+        for k, value in zip(grid, score_many([grid_lr(k) for k in grid]), strict=True):
+            record(k, value)
     extended = 0
     while True:
         best = min(scores, key=lambda k: (scores[k], k))

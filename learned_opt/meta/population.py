@@ -23,6 +23,7 @@ from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from learned_opt.bench.runner import DIVERGENCE_FACTOR
+from learned_opt.bench.tuning import tune_lr
 from learned_opt.rules.base import RuleState
 from learned_opt.rules.directions import adam_direction
 from learned_opt.tasks.base import Task
@@ -116,28 +117,17 @@ def adam_sweep(task: Task, seed: int, steps: int, lrs: Sequence[float]) -> Popul
     return run_population(task, seed, steps, lr, len(lrs), adam_update, adam_init)
 
 
-def tuned_adam_final(task: Task, seed: int, steps: int, *, low: int = -8, high: int = 0,
-                     max_extension: int = 4) -> tuple[float, float, float]:
-    """(best final loss, its lr, initial loss) of Adam over the benchmark's half-decade grid 1e-4 … 1,
-    extended past an edge while the best sits on it (diverged runs rank worst)."""
-    scores: dict[int, float] = {}
+def tuned_adam_final(task: Task, seed: int, steps: int) -> tuple[float, float, float]:
+    """(best final loss, its lr, initial loss) of Adam tuned as the benchmark tunes it
+    (:func:`learned_opt.bench.tuning.tune_lr`), the initial grid in one batched run."""
     initial = math.nan
 
-    def sweep(ks: list[int]) -> None:
+    def finals(lrs: list[float]) -> list[float]:
         nonlocal initial
-        result = adam_sweep(task, seed, steps, [10.0 ** (k / 2) for k in ks])
+        result = adam_sweep(task, seed, steps, lrs)
         initial = result.initial_loss
-        for k, loss, bad in zip(ks, result.final_losses.tolist(), result.diverged.tolist()):
-            scores[k] = math.inf if bad or not math.isfinite(loss) else float(loss)
+        return [math.inf if bad or not math.isfinite(loss) else float(loss)
+                for loss, bad in zip(result.final_losses.tolist(), result.diverged.tolist())]
 
-    sweep(list(range(low, high + 1)))
-    for _ in range(max_extension):
-        best = min(scores, key=lambda k: (scores[k], k))
-        if best == max(scores):
-            sweep([best + 1])
-        elif best == min(scores):
-            sweep([best - 1])
-        else:
-            break
-    best = min(scores, key=lambda k: (scores[k], k))
-    return scores[best], 10.0 ** (best / 2), initial
+    tuning = tune_lr(lambda lr: finals([lr])[0], score_many=finals)
+    return tuning.scores[tuning.best_lr], tuning.best_lr, initial
