@@ -29,6 +29,8 @@ import torch
 
 from learned_opt.bench.speed import machine_info
 from learned_opt.fileio import atomic_write_json
+from learned_opt.cli import add_threads_flag, apply_threads
+from learned_opt.meta.es import stack_members
 from learned_opt.meta.population import run_population
 from learned_opt.meta.unroll import TruncationData, unroll
 from learned_opt.rules.relative import LearnedRelativeAdamRule
@@ -37,10 +39,8 @@ from learned_opt.suites import load_suite
 
 
 def _batched(task: Any, seed: int, steps: int, thetas: torch.Tensor, rule: LearnedRelativeAdamRule) -> None:
-    stacked, i = {}, 0
-    for name, p in rule.named_parameters():
-        stacked[name] = thetas[:, i:i + p.numel()].reshape(len(thetas), *p.shape)
-        i += p.numel()
+    stacked = stack_members(rule, thetas)
+
     def update(theta: Any, grads: Any, params: Any, state: Any) -> Any:  # the ES trainer's step path
         result = apply_update(rule.with_theta(theta), grads, params, state, {"lr": 1.0, "total_steps": steps})
         return result.updates, result.state
@@ -94,10 +94,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "bench_population_speed.
     parser.add_argument("--members", type=int, default=16, help="population size (2 × ES pairs)")
     parser.add_argument("--steps", type=int, default=100, help="optimizee steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    add_threads_flag(parser)
     parser.add_argument("--out", type=Path, help="write results.json here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     try:
         result = measure_population_throughput(args.suite, tasks=args.tasks, members=args.members, steps=args.steps,
                                                repeats=args.repeats)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from learned_opt.bench.baselines import ADAM_1E3, TUNED_ADAM
@@ -119,12 +120,6 @@ def _state_values(rec: dict[str, Any], key: str) -> list[float]:
             if run.get("extra", {}).get("state", {}).get(key) is not None]
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def _state_cell(values: list[float], key: str) -> str:
     """Mean over seeds; the first firing is the median over the seeds that fired, with how many
     fired (0 is "never")."""
@@ -133,7 +128,7 @@ def _state_cell(values: list[float], key: str) -> str:
     if key != "first_decay_step":
         return _num(sum(values) / len(values))
     fired = [v for v in values if v > 0]
-    return f"{_num(_median(fired)) if fired else 'never'} ({len(fired)}/{len(values)})"
+    return f"{_num(median(fired)) if fired else 'never'} ({len(fired)}/{len(values)})"
 
 
 def _state_section(tasks: list[dict[str, Any]], labels: list[str]) -> list[str]:
@@ -153,7 +148,7 @@ def _state_section(tasks: list[dict[str, Any]], labels: list[str]) -> list[str]:
         values = [v for t in tasks for v in _state_values(t["results"][label], "lr_factor")]
         fired = sum(1 for t in tasks if any(v > 0 for v in _state_values(t["results"][label], "first_decay_step")))
         has_decay = any(key == "decay_count" and lab == label for lab, key, _ in cols)
-        spread.append([label, _num(_median(values)), _num(min(values)), _num(max(values)), str(len(values)),
+        spread.append([label, _num(median(values)), _num(min(values)), _num(max(values)), str(len(values)),
                        f"{fired}/{len(tasks)}" if has_decay else "—"])
     if spread:
         lines += ["", "Final lr factor over every task and seed:", "",

@@ -206,12 +206,7 @@ class PopulationESTrainer:
 
     # --- population runs -----------------------------------------------------------------------
     def members(self, thetas: Tensor) -> dict[str, Tensor]:
-        """Stacked θ vectors ``[P, D]`` as a stacked θ dict (what ``update_with`` takes per member)."""
-        out, i = {}, 0
-        for name, p in self.rule.named_parameters():
-            out[name] = thetas[:, i:i + p.numel()].reshape(len(thetas), *p.shape)
-            i += p.numel()
-        return out
+        return stack_members(self.rule, thetas)
 
     def score(self, draw: TaskDraw, thetas: Tensor, horizons: Tensor) -> tuple[Tensor, Tensor]:
         """(capped log ratio, win flag) of each member θ on one task run; ``horizons`` 0 = not told."""
@@ -345,6 +340,16 @@ class PopulationESTrainer:
         meta = {"engine": "population-es", "config": asdict(self.cfg), "steps": self.step,
                 "wall_time_s": round(self.wall, 1), "command": self.command, "selected": dict(row)}
         return save_weights(rule, self.out / name, name=name, meta_training=meta)
+
+
+def stack_members(rule: torch.nn.Module, thetas: Tensor) -> dict[str, Tensor]:
+    """Stacked θ vectors ``[P, D]`` (``parameters_to_vector`` order) as a stacked θ dict by name:
+    what a population run vmaps over, one member per row."""
+    out, i = {}, 0
+    for name, p in rule.named_parameters():
+        out[name] = thetas[:, i:i + p.numel()].reshape(len(thetas), *p.shape)
+        i += p.numel()
+    return out
 
 
 def es_rule(table: Mapping[str, Any]) -> Rule:

@@ -145,6 +145,12 @@ def check_in_range(key: str, value: Any, low: float, high: float) -> None:
         raise ValueError(f"invalid {key}: {value!r} (must be in [{low}, {high}))")
 
 
+def scalar_like(value: Tensor | float, like: Tensor) -> Tensor:
+    """``value`` as a 0-dim tensor of ``like``'s dtype and device. A Python number is filled on the
+    device (``torch.as_tensor`` would copy it from the host and wait for the device every step)."""
+    return value.to(like) if isinstance(value, Tensor) else like.new_full((), value)
+
+
 def build_rule(name: str, config: Mapping[str, Any] | None = None) -> Rule:
     """Instantiate a registered rule by name with its ``config``."""
     if name not in RULES:

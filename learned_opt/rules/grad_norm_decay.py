@@ -39,9 +39,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from learned_opt.rules.base import RuleState, check_bool, check_in_range, check_nonnegative, check_number
+from learned_opt.rules.base import RuleState, check_bool, check_nonnegative, check_number, scalar_like
 from learned_opt.rules.directions import adam_direction, group_norm, momentum_direction
-from learned_opt.rules.hparam_base import HyperparameterRule, check_betas, log_param, logit_param
+from learned_opt.rules.hparam_base import HyperparameterRule, log_param, logit_param
 from learned_opt.rules.transforms import absolute_rate
 
 # The public optimizers' defaults per form (relative, or the seeds' absolute rule). ρ = 0.3: on noisy
@@ -68,7 +68,7 @@ def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str
     threshold = hparams["threshold"] * ref if hparams.get("relative", False) else hparams["threshold"]
     if soft:
         tiny = torch.finfo(norm.dtype).tiny
-        log_threshold = torch.log(torch.as_tensor(threshold, dtype=norm.dtype, device=norm.device).clamp_min(tiny))
+        log_threshold = torch.log(scalar_like(threshold, norm).clamp_min(tiny))
         test = torch.sigmoid((log_threshold - norm.clamp_min(tiny).log()) / temperature)
     else:
         test = (norm < threshold).to(norm.dtype)
@@ -77,7 +77,7 @@ def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str
     weight = torch.where(ready, test, 0.0)
     below = torch.where(test.detach() > 0.5, group_state["below"] + 1, 0.0)
     fired = weight.detach() > 0.5
-    cooldown = torch.as_tensor(hparams.get("cooldown", 0), dtype=norm.dtype, device=norm.device)
+    cooldown = scalar_like(float(hparams.get("cooldown", 0)), norm)
     new_state = {
         "step": step,
         "ref_norm": ref + weight * (norm - ref),
@@ -149,10 +149,6 @@ class GradNormDecayRule(HyperparameterRule):
         check_nonnegative("threshold", hparams.get("threshold", 0.0))
         check_count("patience", hparams.get("patience", 1), 1)
         check_count("cooldown", hparams.get("cooldown", 0), 0)
-        if "relative" in hparams:
-            check_bool("relative", hparams["relative"])
-        if "momentum" in hparams:
-            check_in_range("momentum", hparams["momentum"], 0.0, 1.0)
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
         like = params[0] if params else torch.zeros(())

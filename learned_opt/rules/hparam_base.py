@@ -94,10 +94,7 @@ class HparamThetaRule:
 
     def __init__(self, rule: HyperparameterRule, theta: Mapping[str, Tensor]) -> None:
         self.rule, self.theta = rule, theta
-        self.hyperparameters = rule.hyperparameters
 
     def update(self, grads: Any, params: Any, state: Any, hparams: Mapping[str, Any]) -> Any:
         learned = torch.func.functional_call(self.rule, dict(self.theta), ())
         return self.rule.update(grads, params, state, {**hparams, **learned})
-
-    update_inplace = update

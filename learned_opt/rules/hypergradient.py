@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from learned_opt.rules.base import RuleState, check_bool, check_in_range
+from learned_opt.rules.base import RuleState, check_bool, check_in_range, scalar_like
 from learned_opt.rules.directions import adam_direction, group_dot, momentum_direction
 from learned_opt.rules.hparam_base import HyperparameterRule, check_betas, log_param, logit_param
 from learned_opt.rules.transforms import absolute_rate
@@ -51,7 +51,7 @@ PAPER_HYPER_LR = {"sgd": 1e-3, "adam": 1e-7}
 def schedule_ratio(lr: Tensor | float, prev_lr: Tensor) -> tuple[Tensor, Tensor]:
     """``(r, lr)``: how much the group's ``lr`` fell since the previous step, ``min(1, lr/prev_lr)``
     (1 at the first step, after an lr of 0, and while lr rises), and this step's lr as a tensor."""
-    lr_t = torch.as_tensor(lr, dtype=prev_lr.dtype, device=prev_lr.device)
+    lr_t = scalar_like(lr, prev_lr)
     positive = prev_lr > 0
     ratio = torch.where(positive, lr_t / torch.where(positive, prev_lr, torch.ones_like(prev_lr)), 1.0)
     return ratio.clamp_max(1.0), lr_t
@@ -72,7 +72,7 @@ def hypergradient_factor(
     rate)``; ``normalized``: ``f^r · exp(β cos(g, u_prev))`` (cos = 0 while either is all zero).
     """
     h = group_dot(grads, prev_dirs)
-    rate_t = torch.as_tensor(rate, dtype=factor.dtype, device=factor.device)
+    rate_t = scalar_like(rate, factor)
     positive = rate_t > 0
     faded = factor**ratio
     if normalized:

@@ -429,8 +429,6 @@ class ThetaRule:
     """A learned relative Adam whose θ is given (a vmapped population member), for
     :func:`learned_opt.rules.transforms.apply_update`: the engine's runs take the shipped step path."""
 
-    hyperparameters = LearnedRelativeAdamRule.hyperparameters
-
     def __init__(self, theta: Mapping[str, Tensor]) -> None:
         self.theta = theta
 
@@ -438,5 +436,3 @@ class ThetaRule:
                hparams: Mapping[str, Any]) -> tuple[list[Tensor], RuleState]:
         return LearnedRelativeAdamRule.update_with(self.theta, grads, params, state, hparams["lr"],
                                                    hparams.get("total_steps"))
-
-    update_inplace = update

@@ -32,7 +32,7 @@ skipped step's gradients are zeroed, not multiplied by zero, so no NaN reaches t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -122,7 +122,7 @@ prepare_gradients = chain(negate_if_maximize, add_coupled_weight_decay)
 finish_updates = chain(add_decoupled_weight_decay)
 
 
-def norm_bound(dtypes: Sequence[torch.dtype]) -> float:
+def norm_bound(dtypes: Iterable[torch.dtype]) -> float:
     """The largest group gradient norm passed to a rule unscaled: a quarter of the fourth root of
     the largest value of the narrowest dtype (float32 at least: narrower gradients are stepped in
     float32), a power of two (2^30 in float32, 2^254 in float64), so sums of up to fourth powers
@@ -144,9 +144,11 @@ def host_read_is_free(grads: Sequence[Tensor]) -> bool:
             and not torch.compiler.is_compiling())
 
 
+_IS_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+
+
 def _functorch_wrapped(t: Tensor) -> bool:
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check(t)) if check is not None else False
+    return bool(_IS_WRAPPED(t)) if _IS_WRAPPED is not None else False
 
 
 @torch.no_grad()
@@ -157,7 +159,7 @@ def check_gradients(grads: Sequence[Tensor], *, on_host: bool) -> GradientCheck:
     entry is); the largest magnitude tells a non-finite entry from a norm whose square overflowed.
     ``on_host``: read the answers on the host (one reduction per gradient in the common case).
     """
-    bound = norm_bound([g.dtype for g in grads])
+    bound = norm_bound({g.dtype for g in grads})
     norm = _group_norm(grads)
     within = norm <= bound
     if on_host and bool(within):
