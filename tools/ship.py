@@ -23,7 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from learned_opt.cli import add_threads_flag, apply_threads
 from learned_opt.fileio import atomic_write_json, atomic_write_text
+from learned_opt.rules import RULES
 from learned_opt.suites import check_table, tomllib
 from learned_opt.weights import PRETRAINED_DIR, REPO, file_sha256, load_rule, read_card, repo_relative, save_weights
 
@@ -104,7 +106,8 @@ def bench(suite: str, names: Sequence[str], work: str | Path, *, seeds: int | No
     optimizers = {b: b for b in baselines}
     for n in names:  # a horizon-aware shipped rule is benchmarked both untold and told each run's length
         optimizers[n] = str(pretrained_dir / f"{n}.safetensors")
-        if "total_steps" in load_rule(optimizers[n])[0].hyperparameters:
+        rule_cls = RULES.get(read_card(optimizers[n])["rule"])  # the card names the rule (an unknown one fails in the benchmark)
+        if rule_cls is not None and "total_steps" in rule_cls.hyperparameters:
             optimizers[f"{n}[horizon=true]"] = f"{optimizers[n]}[horizon=true]"
     out = Path(work) / f"bench-{loaded.name}"
     args = ["--suite", suite, "--optimizers", *optimizers, "--tune"] + (["--seeds", str(seeds)] if seeds else [])
@@ -177,16 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-train", action="store_true", help="only benchmark the already exported weights")
     parser.add_argument("--skip-bench", action="store_true", help="only meta-train and export")
     parser.add_argument("--seeds", type=int, help="benchmark seeds (default: the suite's [benchmark] table)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads for meta-training and benchmark runs (default 1: on CPU the "
-                        "same count gives bitwise-identical runs, so cached and fresh runs agree)")
+    add_threads_flag(parser, "on CPU the same count gives bitwise-identical runs, so cached and fresh runs agree")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
-    import torch
-
-    torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     names = list_recipes() if args.all else args.names
     if not names:
         parser.error("name recipes to ship, or --all")
@@ -200,8 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             by_suite: dict[str, list[str]] = {}
             for n, ship in recipes.items():
                 by_suite.setdefault(ship["benchmark_suite"], []).append(n)
+            shipped_suites = _all_shipped_suites()
             for suite, members in by_suite.items():
-                shipped = sorted({*members, *(n for n, s in _all_shipped_suites().items() if s == suite)})
+                shipped = sorted({*members, *(n for n, s in shipped_suites.items() if s == suite)})
                 print(f"ship: benchmarking {shipped} on {suite}", flush=True)
                 dest = bench(suite, shipped, args.work, seeds=args.seeds, progress=not args.no_progress)
                 print(f"ship: results in {dest}")

@@ -99,9 +99,11 @@ class StepTotals:
     steps: int
     finished: int
 
-    def all_reduce(self, ctx: DistContext, device: torch.device) -> StepTotals:
-        flat = torch.cat([self.grads, torch.tensor([self.meta_loss, self.steps, self.finished], dtype=torch.float64)])
-        flat = ctx.all_reduce_sum(flat.to(device)).cpu()
+    def all_reduce(self, ctx: DistContext) -> StepTotals:
+        """The sums over ranks (the context moves the vector to its communication device and back)."""
+        scalars = torch.tensor([self.meta_loss, self.steps, self.finished], dtype=torch.float64,
+                               device=self.grads.device)
+        flat = ctx.all_reduce_sum(torch.cat([self.grads, scalars]))
         loss, steps, finished = flat[len(self.grads):].tolist()
         return StepTotals(flat[:len(self.grads)], loss, int(steps), int(finished))
 
@@ -251,7 +253,7 @@ class MetaTrainer:
         """Meta-step ``step``: estimate, all-reduce, update θ (skipped if non-finite), validate; its log row."""
         local = self._estimate()
         self.local_inner_steps += local.steps
-        totals = local.all_reduce(self.ctx, self.device)
+        totals = local.all_reduce(self.ctx)
         n, c = self.cfg.tasks_per_step, self.counters
         meta_grad, meta_loss = totals.grads / n, float(totals.meta_loss / n)
         c.inner_steps += totals.steps
