@@ -49,9 +49,9 @@ def gather(flat: Sequence[Tensor], segments: Sequence[Segment]) -> Tensor:
     return concat([flat[i][a:b] for i, a, b in segments])
 
 
-def concat(pieces: Sequence[Tensor]) -> Tensor:
-    """``torch.cat`` that returns a lone piece itself (no copy)."""
-    return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))
+def concat(pieces: Sequence[Tensor], dim: int = 0) -> Tensor:
+    """``torch.cat`` along ``dim`` that returns a lone piece itself (no copy)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces), dim=dim)
 
 
 def cast_parameters(module: nn.Module, like: Tensor, cache: dict[tuple, dict[str, Tensor]]) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from learned_opt.rules.base import RuleState
-from learned_opt.rules.chunks import Segment, cast_parameters
+from learned_opt.rules.chunks import Segment, cast_parameters, gather
 from learned_opt.rules.lstm.core import LSTMCore
 from learned_opt.rules.lstm.kernels import fuse_weights, layer_forward
 from learned_opt.rules.lstm.layout import (
@@ -87,18 +87,19 @@ def _chunk(rule: LSTMCore, k: _Kind, io: SimpleNamespace, segments: Sequence[Seg
     rest and write the new state and update into ``io``'s outputs."""
     L, H = rule.num_layers, rule.hidden_size
     v = k.views(sum(b - a for _, a, b in segments))
-    if len(segments) == 1:  # the common case: read and write the state directly
-        i, a, b = segments[0]
-        g, c, h_new, c_new, u = io.g[i][a:b], io.c_in[i][:, a:b], io.h_out[i][:, a:b], io.c_out[i][:, a:b], io.u[i][a:b]
+    g = gather(io.g, segments)
+    pos = 0
+    for i, a, b in segments:
         for layer in range(L):
-            v.h[layer].copy_(io.h_in[i][layer * H : (layer + 1) * H, a:b])
+            v.h[layer][:, pos : pos + b - a].copy_(io.h_in[i][layer * H : (layer + 1) * H, a:b])
+        pos += b - a
+    if len(segments) == 1:  # the common case: read and write the cell state directly
+        i, a, b = segments[0]
+        c, h_new, c_new, u = io.c_in[i][:, a:b], io.h_out[i][:, a:b], io.c_out[i][:, a:b], io.u[i][a:b]
     else:
-        g = torch.cat([io.g[i][a:b] for i, a, b in segments])
         c, h_new, c_new, u = v.c_in, v.h_out, v.c_out, v.u
         pos = 0
         for i, a, b in segments:
-            for layer in range(L):
-                v.h[layer][:, pos : pos + b - a].copy_(io.h_in[i][layer * H : (layer + 1) * H, a:b])
             c[:, pos : pos + b - a].copy_(io.c_in[i][:, a:b])
             pos += b - a
     g = g.to(c.dtype)

@@ -21,7 +21,6 @@ from learned_opt.rules.lstm.kernels import chunk_step, fuse_weights
 from learned_opt.rules.lstm.layout import (
     at_rest,
     collect,
-    concat_columns,
     feature_rows,
     gather_columns,
     new_group,
@@ -74,7 +73,7 @@ def update_first_order(
         if not pieces[i]:  # zero-element parameter
             results.append(None)
             continue
-        h, c = (rows_to_state(concat_columns([piece[k] for piece in pieces[i]]), L, H, p.shape) for k in (1, 2))
+        h, c = (rows_to_state(concat([piece[k] for piece in pieces[i]], dim=1), L, H, p.shape) for k in (1, 2))
         results.append((concat([piece[0] for piece in pieces[i]]), h, c))
     updates, new_per_param = collect(params, per_param, results)
     return updates, (new_group(group_state, step[1], step[2]), new_per_param)

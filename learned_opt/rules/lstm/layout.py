@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from learned_opt.rules.chunks import Segment, state_dtype
+from learned_opt.rules.chunks import Segment, concat, state_dtype
 
 
 def zero_state(shape: torch.Size | tuple[int, ...], num_layers: int, hidden_size: int, like: Tensor) -> Tensor:
@@ -50,11 +50,7 @@ def rows_to_state(rows: Tensor, num_layers: int, hidden_size: int, shape: torch.
 
 def gather_columns(rows: Sequence[Tensor], segments: Sequence[Segment]) -> Tensor:
     """A chunk's columns of ``(L·H, numel)`` row blocks: a view when it is one slice of one tensor."""
-    return concat_columns([rows[i][:, a:b] for i, a, b in segments])
-
-
-def concat_columns(pieces: Sequence[Tensor]) -> Tensor:
-    return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces), dim=1)
+    return concat([rows[i][:, a:b] for i, a, b in segments], dim=1)
 
 
 def dense_at_rest(device: torch.device) -> bool:
