@@ -274,6 +274,7 @@ class RelativeAdam(LearnedOptimizer):
     without it the step stays at ``alpha`` after a short warm-up (``warmup × 200`` steps).
     ``floor`` keeps zero-initialised tensors (biases) moving: the step scale is ``RMS(p) + floor``;
     ``floor_vec``, when given, is the floor of vectors and scalars (biases, gains) instead.
+    ``final`` is where the told cosine ends, as a fraction of the peak step (0: at zero).
     """
 
     def __init__(
@@ -289,6 +290,7 @@ class RelativeAdam(LearnedOptimizer):
         weight_decay: float = 0.0,
         *,
         floor_vec: float | None = None,
+        final: float = 0.0,
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
@@ -296,6 +298,7 @@ class RelativeAdam(LearnedOptimizer):
             params,
             RelativeAdamRule(),
             floor_vec=floor_vec,
+            final=final,
             lr=lr,
             alpha=alpha,
             total_steps=total_steps,

@@ -99,6 +99,34 @@ def test_schedule_warms_up_then_decays_to_zero_or_holds():
     assert float(free[4]) == pytest.approx(0.5) and torch.all(free[9:] == 1.0)
 
 
+def test_told_schedule_ends_at_its_final_fraction():
+    steps = torch.arange(1, 101, dtype=torch.float32)
+    told = schedule(steps, torch.tensor(100.0), 0.1, 0.25)
+    assert float(told[9]) == pytest.approx(1.0) and float(told[-1]) == pytest.approx(0.25)
+    assert torch.all(told[10:].diff() <= 1e-7) and torch.all(told[10:] >= 0.25 - 1e-6)
+    torch.testing.assert_close(schedule(steps, torch.tensor(0.0), 0.05, 0.25), schedule(steps, torch.tensor(0.0), 0.05))
+
+
+def test_learned_final_is_a_meta_parameter_and_matches_the_hand_rule():
+    rule = LearnedRelativeAdamRule(hidden=0, init_final=0.3)
+    assert rule.config()["init_final"] == pytest.approx(0.3)
+    assert "logit_final" not in LearnedRelativeAdamRule(hidden=0).theta()  # older weights still load
+    params = [p.detach() for p in _params()]
+    hand = RelativeAdamRule()
+    for final, learned in ((0.3, rule), (0.0, LearnedRelativeAdamRule(hidden=0))):
+        hp = {**hand.hyperparameters, "final": final, "total_steps": 4}
+        st_h, st_l = hand.init_state(params), learned.init_state(params)
+        for _ in range(4):  # the last step is where a cosine to 0 and one to 0.3 differ most
+            grads = [torch.randn(4, 3), torch.randn(3)]
+            want, st_h = hand.update(grads, params, st_h, hp)
+            got, st_l = learned.update(grads, params, st_l, {**learned.hyperparameters, "total_steps": 4})
+        for w, u in zip(want, got):
+            torch.testing.assert_close(u, w, rtol=1e-5, atol=1e-9)
+        assert all(float(w.abs().max()) > 0 for w in want) == (final > 0)
+    with pytest.raises(ValueError, match="final"):
+        learned_opt.RelativeAdam(_params(), final=1.5)
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True])
 def test_total_steps_is_validated(bad):
     with pytest.raises(ValueError, match="total_steps"):

@@ -9,7 +9,8 @@ to the parameter scale, which makes the right multiplier far more uniform across
 - ``α`` is the relative step (0.03 hand-set); ``lr`` is a plain multiplier (default 1.0), so
   schedulers scale the rule's own rate;
 - ``s(t)`` is the schedule: with ``total_steps = T`` known, a linear warm-up over the first
-  ``warmup · T`` steps, then cosine to 0 at ``T``; without it, the same warm-up over
+  ``warmup · T`` steps, then cosine to ``final`` (a fraction of the peak: 0 hand-set, learned as
+  ``logit_final``) at ``T``; without it, the same warm-up over
   ``warmup · HORIZON_FREE_STEPS`` steps (10 at the hand-set 0.05) and then constant (the
   controller decays from there);
 - ``c_t`` is the per-tensor log multiplier of the learned controller (0 for the hand-set rule);
@@ -37,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from learned_opt.rules.base import Rule, RuleState, check_in_range, check_nonnegative
+from learned_opt.rules.base import Rule, RuleState, check_in_range, check_nonnegative, scalar_like
 from learned_opt.rules.hparam_base import check_betas, log_param, logit_param
 
 HORIZON_FREE_STEPS = 200  # the warm-up lasts warmup × this many steps when total_steps is unknown
@@ -58,16 +59,17 @@ CTRL_DIRECT = 1.0  # largest direct log offset
 CTRL_RANGE = (-6.0, 3.0)  # bounds of the accumulated log multiplier
 
 
-def schedule(step: Tensor, total_steps: Tensor, warmup: Tensor | float) -> Tensor:
-    """``s(t)`` for the 1-based ``step``: linear warm-up, then cosine to 0 at ``total_steps`` (> 0), or
-    constant after the warm-up when ``total_steps`` is 0 (unknown). Tensors, so members of a batched
-    population may differ in horizon."""
+def schedule(step: Tensor, total_steps: Tensor, warmup: Tensor | float, final: Tensor | float = 0.0) -> Tensor:
+    """``s(t)`` for the 1-based ``step``: linear warm-up, then cosine to ``final`` (a fraction of the
+    peak) at ``total_steps`` (> 0), or constant after the warm-up when ``total_steps`` is 0 (unknown).
+    Tensors, so members of a batched population may differ in horizon."""
     known = total_steps > 0
     horizon = torch.where(known, total_steps, torch.full_like(total_steps, float(HORIZON_FREE_STEPS)))
     warm_steps = torch.clamp(warmup * horizon, min=1.0)
     ramp = torch.clamp(step / warm_steps, max=1.0)
     frac = torch.clamp((step - warm_steps) / torch.clamp(horizon - warm_steps, min=1.0), 0.0, 1.0)
-    return ramp * torch.where(known, 0.5 * (1.0 + torch.cos(math.pi * frac)), torch.ones_like(frac))
+    cosine = final + (1.0 - final) * 0.5 * (1.0 + torch.cos(math.pi * frac))
+    return ramp * torch.where(known, cosine, torch.ones_like(frac))
 
 
 def horizon_tensor(total_steps: int | Tensor | None, like: Tensor) -> Tensor:
@@ -153,8 +155,11 @@ def relative_update(
     controller: Mapping[str, Tensor] | None = None,
     inplace: bool = False,
     floor_vec: Tensor | float | None = None,
+    final: Tensor | float = 0.0,
 ) -> tuple[list[Tensor], RuleState]:
     """Additive updates and new state for one group (see the module docstring).
+
+    ``final`` is where the told schedule's cosine ends, as a fraction of its peak (0: at 0).
 
     ``total_steps``: None or 0 when unknown. ``controller`` is the θ dict holding ``ctrl.*`` entries,
     or None for the hand-set rule. Pure (never mutates) unless ``inplace``: then the caller gives
@@ -164,21 +169,21 @@ def relative_update(
     group_state, per_param = state
     step = group_state["step"] + 1
     total_steps = horizon_tensor(total_steps, step)
-    s = schedule(step, total_steps, warmup)
+    s = schedule(step, total_steps, warmup, final)
     directions = _directions_foreach if inplace else _directions
-    floors = [floor if floor_vec is None or p.dim() > 1 else floor_vec for p in params]
-    dirs, moments, stats, scales = directions(grads, params, per_param, step, betas, eps, floors,
-                                              controller is not None)
+    dirs, moments, stats, norms = directions(grads, params, per_param, step, betas, eps, controller is not None)
     new_per_param = [{"exp_avg": m, "exp_avg_sq": v} for m, v in moments]
     if not dirs:
         return [], ({**group_state, "step": step}, new_per_param)
+    numel = torch.tensor([float(max(p.numel(), 1)) for p in params], dtype=step.dtype, device=step.device)
+    is_vector = torch.tensor([float(p.dim() <= 1) for p in params], dtype=step.dtype, device=step.device)
+    floor_t = floor if floor_vec is None else torch.where(is_vector > 0, scalar_like(floor_vec, step),
+                                                          scalar_like(floor, step))
+    scales = _rms_scale(norms, numel, floor_t)
     if controller is None:
         mults = s.expand(len(dirs))
     else:
-        numel = torch.tensor([float(max(p.numel(), 1)) for p in params], dtype=step.dtype, device=step.device)
-        is_vector = torch.tensor([float(p.dim() <= 1) for p in params], dtype=step.dtype, device=step.device)
         scalars = torch.stack([st["controller"] for st in per_param])
-        floor_t = floor if floor_vec is None else torch.where(is_vector > 0, floor_vec, floor)
         feats, new_scalars = _controller_features(stats, scalars, numel, is_vector, step, total_steps, floor_t)
         increment, direct = controller_outputs(controller, feats)
         ctrl = torch.clamp(scalars[:, 0] + increment, *CTRL_RANGE)
@@ -198,24 +203,25 @@ def relative_update(
 Directions = tuple[list[Tensor], list[tuple[Tensor, Tensor]], Tensor | None, Tensor | None]
 
 
-def _rms_scale(p_norm: Tensor, u_norm: Tensor, numel: int, floor: Tensor | float) -> Tensor:
-    """``(RMS(p) + floor) / RMS(u)`` from the two norms: the factor that makes a step of ``u`` move
-    the tensor by a fraction of its own scale."""
-    root = math.sqrt(max(numel, 1))
+def _rms_scale(norms: Tensor, numel: Tensor, floor: Tensor | float) -> Tensor:
+    """``(RMS(p) + floor) / RMS(u)`` per tensor from the norms ``[n, 2]`` of ``(p, u)``: the factor
+    that makes a step of ``u`` move the tensor by a fraction of its own scale (vectorised over the
+    group's tensors)."""
+    root = numel.sqrt()
+    p_norm, u_norm = norms.unbind(-1)
     return (p_norm / root + floor) / torch.clamp(u_norm / root, min=TINY)
 
 
 def _directions(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
-                step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float,
-                floors: Sequence[Tensor | float], with_stats: bool) -> Directions:
-    """Per tensor: Adam's direction ``u = m / (√v̂ + eps)`` (its bias correction of ``m`` cancels in the
-    relative rescaling), the new moments, the rescaling ``(RMS(p) + floor) / RMS(u)`` as a stacked
-    tensor, and (``with_stats``) the controller's statistics ``[n, 4]`` (see
-    :func:`_controller_features`). Pure."""
+                step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float, with_stats: bool) -> Directions:
+    """Per tensor: Adam's direction ``u = m / (√v + eps·√(1 − β₂ᵗ))``, which is ``m̂ / (√v̂ + eps)`` up to
+    a per-tensor constant that cancels in the relative rescaling (so neither bias correction costs a
+    pass over the tensor), the new moments, the norms ``[n, 2]`` of ``(p, u)`` and (``with_stats``) the
+    controller's statistics ``[n, 4]`` (see :func:`_controller_features`). Pure."""
     beta1, beta2 = betas
     bias2_sqrt = (1 - beta2**step).sqrt()
-    dirs, moments, stats, scales = [], [], [], []
-    for g, p, st, floor in zip(grads, params, per_param, floors):
+    dirs, moments, stats, norms = [], [], [], []
+    for g, p, st in zip(grads, params, per_param):
         m_old = st["exp_avg"]
         if with_stats:
             stats.append(torch.stack([torch.linalg.vector_norm(g), torch.linalg.vector_norm(m_old),
@@ -223,18 +229,18 @@ def _directions(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Se
                                       torch.linalg.vector_norm(p - st["p0"])]))
         m = torch.lerp(m_old, g, 1 - beta1)
         v = torch.addcmul(st["exp_avg_sq"] * beta2, g, g, value=1 - beta2)
-        u = m / (v.sqrt() / bias2_sqrt + eps)
-        scales.append(_rms_scale(torch.linalg.vector_norm(p), torch.linalg.vector_norm(u), p.numel(), floor))
+        u = m / (v.sqrt() + eps * bias2_sqrt)
+        norms.append(torch.stack([torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)]))
         dirs.append(u)
         moments.append((m, v))
     if not dirs:
         return [], [], None, None
-    return dirs, moments, torch.stack(stats) if stats else None, torch.stack(scales)
+    return dirs, moments, torch.stack(stats) if stats else None, torch.stack(norms)
 
 
 def _directions_foreach(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
                         step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float,
-                        floors: Sequence[Tensor | float], with_stats: bool) -> Directions:
+                        with_stats: bool) -> Directions:
     """:func:`_directions` with the moments updated in place by ``torch._foreach_*`` kernels (fewer
     passes over memory). The operations and their order are the pure path's, so the results are
     bitwise the same."""
@@ -246,20 +252,18 @@ def _directions_foreach(grads: Sequence[Tensor], params: Sequence[Tensor], per_p
     if with_stats:  # before the moments move: the statistics read m_{t-1}
         travelled = torch._foreach_norm(torch._foreach_sub(params, [st["p0"] for st in per_param]))
         dots = [torch.dot(g.reshape(-1), m.reshape(-1)) for g, m in zip(grads, ms)]
-        stats = torch.stack([torch.stack(x) for x in zip(torch._foreach_norm(grads), torch._foreach_norm(ms),
-                                                         dots, travelled)])
+        stats = torch.stack([torch.stack(x) for x in (torch._foreach_norm(grads), torch._foreach_norm(ms),
+                                                      dots, travelled)], dim=-1)
     beta1, beta2 = betas
     bias2_sqrt = float((1 - beta2**step).sqrt())
     torch._foreach_lerp_(ms, grads, float(1 - beta1))
     torch._foreach_mul_(vs, float(beta2))
     torch._foreach_addcmul_(vs, grads, grads, value=float(1 - beta2))
     denom = torch._foreach_sqrt(vs)
-    torch._foreach_div_(denom, bias2_sqrt)
-    torch._foreach_add_(denom, float(eps))
+    torch._foreach_add_(denom, float(eps) * bias2_sqrt)
     dirs = torch._foreach_div(ms, denom)
-    scales = [_rms_scale(pn, un, p.numel(), floor)
-              for pn, un, p, floor in zip(torch._foreach_norm(params), torch._foreach_norm(dirs), params, floors)]
-    return dirs, list(zip(ms, vs)), stats, torch.stack(scales)
+    norms = torch.stack([torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(dirs))], dim=-1)
+    return dirs, list(zip(ms, vs)), stats, norms
 
 
 def _step_counter(params: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -296,7 +300,7 @@ class RelativeAdamRule(_RelativeRule):
     name: ClassVar[str] = "relative-adam"
     hyperparameters: ClassVar[dict[str, Any]] = {
         "lr": 1.0, "alpha": 0.03, "warmup": 0.05, "floor": 1e-3, "floor_vec": None, "betas": (0.9, 0.999),
-        "eps": 1e-8, "total_steps": None,
+        "eps": 1e-8, "total_steps": None, "final": 0.0,
     }
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
@@ -311,8 +315,9 @@ class RelativeAdamRule(_RelativeRule):
         for key in ("alpha", "floor", "eps"):
             if key in hparams:
                 check_nonnegative(key, hparams[key])
-        if "warmup" in hparams:
-            check_in_range("warmup", hparams["warmup"], 0.0, 1.0)
+        for key in ("warmup", "final"):
+            if key in hparams:
+                check_in_range(key, hparams[key], 0.0, 1.0)
         if "betas" in hparams:
             check_betas(hparams["betas"])
 
@@ -322,7 +327,7 @@ class RelativeAdamRule(_RelativeRule):
         return relative_update(
             grads, params, state, alpha=hparams["alpha"], warmup=hparams["warmup"], floor=hparams["floor"],
             betas=hparams["betas"], eps=hparams["eps"], lr=hparams["lr"], total_steps=hparams["total_steps"],
-            inplace=inplace, floor_vec=hparams.get("floor_vec"),
+            inplace=inplace, floor_vec=hparams.get("floor_vec"), final=hparams.get("final", 0.0),
         )
 
 
@@ -351,7 +356,8 @@ class LearnedRelativeAdamRule(_RelativeRule):
     """Parameter-relative Adam with a learned per-tensor controller (the flagship ``default``).
 
     θ: ``log_alpha``, ``logit_warmup``, ``log_floor``, ``log_floor_vec`` (with ``init_floor_vec`` set;
-    older weights without it use ``floor`` for vectors too) and the controller net (``ctrl.*``).
+    older weights without it use ``floor`` for vectors too), ``logit_final`` (with ``init_final`` set;
+    without it the told cosine ends at 0) and the controller net (``ctrl.*``).
     ``hparams``: ``lr`` (a multiplier, 1.0 = as meta-trained) and ``total_steps`` (None: unknown).
     State per parameter: Adam's two moments, the initial value ``p0`` (12 bytes per float32
     parameter in all) and ``controller``, the tensor's five scalars (:data:`SCALARS`); per group:
@@ -364,13 +370,16 @@ class LearnedRelativeAdamRule(_RelativeRule):
     eps = 1e-8
 
     def __init__(self, init_alpha: float = 0.03, init_warmup: float = 0.05, init_floor: float = 1e-3,
-                 hidden: int = 8, seed: int = 0, init_floor_vec: float | None = None) -> None:
+                 hidden: int = 8, seed: int = 0, init_floor_vec: float | None = None,
+                 init_final: float | None = None) -> None:
         super().__init__()
         self.log_alpha = log_param(init_alpha, "init_alpha")
         self.logit_warmup = logit_param(init_warmup, "init_warmup")
         self.log_floor = log_param(init_floor, "init_floor")
         if init_floor_vec is not None:
             self.log_floor_vec = log_param(init_floor_vec, "init_floor_vec")
+        if init_final is not None:
+            self.logit_final = logit_param(init_final, "init_final")
         self.ctrl = ControllerNet(hidden, seed)
         self.hidden, self.seed = int(hidden), int(seed)
 
@@ -380,6 +389,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             "init_warmup": float(torch.sigmoid(self.logit_warmup.detach())),
             "init_floor": float(self.log_floor.detach().exp()),
             **({"init_floor_vec": float(self.log_floor_vec.detach().exp())} if hasattr(self, "log_floor_vec") else {}),
+            **({"init_final": float(torch.sigmoid(self.logit_final.detach()))} if hasattr(self, "logit_final") else {}),
             "hidden": self.hidden,
             "seed": self.seed,
         }
@@ -422,6 +432,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             floor=theta["log_floor"].exp(), betas=cls.betas, eps=cls.eps, lr=lr, total_steps=total_steps,
             controller=theta, inplace=inplace,
             floor_vec=theta["log_floor_vec"].exp() if "log_floor_vec" in theta else None,
+            final=torch.sigmoid(theta["logit_final"]) if "logit_final" in theta else 0.0,
         )
 
 

@@ -1,0 +1,24 @@
+"""The θ probe tool (tools/probe.py): member parsing and edits; its scoring is the ES trainer's own."""
+
+import pytest
+import torch
+
+from tools.probe import apply_edits, parse_member
+
+
+def test_member_edits_set_and_shift_entries_and_elements():
+    label, edits = parse_member("faster: log_alpha+=0.5; ctrl.ws[0,1]=2; logit_final=-1")
+    assert label == "faster"
+    theta = {"log_alpha": torch.tensor(-3.0), "ctrl.ws": torch.zeros(2, 2), "logit_final": torch.tensor(0.0)}
+    out = apply_edits(theta, edits)
+    assert float(out["log_alpha"]) == pytest.approx(-2.5) and float(out["logit_final"]) == -1.0
+    assert out["ctrl.ws"].tolist() == [[0.0, 2.0], [0.0, 0.0]]
+    assert float(theta["log_alpha"]) == -3.0  # the given θ is not mutated
+    assert parse_member("unchanged:") == ("unchanged", [])
+
+
+def test_bad_member_edits_are_named():
+    with pytest.raises(ValueError, match="log_alpha=fast"):
+        parse_member("x: log_alpha=fast")
+    with pytest.raises(ValueError, match="unknown θ entry 'nope'"):
+        apply_edits({"log_alpha": torch.tensor(0.0)}, parse_member("x: nope=1")[1])

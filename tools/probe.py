@@ -1,0 +1,126 @@
+"""Probe θ variants of an ES-trained rule on the validation split, the way the ES trainer scores them.
+
+Each member is a shipped (or given) θ with some entries set or shifted; all members run as one
+batched population per validation task, told the horizon and not, and each is summarised as the
+trainer's selection row (wins against tuned Adam, geometric-mean loss ratio), overall and per task
+family. This is how the ablations in ``docs/ablations.md`` were measured; it reads no test seeds.
+
+    python tools/probe.py --weights learned_opt/pretrained/default.safetensors \\
+        --rule '{"hidden": 0, "init_floor_vec": 0.1, "init_final": 0.5}' \\
+        --member 'cosine to 0: logit_final=-11.5' --member 'to 0.15: logit_final=-1.73' --told-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from learned_opt.cli import add_threads_flag, apply_threads  # noqa: E402
+from learned_opt.meta.es import ESConfig, PopulationESTrainer  # noqa: E402
+
+Edit = tuple[str, str, float]  # (θ entry, "=" or "+=", value); an index "name[i,j]" edits one element
+
+
+def parse_member(text: str) -> tuple[str, list[Edit]]:
+    """``'label: a=1; b[0,1]+=2'`` -> (label, edits). ValueError naming the bad part."""
+    label, _, body = text.partition(":")
+    edits: list[Edit] = []
+    for part in filter(None, (p.strip() for p in body.split(";"))):
+        op = "+=" if "+=" in part else "="
+        name, _, value = part.partition(op)
+        try:
+            edits.append((name.strip(), op, float(value)))
+        except ValueError:
+            raise ValueError(f"invalid member edit {part!r} in {text!r} (want name=value or name+=value)") from None
+    return label.strip(), edits
+
+
+def apply_edits(theta: Mapping[str, Tensor], edits: Sequence[Edit]) -> dict[str, Tensor]:
+    out = {k: v.detach().clone().float() for k, v in theta.items()}
+    for name, op, value in edits:
+        base, _, index = name.partition("[")
+        if base not in out:
+            raise ValueError(f"unknown θ entry {base!r} (θ has {sorted(out)})")
+        idx = tuple(int(i) for i in index.rstrip("]").split(",")) if index else ()
+        out[base][idx] = value + (out[base][idx] if op == "+=" else 0.0)
+    return out
+
+
+def probe(trainer: PopulationESTrainer, members: Sequence[tuple[str, Sequence[Edit]]], theta: Mapping[str, Tensor],
+          *, told_only: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """One summary row per member: wins and loss ratio, told and free, and wins per task family."""
+    names = [n for n, _ in trainer.rule.named_parameters()]
+    start = {**dict(trainer.rule.named_parameters()), **theta}
+    vecs = [torch.cat([apply_edits(start, edits)[n].reshape(-1) for n in names]) for _, edits in members]
+    k, modes = len(vecs), (("told",) if told_only else ("told", "free"))
+    thetas = torch.stack(vecs).repeat(len(modes), 1)
+    wins, logs = torch.zeros(len(modes), k), torch.zeros(len(modes), k)
+    family: dict[str, Tensor] = collections.defaultdict(lambda: torch.zeros(len(modes), k))
+    for draw in trainer.val:
+        horizons = torch.tensor([float(draw.steps) if m == "told" else 0.0 for m in modes for _ in range(k)])
+        r, win = trainer.score(draw, thetas, horizons)
+        wins += win.float().view(len(modes), k)
+        logs += r.view(len(modes), k)
+        family[draw.label] += win.float().view(len(modes), k)
+        log(f"{draw.label:18s} T={draw.steps:4d} " + " | ".join(
+            m + " " + " ".join(f"{float(x):+.2f}" for x in r.view(len(modes), k)[i]) for i, m in enumerate(modes)))
+    n = len(trainer.val)
+    rows = []
+    for j, (label, _) in enumerate(members):
+        row: dict[str, Any] = {"member": label}
+        for i, m in enumerate(modes):
+            row[f"val_wins_{m}"], row[f"val_ratio_{m}"] = int(wins[i, j]), math.exp(float(logs[i, j]) / n)
+            row[f"family_wins_{m}"] = {f: int(w[i, j]) for f, w in family.items()}
+        rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="probe.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", help="θ to start from (.safetensors; default: the rule's initial θ)")
+    parser.add_argument("--rule", default="{}", help="the ES rule table as JSON (as in a recipe's `rule`)")
+    parser.add_argument("--member", action="append", required=True,
+                        help="'label: entry=value; entry[i,j]+=value; ...' (repeatable; 'label:' alone = unchanged)")
+    parser.add_argument("--val-tasks", type=int, default=32)
+    parser.add_argument("--horizon", type=int, nargs=2, default=(50, 1000))
+    parser.add_argument("--seed", type=int, default=0, help="the recipe seed whose validation draws to use")
+    parser.add_argument("--suite", default="meta_train_general")
+    parser.add_argument("--refs", help="JSON cache of tuned-Adam references (read and written)")
+    parser.add_argument("--told-only", action="store_true", help="only runs told the horizon")
+    parser.add_argument("--out", default="runs/probe", help="scratch directory of the trainer")
+    add_threads_flag(parser)
+    args = parser.parse_args(argv)
+    apply_threads(args.threads)
+    try:
+        members = [parse_member(m) for m in args.member]
+        cfg = ESConfig(suite=args.suite, val_tasks=args.val_tasks, seed=args.seed, horizon=tuple(args.horizon),
+                       pool=1, rule=json.loads(args.rule))
+        trainer = PopulationESTrainer(cfg, args.out)
+        refs = Path(args.refs) if args.refs else None
+        if refs is not None and refs.exists():
+            trainer.refs = json.loads(refs.read_text())
+        from safetensors.torch import load_file
+        rows = probe(trainer, members, load_file(args.weights) if args.weights else {}, told_only=args.told_only)
+    except ValueError as exc:
+        print(f"probe.py: error: {exc}", file=sys.stderr)
+        return 2
+    if refs is not None:
+        refs.write_text(json.dumps(trainer.refs))
+    for row in rows:
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
