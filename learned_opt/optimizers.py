@@ -270,8 +270,8 @@ class RelativeAdam(LearnedOptimizer):
     along Adam's direction (:mod:`learned_opt.rules.relative`), untuned across tasks.
 
     ``lr`` multiplies the rule's own rate (1.0 = ``alpha``), so schedulers scale it. ``total_steps``
-    (optional, as ``OneCycleLR``'s) turns on the warm-up + cosine-to-zero schedule over the run;
-    without it the step stays at ``alpha`` after a short warm-up (``warmup × 200`` steps).
+    (optional, as ``OneCycleLR``'s) turns on the warm-up + cosine schedule over the run; without it
+    the step stays at ``alpha`` after a short warm-up (``warmup × 200`` steps).
     ``floor`` keeps zero-initialised tensors (biases) moving: the step scale is ``RMS(p) + floor``;
     ``floor_vec``, when given, is the floor of vectors and scalars (biases, gains) instead.
     ``final`` is where the told cosine ends, as a fraction of the peak step (0: at zero).

@@ -59,9 +59,11 @@ CTRL_DIRECT = 1.0  # largest direct log offset
 CTRL_RANGE = (-6.0, 3.0)  # bounds of the accumulated log multiplier
 
 
-def schedule(step: Tensor, total_steps: Tensor, warmup: Tensor | float, final: Tensor | float = 0.0) -> Tensor:
+def schedule(step: Tensor, total_steps: Tensor, warmup: Tensor | float, final: Tensor | float = 0.0,
+             free_decay: Tensor | float = 0.0) -> Tensor:
     """``s(t)`` for the 1-based ``step``: linear warm-up, then cosine to ``final`` (a fraction of the
-    peak) at ``total_steps`` (> 0), or constant after the warm-up when ``total_steps`` is 0 (unknown).
+    peak) at ``total_steps`` (> 0); when ``total_steps`` is 0 (unknown), after the warm-up
+    ``(1 + t'/HORIZON_FREE_STEPS)^-free_decay`` with ``t'`` the steps since it (constant at 0).
     Tensors, so members of a batched population may differ in horizon."""
     known = total_steps > 0
     horizon = torch.where(known, total_steps, torch.full_like(total_steps, float(HORIZON_FREE_STEPS)))
@@ -69,7 +71,9 @@ def schedule(step: Tensor, total_steps: Tensor, warmup: Tensor | float, final: T
     ramp = torch.clamp(step / warm_steps, max=1.0)
     frac = torch.clamp((step - warm_steps) / torch.clamp(horizon - warm_steps, min=1.0), 0.0, 1.0)
     cosine = final + (1.0 - final) * 0.5 * (1.0 + torch.cos(math.pi * frac))
-    return ramp * torch.where(known, cosine, torch.ones_like(frac))
+    since = torch.clamp(step - warm_steps, min=0.0)
+    power = (1.0 + since / HORIZON_FREE_STEPS) ** -free_decay
+    return ramp * torch.where(known, cosine, power)
 
 
 def horizon_tensor(total_steps: int | Tensor | None, like: Tensor) -> Tensor:
@@ -156,10 +160,12 @@ def relative_update(
     inplace: bool = False,
     floor_vec: Tensor | float | None = None,
     final: Tensor | float = 0.0,
+    free_decay: Tensor | float = 0.0,
 ) -> tuple[list[Tensor], RuleState]:
     """Additive updates and new state for one group (see the module docstring).
 
-    ``final`` is where the told schedule's cosine ends, as a fraction of its peak (0: at 0).
+    ``final`` is where the told schedule's cosine ends, as a fraction of its peak (0: at 0);
+    ``free_decay`` the power of the untold schedule's decay (0: constant); see :func:`schedule`.
 
     ``total_steps``: None or 0 when unknown. ``controller`` is the θ dict holding ``ctrl.*`` entries,
     or None for the hand-set rule. Pure (never mutates) unless ``inplace``: then the caller gives
@@ -169,7 +175,7 @@ def relative_update(
     group_state, per_param = state
     step = group_state["step"] + 1
     total_steps = horizon_tensor(total_steps, step)
-    s = schedule(step, total_steps, warmup, final)
+    s = schedule(step, total_steps, warmup, final, free_decay)
     directions = _directions_foreach if inplace else _directions
     dirs, moments, stats, norms = directions(grads, params, per_param, step, betas, eps, controller is not None)
     new_per_param = [{"exp_avg": m, "exp_avg_sq": v} for m, v in moments]
@@ -371,7 +377,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
 
     def __init__(self, init_alpha: float = 0.03, init_warmup: float = 0.05, init_floor: float = 1e-3,
                  hidden: int = 8, seed: int = 0, init_floor_vec: float | None = None,
-                 init_final: float | None = None) -> None:
+                 init_final: float | None = None, init_free_decay: float | None = None) -> None:
         super().__init__()
         self.log_alpha = log_param(init_alpha, "init_alpha")
         self.logit_warmup = logit_param(init_warmup, "init_warmup")
@@ -380,6 +386,8 @@ class LearnedRelativeAdamRule(_RelativeRule):
             self.log_floor_vec = log_param(init_floor_vec, "init_floor_vec")
         if init_final is not None:
             self.logit_final = logit_param(init_final, "init_final")
+        if init_free_decay is not None:
+            self.log_free_decay = log_param(init_free_decay, "init_free_decay")
         self.ctrl = ControllerNet(hidden, seed)
         self.hidden, self.seed = int(hidden), int(seed)
 
@@ -390,6 +398,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             "init_floor": float(self.log_floor.detach().exp()),
             **({"init_floor_vec": float(self.log_floor_vec.detach().exp())} if hasattr(self, "log_floor_vec") else {}),
             **({"init_final": float(torch.sigmoid(self.logit_final.detach()))} if hasattr(self, "logit_final") else {}),
+            **({"init_free_decay": float(self.log_free_decay.detach().exp())} if hasattr(self, "log_free_decay") else {}),
             "hidden": self.hidden,
             "seed": self.seed,
         }
@@ -433,6 +442,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             controller=theta, inplace=inplace,
             floor_vec=theta["log_floor_vec"].exp() if "log_floor_vec" in theta else None,
             final=torch.sigmoid(theta["logit_final"]) if "logit_final" in theta else 0.0,
+            free_decay=theta["log_free_decay"].exp() if "log_free_decay" in theta else 0.0,
         )
 
 
