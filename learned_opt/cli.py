@@ -79,18 +79,25 @@ def card_summary(card: dict[str, Any]) -> str:
     for suite, row in sorted(card.get("metrics", {}).items()):
         if not isinstance(row, dict):
             continue
-        figures = [f"{row.get('wins_vs_tuned_adam', '?')}/{row.get('tasks', '?')} wins vs tuned Adam"]
-        if _is_number(row.get("geomean_ratio_to_tuned_adam")):
-            figures.append(f"loss ratio {row['geomean_ratio_to_tuned_adam']:.3g}")
-        speedup = row.get("median_speedup")
-        if isinstance(speedup, dict) and speedup.get("text"):
-            figures.append(f"median speedup {speedup['text']}")
-        if _is_number(row.get("step_time_ratio_to_adam")):
-            figures.append(f"step time {row['step_time_ratio_to_adam']:.2f}x Adam")
-        if row.get("diverged_tasks"):
-            figures.append(f"diverged on {row['diverged_tasks']} tasks")
-        parts.append(f"{suite}: " + ", ".join(figures))
+        parts.append(f"{suite}: " + _row_figures(row))
+        told = row.get("told_the_horizon")
+        if isinstance(told, dict):  # a horizon-aware rule is benchmarked untold and told each run's length
+            parts.append(f"{suite}, told total_steps: " + _row_figures(told))
     return "; ".join(parts) or "no benchmark figures in its card"
+
+
+def _row_figures(row: dict[str, Any]) -> str:
+    figures = [f"{row.get('wins_vs_tuned_adam', '?')}/{row.get('tasks', '?')} wins vs tuned Adam"]
+    if _is_number(row.get("geomean_ratio_to_tuned_adam")):
+        figures.append(f"loss ratio {row['geomean_ratio_to_tuned_adam']:.3g}")
+    speedup = row.get("median_speedup")
+    if isinstance(speedup, dict) and speedup.get("text"):
+        figures.append(f"median speedup {speedup['text']}")
+    if _is_number(row.get("step_time_ratio_to_adam")):
+        figures.append(f"step time {row['step_time_ratio_to_adam']:.2f}x Adam")
+    if row.get("diverged_tasks"):
+        figures.append(f"diverged on {row['diverged_tasks']} tasks")
+    return ", ".join(figures)
 
 
 def _is_number(value: Any) -> bool:

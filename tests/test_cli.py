@@ -114,3 +114,7 @@ def test_list_shows_every_shipped_optimizer_with_its_cards_figures(capsys: pytes
         for suite, row in card["metrics"].items():
             assert f"{suite}: {row['wins_vs_tuned_adam']}/{row['tasks']} wins vs tuned Adam" in line
             assert f"median speedup {row['median_speedup']['text']}" in line
+            if "told_the_horizon" in row:  # horizon-aware: the told figures too (the README's usage)
+                told = row["told_the_horizon"]
+                assert f"{suite}, told total_steps: {told['wins_vs_tuned_adam']}/{told['tasks']} wins" in line
+    assert "told total_steps" in rows["default"]

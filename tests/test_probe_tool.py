@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tools.probe import apply_edits, parse_member
+from tools.probe import apply_edits, parse_member, rule_table
 
 
 def test_member_edits_set_and_shift_entries_and_elements():
@@ -22,3 +22,10 @@ def test_bad_member_edits_are_named():
         parse_member("x: log_alpha=fast")
     with pytest.raises(ValueError, match="unknown θ entry 'nope'"):
         apply_edits({"log_alpha": torch.tensor(0.0)}, parse_member("x: nope=1")[1])
+
+
+def test_the_probed_rule_defaults_to_the_weights_card():
+    table = rule_table(None, "learned_opt/pretrained/default.safetensors")
+    assert table["name"] == "learned-relative-adam" and "init_final" in table
+    assert rule_table('{"hidden": 0}', "learned_opt/pretrained/default.safetensors") == {"hidden": 0}
+    assert rule_table(None, None) == {}

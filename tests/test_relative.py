@@ -312,6 +312,30 @@ def test_stepping_past_total_steps_warns_once(make):
     assert len([w for w in record if "past total_steps" in str(w.message)]) == 1
 
 
+@pytest.mark.parametrize("final", [0.0, 0.2])
+def test_past_total_steps_the_step_stays_at_final_and_the_warning_says_so(final):
+    params = _params()
+    opt = learned_opt.RelativeAdam(params, total_steps=3, final=final)
+    moves = []
+    with pytest.warns(RuntimeWarning, match="stays at 20% of its peak" if final else "leave the parameters unchanged"):
+        for _ in range(5):
+            before = [p.detach().clone() for p in params]
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+            moves.append(max(float((p.detach() - b).abs().max()) for p, b in zip(params, before)))
+    assert (moves[-1] > 0) == (final > 0)
+    from learned_opt.weights import load_rule
+
+    end = float(torch.sigmoid(load_rule("default")[0].logit_final.detach()))  # the shipped default's learned end
+    with pytest.warns(RuntimeWarning, match=f"stays at {end:.0%} of its peak"):
+        shipped = learned_opt.load_optimizer("default", params, total_steps=1)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            shipped.step()
+
+
 def test_es_run_holds_the_out_lock(tmp_path):
     from learned_opt.lockfile import DirectoryLockError, lock_directory
 

@@ -5,9 +5,8 @@ batched population per validation task, told the horizon and not, and each is su
 trainer's selection row (wins against tuned Adam, geometric-mean loss ratio), overall and per task
 family. This is how the ablations in ``docs/ablations.md`` were measured; it reads no test seeds.
 
-    python tools/probe.py --weights learned_opt/pretrained/default.safetensors \\
-        --rule '{"hidden": 0, "init_floor_vec": 0.1, "init_final": 0.5}' \\
-        --member 'cosine to 0: logit_final=-11.5' --member 'to 0.15: logit_final=-1.73' --told-only
+    python tools/probe.py --weights learned_opt/pretrained/default.safetensors --told-only \\
+        --member 'shipped:' --member 'cosine to 0: logit_final=-11.5' --member 'alpha x 2: log_alpha+=0.693'
 """
 
 from __future__ import annotations
@@ -61,6 +60,10 @@ def probe(trainer: PopulationESTrainer, members: Sequence[tuple[str, Sequence[Ed
           *, told_only: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """One summary row per member: wins and loss ratio, told and free, and wins per task family."""
     names = [n for n, _ in trainer.rule.named_parameters()]
+    unknown = sorted(set(theta) - set(names))
+    if unknown:
+        raise ValueError(f"the weights hold {unknown}, which the probed rule lacks (its θ: {names}); "
+                         "give the rule table they were trained with (--rule)")
     start = {**dict(trainer.rule.named_parameters()), **theta}
     vecs = [torch.cat([apply_edits(start, edits)[n].reshape(-1) for n in names]) for _, edits in members]
     k, modes = len(vecs), (("told",) if told_only else ("told", "free"))
@@ -86,26 +89,43 @@ def probe(trainer: PopulationESTrainer, members: Sequence[tuple[str, Sequence[Ed
     return rows
 
 
+def rule_table(rule: str | None, weights: str | None) -> dict[str, Any]:
+    """The rule to probe: the JSON table given, else the weights card's rule and config, else {}."""
+    if rule is not None:
+        return json.loads(rule)
+    if weights is None:
+        return {}
+    from learned_opt.weights import read_card
+
+    card = read_card(weights)
+    return {"name": card["rule"], **card.get("rule_config", {})}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="probe.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="probe.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", help="θ to start from (.safetensors; default: the rule's initial θ)")
-    parser.add_argument("--rule", default="{}", help="the ES rule table as JSON (as in a recipe's `rule`)")
+    parser.add_argument("--rule", help="the ES rule table as JSON, as in a recipe's `rule` (default: the "
+                        "--weights card's rule and config, else the learned relative Adam's defaults); "
+                        "entries it adds that the weights lack start at its initial values")
     parser.add_argument("--member", action="append", required=True,
-                        help="'label: entry=value; entry[i,j]+=value; ...' (repeatable; 'label:' alone = unchanged)")
-    parser.add_argument("--val-tasks", type=int, default=32)
-    parser.add_argument("--horizon", type=int, nargs=2, default=(50, 1000))
-    parser.add_argument("--seed", type=int, default=0, help="the recipe seed whose validation draws to use")
-    parser.add_argument("--suite", default="meta_train_general")
+                        help="'label: entry=value; entry[i,j]+=value; ...' (repeatable; 'label:' alone = "
+                        "unchanged); entries are the rule's θ names, which an unknown name lists")
+    parser.add_argument("--val-tasks", type=int, default=32, help="validation tasks drawn (default: 32)")
+    parser.add_argument("--horizon", type=int, nargs=2, default=(50, 1000), metavar=("MIN", "MAX"),
+                        help="log-uniform range of the tasks' horizons (default: 50 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="the recipe seed whose validation draws to use (default: 0)")
+    parser.add_argument("--suite", default="meta_train_general", help="suite of the tasks (default: meta_train_general)")
     parser.add_argument("--refs", help="JSON cache of tuned-Adam references (read and written)")
     parser.add_argument("--told-only", action="store_true", help="only runs told the horizon")
-    parser.add_argument("--out", default="runs/probe", help="scratch directory of the trainer")
+    parser.add_argument("--out", default="runs/probe", help="scratch directory of the trainer (default: runs/probe)")
     add_threads_flag(parser)
     args = parser.parse_args(argv)
     apply_threads(args.threads)
     try:
         members = [parse_member(m) for m in args.member]
         cfg = ESConfig(suite=args.suite, val_tasks=args.val_tasks, seed=args.seed, horizon=tuple(args.horizon),
-                       pool=1, rule=json.loads(args.rule))
+                       pool=1, rule=rule_table(args.rule, args.weights))
         trainer = PopulationESTrainer(cfg, args.out)
         refs = Path(args.refs) if args.refs else None
         if refs is not None and refs.exists():

@@ -329,7 +329,7 @@ class RelativeAdamRule(_RelativeRule):
 
     def _update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
                 hparams: Mapping[str, Tensor | float], *, inplace: bool) -> tuple[list[Tensor], RuleState]:
-        warn_past_horizon(self, state[0]["step"], hparams["total_steps"])
+        warn_past_horizon(self, state[0]["step"], hparams["total_steps"], hparams.get("final", 0.0))
         return relative_update(
             grads, params, state, alpha=hparams["alpha"], warmup=hparams["warmup"], floor=hparams["floor"],
             betas=hparams["betas"], eps=hparams["eps"], lr=hparams["lr"], total_steps=hparams["total_steps"],
@@ -337,17 +337,20 @@ class RelativeAdamRule(_RelativeRule):
         )
 
 
-def warn_past_horizon(rule: Rule, step: Tensor, total_steps: Any) -> None:
+def warn_past_horizon(rule: Rule, step: Tensor, total_steps: Any, final: Tensor | float) -> None:
     """Warn once per rule when an optimizer steps past the ``total_steps`` it was given: the schedule
-    has reached 0 there, so further steps do not move the parameters. Only read on the CPU (on a
-    device the check would wait for it every step)."""
+    has ended there, so further steps stay at its ``final`` fraction of the peak (none at 0). Only
+    read on the CPU (on a device the check would wait for it every step)."""
     if not isinstance(total_steps, int) or getattr(rule, "_warned_past_horizon", False) or step.device.type != "cpu":
         return
     if float(step) >= total_steps:
         rule._warned_past_horizon = True  # type: ignore[attr-defined]
+        final = float(final)
+        after = (f"the step stays at {final:.0%} of its peak" if final > 0
+                 else "these steps leave the parameters unchanged")
         warnings.warn(f"{type(rule).__name__}: stepping past total_steps={total_steps}; the schedule has ended "
-                      "there, so these steps leave the parameters unchanged (give the run's real length, or "
-                      "total_steps=None)", RuntimeWarning, stacklevel=4)
+                      f"there, so {after} (give the run's real length, or total_steps=None)",
+                      RuntimeWarning, stacklevel=4)
 
 
 def check_total_steps(value: Any) -> None:
@@ -423,7 +426,8 @@ class LearnedRelativeAdamRule(_RelativeRule):
     def _update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
                 hparams: Mapping[str, Tensor | float], *, inplace: bool) -> tuple[list[Tensor], RuleState]:
         theta = {k: v.to(grads[0].dtype) for k, v in self.theta().items()} if grads else self.theta()
-        warn_past_horizon(self, state[0]["step"], hparams.get("total_steps"))
+        final = torch.sigmoid(self.logit_final.detach()) if hasattr(self, "logit_final") else 0.0
+        warn_past_horizon(self, state[0]["step"], hparams.get("total_steps"), final)
         return self.update_with(theta, grads, params, state, hparams["lr"], hparams.get("total_steps"),
                                 inplace=inplace)
 
