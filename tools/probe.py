@@ -5,7 +5,7 @@ batched population per validation task, told the horizon and not, and each is su
 trainer's selection row (wins against tuned Adam, geometric-mean loss ratio), overall and per task
 family. This is how the ablations in ``docs/ablations.md`` were measured; it reads no test seeds.
 
-    python tools/probe.py --weights learned_opt/pretrained/default.safetensors --told-only \\
+    python tools/probe.py --weights learned_opt/pretrained/default.safetensors --modes told \\
         --member 'shipped:' --member 'cosine to 0: logit_final=-11.5' --member 'alpha x 2: log_alpha+=0.693'
 """
 
@@ -57,8 +57,9 @@ def apply_edits(theta: Mapping[str, Tensor], edits: Sequence[Edit]) -> dict[str,
 
 
 def probe(trainer: PopulationESTrainer, members: Sequence[tuple[str, Sequence[Edit]]], theta: Mapping[str, Tensor],
-          *, told_only: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """One summary row per member: wins and loss ratio, told and free, and wins per task family."""
+          *, modes: Sequence[str] = ("told", "free"), log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """One summary row per member: wins and loss ratio per mode (told the horizon, free of it), and
+    wins per task family."""
     names = [n for n, _ in trainer.rule.named_parameters()]
     unknown = sorted(set(theta) - set(names))
     if unknown:
@@ -66,7 +67,7 @@ def probe(trainer: PopulationESTrainer, members: Sequence[tuple[str, Sequence[Ed
                          "give the rule table they were trained with (--rule)")
     start = {**dict(trainer.rule.named_parameters()), **theta}
     vecs = [torch.cat([apply_edits(start, edits)[n].reshape(-1) for n in names]) for _, edits in members]
-    k, modes = len(vecs), (("told",) if told_only else ("told", "free"))
+    k = len(vecs)
     thetas = torch.stack(vecs).repeat(len(modes), 1)
     wins, logs = torch.zeros(len(modes), k), torch.zeros(len(modes), k)
     family: dict[str, Tensor] = collections.defaultdict(lambda: torch.zeros(len(modes), k))
@@ -117,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the recipe seed whose validation draws to use (default: 0)")
     parser.add_argument("--suite", default="meta_train_general", help="suite of the tasks (default: meta_train_general)")
     parser.add_argument("--refs", help="JSON cache of tuned-Adam references (read and written)")
-    parser.add_argument("--told-only", action="store_true", help="only runs told the horizon")
+    parser.add_argument("--modes", default="told,free", help="runs told the horizon, free of it, or both "
+                        "(default: told,free)")
     parser.add_argument("--out", default="runs/probe", help="scratch directory of the trainer (default: runs/probe)")
     add_threads_flag(parser)
     args = parser.parse_args(argv)
@@ -131,7 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if refs is not None and refs.exists():
             trainer.refs = json.loads(refs.read_text())
         from safetensors.torch import load_file
-        rows = probe(trainer, members, load_file(args.weights) if args.weights else {}, told_only=args.told_only)
+        modes = tuple(m.strip() for m in args.modes.split(","))
+        if not modes or set(modes) - {"told", "free"}:
+            raise ValueError(f"invalid --modes: {args.modes!r} (want told, free or told,free)")
+        rows = probe(trainer, members, load_file(args.weights) if args.weights else {}, modes=modes)
     except ValueError as exc:
         print(f"probe.py: error: {exc}", file=sys.stderr)
         return 2
