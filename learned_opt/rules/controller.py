@@ -1,0 +1,92 @@
+"""The learned per-tensor step-size controller of the relative rule (``learned_opt.rules.relative``).
+
+A tiny MLP shared by all tensors of a group reads scale-free features of each tensor
+(:data:`FEATURES`) and emits two bounded numbers per tensor: an increment of an accumulated log
+multiplier (state ``ctrl``) and a direct log offset. Vectorised over the group's tensors, so its
+cost is per group, not per coordinate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+TINY = 1e-12
+FEATURES = (
+    "cos(g_t, m_{t-1}) (the hypergradient signal of a momentum step)",
+    "EMA(0.9) of that cosine",
+    "log(EMA(0.9) ||g|| / ||g_1||) / 4",
+    "(log(||p - p_0|| / (||p_0|| + floor·√n)) + 5) / 5",
+    "t / T (0 when T is unknown)",
+    "1 when T is known, else 0",
+    "log1p(t) / log1p(1000)",
+    "accumulated log multiplier c",
+    "1 for a vector/scalar tensor, else 0",
+)
+CTRL_RATE = 0.05  # largest change of the accumulated log multiplier per step
+CTRL_DIRECT = 1.0  # largest direct log offset
+CTRL_RANGE = (-6.0, 3.0)  # bounds of the accumulated log multiplier
+
+
+class ControllerNet(nn.Module):
+    """Per-tensor controller: ``features [n, F] -> (increment, direct) [n, 2]`` (bounded by tanh).
+
+    A linear map of the features plus, with ``hidden > 0``, a one-hidden-layer tanh MLP. The
+    output weights start at zero (an untrained controller does nothing); ``hidden = 0`` keeps θ
+    small (20 numbers), which full-horizon ES estimates far better than a few hundred.
+    """
+
+    def __init__(self, hidden: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
+            raise ValueError(f"invalid hidden: {hidden!r} (must be an int >= 0)")
+        self.ws = nn.Parameter(torch.zeros(len(FEATURES), 2))  # linear: features -> outputs
+        self.b2 = nn.Parameter(torch.zeros(2))
+        if hidden:
+            g = torch.Generator().manual_seed(seed)
+            self.w1 = nn.Parameter(torch.randn(len(FEATURES), hidden, generator=g) / math.sqrt(len(FEATURES)))
+            self.b1 = nn.Parameter(torch.zeros(hidden))
+            self.w2 = nn.Parameter(torch.zeros(hidden, 2))
+
+
+def controller_outputs(theta: Mapping[str, Tensor], feats: Tensor) -> tuple[Tensor, Tensor]:
+    """The controller's bounded (increment, direct offset) per tensor, from θ entries ``ctrl.*``."""
+    out = feats @ theta["ctrl.ws"] + theta["ctrl.b2"]
+    if "ctrl.w1" in theta:
+        out = out + torch.tanh(feats @ theta["ctrl.w1"] + theta["ctrl.b1"]) @ theta["ctrl.w2"]
+    out = torch.tanh(out)
+    return CTRL_RATE * out[:, 0], CTRL_DIRECT * out[:, 1]
+
+
+# Per-tensor scalar state of the controller, packed in one vector per parameter (``controller``).
+SCALARS = ("ctrl", "cos_ema", "gnorm0", "gnorm_ema", "p0_norm")
+
+
+def controller_features(stats: Tensor, scalars: Tensor, numel: Tensor, is_vector: Tensor, step: Tensor,
+                         total_steps: Tensor, floor: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Features ``[n, F]`` (:data:`FEATURES`) of a group's n tensors and their new scalar state ``[n, 5]``.
+
+    ``stats`` holds per tensor ``(||g||, ||m_{t-1}||, g·m_{t-1}, ||p - p0||)``; ``scalars`` the old
+    state in :data:`SCALARS` order. Vectorised over tensors: the cost is per group, not per tensor.
+    """
+    gnorm, mnorm, dot, travelled = stats.unbind(-1)
+    ctrl, cos_ema, gnorm0, gnorm_ema, p0_norm = scalars.unbind(-1)
+    cos = dot / torch.clamp(gnorm * mnorm, min=TINY)
+    cos_ema = 0.9 * cos_ema + 0.1 * cos
+    first = step <= 1
+    gnorm0 = torch.where(first, gnorm, gnorm0)
+    gnorm_ema = torch.where(first, gnorm, 0.9 * gnorm_ema + 0.1 * gnorm)
+    trend = torch.log(torch.clamp(gnorm_ema, min=TINY) / torch.clamp(gnorm0, min=TINY))
+    ref = p0_norm + floor * numel.sqrt()
+    dist = torch.log(torch.clamp(travelled, min=TINY) / torch.clamp(ref, min=TINY))
+    known = (total_steps > 0).to(step.dtype)
+    progress = known * step / torch.clamp(total_steps, min=1.0)
+    ones = torch.ones_like(cos)
+    feats = torch.stack([
+        cos, cos_ema, torch.clamp(trend, -20.0, 20.0) / 4.0, (torch.clamp(dist, -10.0, 2.0) + 5.0) / 5.0,
+        progress * ones, known * ones, torch.log1p(step) / math.log1p(1000.0) * ones, ctrl, is_vector,
+    ], dim=-1)
+    return feats, torch.stack([ctrl, cos_ema, gnorm0, gnorm_ema, p0_norm], dim=-1)
