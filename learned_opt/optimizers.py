@@ -6,6 +6,7 @@ Each is a :class:`~learned_opt.adapter.LearnedOptimizer` over one rule of :mod:`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,9 @@ class RelativeAdam(LearnedOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize,
         )
+        if any(g["final"] and g["total_steps"] is None for g in self.param_groups):
+            warnings.warn("RelativeAdam: final only shapes the schedule told total_steps; without total_steps "
+                          "it has no effect", UserWarning, stacklevel=2)
 
 
 # Rule name -> the public optimizer built from a card's learned hyperparameters.

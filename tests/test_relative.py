@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -334,6 +335,15 @@ def test_past_total_steps_the_step_stays_at_final_and_the_warning_says_so(final)
             for p in params:
                 p.grad = torch.ones_like(p)
             shipped.step()
+
+
+def test_final_without_total_steps_warns_that_it_does_nothing():
+    with pytest.warns(UserWarning, match="final only shapes the schedule told total_steps"):
+        learned_opt.RelativeAdam(_params(), final=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learned_opt.RelativeAdam(_params(), final=0.1, total_steps=10)
+        learned_opt.RelativeAdam(_params())
 
 
 def test_es_run_holds_the_out_lock(tmp_path):
