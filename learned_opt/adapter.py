@@ -37,6 +37,7 @@ COMPUTE_DTYPE = torch.float32  # parameters narrower than this are stepped in it
 # Where the guard masks on a device, the skip counters are read on the host (for the one-time
 # warning) only every this many steps, so a step never waits for the device.
 NONFINITE_CHECK_EVERY = 100
+LOW_LR_MULTIPLIER = 0.01  # a multiplier below this is almost surely an absolute rate from torch habits (warned)
 # Keys every saved param group has, besides the rule's ``hyperparameters`` (decoupled_weight_decay
 # may be missing from a state saved before it existed: it defaults to False).
 ADAPTER_HPARAMS = ("weight_decay", "maximize")
@@ -94,6 +95,10 @@ class LearnedOptimizer(Optimizer):
         self._warned_nonfinite = False
         self._group_keys: frozenset[str] | None = None
         self._validate_group(defaults)
+        if isinstance(lr, (int, float)) and 0 < lr < LOW_LR_MULTIPLIER:
+            warnings.warn(f"lr={lr:g} is a multiplier of the rule's own rate (1.0 = as designed or meta-trained), "
+                          f"so each step is {lr:g}× the rule's; an absolute initial rate is init_lr= (alpha= for "
+                          "RelativeAdam)", UserWarning, stacklevel=3)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: Mapping[str, Any]) -> None:

@@ -346,6 +346,17 @@ def test_final_without_total_steps_warns_that_it_does_nothing():
         learned_opt.RelativeAdam(_params())
 
 
+def test_an_absolute_looking_lr_multiplier_warns():
+    with pytest.warns(UserWarning, match="lr=0.001 is a multiplier of the rule's own rate"):
+        learned_opt.RelativeAdam(_params(), lr=1e-3)
+    with pytest.warns(UserWarning, match="init_lr="):
+        learned_opt.load_optimizer("default", _params(), lr=3e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learned_opt.load_optimizer("default", _params(), lr=0.5)
+        learned_opt.RelativeAdam(_params(), lr=0.0)
+
+
 def test_es_run_holds_the_out_lock(tmp_path):
     from learned_opt.lockfile import DirectoryLockError, lock_directory
 
