@@ -108,18 +108,6 @@ def test_told_schedule_ends_at_its_final_fraction():
     torch.testing.assert_close(schedule(steps, torch.tensor(0.0), 0.05, 0.25), schedule(steps, torch.tensor(0.0), 0.05))
 
 
-def test_untold_schedule_decays_as_a_power_of_the_steps_since_the_warm_up():
-    steps = torch.arange(1, 1001, dtype=torch.float32)
-    free = schedule(steps, torch.tensor(0.0), 0.05, 0.0, 0.5)  # warm-up: 10 steps
-    assert float(free[9]) == pytest.approx(1.0) and float(free[209]) == pytest.approx(2 ** -0.5)
-    assert torch.all(free[10:].diff() < 0)
-    torch.testing.assert_close(schedule(steps, torch.tensor(1000.0), 0.05, 0.0, 0.5),
-                               schedule(steps, torch.tensor(1000.0), 0.05))  # told: unchanged
-    rule = LearnedRelativeAdamRule(hidden=0, init_free_decay=0.5)
-    assert rule.config()["init_free_decay"] == pytest.approx(0.5) and "log_free_decay" in rule.theta()
-    assert "log_free_decay" not in LearnedRelativeAdamRule(hidden=0).theta()
-
-
 def test_learned_final_is_a_meta_parameter_and_matches_the_hand_rule():
     rule = LearnedRelativeAdamRule(hidden=0, init_final=0.3)
     assert rule.config()["init_final"] == pytest.approx(0.3)

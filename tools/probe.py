@@ -71,9 +71,7 @@ def probe(trainer: PopulationESTrainer, members: Sequence[tuple[str, Sequence[Ed
     thetas = torch.stack(vecs).repeat(len(modes), 1)
     wins, logs = torch.zeros(len(modes), k), torch.zeros(len(modes), k)
     family: dict[str, Tensor] = collections.defaultdict(lambda: torch.zeros(len(modes), k))
-    for draw in trainer.val:
-        horizons = torch.tensor([float(draw.steps) if m == "told" else 0.0 for m in modes for _ in range(k)])
-        r, win = trainer.score(draw, thetas, horizons)
+    for draw, r, win in trainer.validation_runs(thetas, [m == "told" for m in modes for _ in range(k)]):
         wins += win.float().view(len(modes), k)
         logs += r.view(len(modes), k)
         family[draw.label] += win.float().view(len(modes), k)

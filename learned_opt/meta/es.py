@@ -27,7 +27,7 @@ import csv
 import io
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -253,14 +253,19 @@ class PopulationESTrainer:
         self.step += 1
         return {"train_log_ratio": float(fitness.mean()), "grad_norm": float(grad.norm())}
 
+    def validation_runs(self, thetas: Tensor, told: Sequence[bool]) -> Iterator[tuple[TaskDraw, Tensor, Tensor]]:
+        """Per validation task, ``(draw, capped log ratio, win flag)`` of each θ row, run told its
+        horizon where ``told`` says so (one batched run per task)."""
+        for draw in self.val:
+            yield (draw, *self.score(draw, thetas, torch.tensor([float(draw.steps) if t else 0.0 for t in told])))
+
     def evaluate(self) -> dict[str, Any]:
         """The benchmark's summary of the current θ on the validation tasks, with and without the horizon."""
         wins = {"told": 0, "free": 0}
         logs = {"told": [], "free": []}
         runs = 2 if self.horizon_aware else 1  # a rule without a horizon: told and free are one run
         thetas = self.theta.detach().unsqueeze(0).repeat(runs, 1)
-        for draw in self.val:
-            r, win = self.score(draw, thetas, torch.tensor([float(draw.steps), 0.0][:runs]))
+        for _, r, win in self.validation_runs(thetas, [True, False][:runs]):
             for j, mode in enumerate(("told", "free")):
                 wins[mode] += int(win[min(j, runs - 1)])
                 logs[mode].append(float(r[min(j, runs - 1)]))

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -45,11 +45,9 @@ from learned_opt.rules.controller import (
 from learned_opt.rules.hparam_base import check_betas, log_param, logit_param
 
 HORIZON_FREE_STEPS = 200  # the warm-up lasts warmup × this many steps when total_steps is unknown
-def schedule(step: Tensor, total_steps: Tensor, warmup: Tensor | float, final: Tensor | float = 0.0,
-             free_decay: Tensor | float = 0.0) -> Tensor:
+def schedule(step: Tensor, total_steps: Tensor, warmup: Tensor | float, final: Tensor | float = 0.0) -> Tensor:
     """``s(t)`` for the 1-based ``step``: linear warm-up, then cosine to ``final`` (a fraction of the
-    peak) at ``total_steps`` (> 0); when ``total_steps`` is 0 (unknown), after the warm-up
-    ``(1 + t'/HORIZON_FREE_STEPS)^-free_decay`` with ``t'`` the steps since it (constant at 0).
+    peak) at ``total_steps`` (> 0), or constant after the warm-up when ``total_steps`` is 0 (unknown).
     Tensors, so members of a batched population may differ in horizon."""
     known = total_steps > 0
     horizon = torch.where(known, total_steps, torch.full_like(total_steps, float(HORIZON_FREE_STEPS)))
@@ -57,9 +55,7 @@ def schedule(step: Tensor, total_steps: Tensor, warmup: Tensor | float, final: T
     ramp = torch.clamp(step / warm_steps, max=1.0)
     frac = torch.clamp((step - warm_steps) / torch.clamp(horizon - warm_steps, min=1.0), 0.0, 1.0)
     cosine = final + (1.0 - final) * 0.5 * (1.0 + torch.cos(math.pi * frac))
-    since = torch.clamp(step - warm_steps, min=0.0)
-    power = (1.0 + since / HORIZON_FREE_STEPS) ** -free_decay
-    return ramp * torch.where(known, cosine, power)
+    return ramp * torch.where(known, cosine, torch.ones_like(frac))
 
 
 def horizon_tensor(total_steps: int | Tensor | None, like: Tensor) -> Tensor:
@@ -85,12 +81,10 @@ def relative_update(
     inplace: bool = False,
     floor_vec: Tensor | float | None = None,
     final: Tensor | float = 0.0,
-    free_decay: Tensor | float = 0.0,
 ) -> tuple[list[Tensor], RuleState]:
     """Additive updates and new state for one group (see the module docstring).
 
-    ``final`` is where the told schedule's cosine ends, as a fraction of its peak (0: at 0);
-    ``free_decay`` the power of the untold schedule's decay (0: constant); see :func:`schedule`.
+    ``final`` is where the told schedule's cosine ends, as a fraction of its peak (0: at 0).
 
     ``total_steps``: None or 0 when unknown. ``controller`` is the θ dict holding ``ctrl.*`` entries,
     or None for the hand-set rule. Pure (never mutates) unless ``inplace``: then the caller gives
@@ -100,7 +94,7 @@ def relative_update(
     group_state, per_param = state
     step = group_state["step"] + 1
     total_steps = horizon_tensor(total_steps, step)
-    s = schedule(step, total_steps, warmup, final, free_decay)
+    s = schedule(step, total_steps, warmup, final)
     directions = _directions_foreach if inplace else _directions
     dirs, moments, stats, norms = directions(grads, params, per_param, step, betas, eps, controller is not None)
     new_per_param = [{"exp_avg": m, "exp_avg_sq": v} for m, v in moments]
@@ -254,7 +248,7 @@ class RelativeAdamRule(_RelativeRule):
 
     def _update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
                 hparams: Mapping[str, Tensor | float], *, inplace: bool) -> tuple[list[Tensor], RuleState]:
-        warn_past_horizon(self, state[0]["step"], hparams["total_steps"], hparams.get("final", 0.0))
+        warn_past_horizon(self, state[0]["step"], hparams["total_steps"], lambda: hparams.get("final", 0.0))
         return relative_update(
             grads, params, state, alpha=hparams["alpha"], warmup=hparams["warmup"], floor=hparams["floor"],
             betas=hparams["betas"], eps=hparams["eps"], lr=hparams["lr"], total_steps=hparams["total_steps"],
@@ -262,16 +256,16 @@ class RelativeAdamRule(_RelativeRule):
         )
 
 
-def warn_past_horizon(rule: Rule, step: Tensor, total_steps: Any, final: Tensor | float) -> None:
+def warn_past_horizon(rule: Rule, step: Tensor, total_steps: Any, final: Callable[[], Tensor | float]) -> None:
     """Warn once per rule when an optimizer steps past the ``total_steps`` it was given: the schedule
-    has ended there, so further steps stay at its ``final`` fraction of the peak (none at 0). Only
-    read on the CPU (on a device the check would wait for it every step)."""
+    has ended there, so further steps stay at its ``final()`` fraction of the peak (none at 0; read
+    only when warning). Only read on the CPU (on a device the check would wait for it every step)."""
     if not isinstance(total_steps, int) or getattr(rule, "_warned_past_horizon", False) or step.device.type != "cpu":
         return
     if float(step) >= total_steps:
         rule._warned_past_horizon = True  # type: ignore[attr-defined]
-        final = float(final)
-        after = (f"the step stays at {final:.0%} of its peak" if final > 0
+        end = float(final())
+        after = (f"the step stays at {end:.0%} of its peak" if end > 0
                  else "these steps leave the parameters unchanged")
         warnings.warn(f"{type(rule).__name__}: stepping past total_steps={total_steps}; the schedule has ended "
                       f"there, so {after} (give the run's real length, or total_steps=None)",
@@ -305,7 +299,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
 
     def __init__(self, init_alpha: float = 0.03, init_warmup: float = 0.05, init_floor: float = 1e-3,
                  hidden: int = 8, seed: int = 0, init_floor_vec: float | None = None,
-                 init_final: float | None = None, init_free_decay: float | None = None) -> None:
+                 init_final: float | None = None) -> None:
         super().__init__()
         self.log_alpha = log_param(init_alpha, "init_alpha")
         self.logit_warmup = logit_param(init_warmup, "init_warmup")
@@ -314,8 +308,6 @@ class LearnedRelativeAdamRule(_RelativeRule):
             self.log_floor_vec = log_param(init_floor_vec, "init_floor_vec")
         if init_final is not None:
             self.logit_final = logit_param(init_final, "init_final")
-        if init_free_decay is not None:
-            self.log_free_decay = log_param(init_free_decay, "init_free_decay")
         self.ctrl = ControllerNet(hidden, seed)
         self.hidden, self.seed = int(hidden), int(seed)
 
@@ -326,7 +318,6 @@ class LearnedRelativeAdamRule(_RelativeRule):
             "init_floor": float(self.log_floor.detach().exp()),
             **({"init_floor_vec": float(self.log_floor_vec.detach().exp())} if hasattr(self, "log_floor_vec") else {}),
             **({"init_final": float(torch.sigmoid(self.logit_final.detach()))} if hasattr(self, "logit_final") else {}),
-            **({"init_free_decay": float(self.log_free_decay.detach().exp())} if hasattr(self, "log_free_decay") else {}),
             "hidden": self.hidden,
             "seed": self.seed,
         }
@@ -351,8 +342,8 @@ class LearnedRelativeAdamRule(_RelativeRule):
     def _update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
                 hparams: Mapping[str, Tensor | float], *, inplace: bool) -> tuple[list[Tensor], RuleState]:
         theta = {k: v.to(grads[0].dtype) for k, v in self.theta().items()} if grads else self.theta()
-        final = torch.sigmoid(self.logit_final.detach()) if hasattr(self, "logit_final") else 0.0
-        warn_past_horizon(self, state[0]["step"], hparams.get("total_steps"), final)
+        warn_past_horizon(self, state[0]["step"], hparams.get("total_steps"),
+                          lambda: torch.sigmoid(self.logit_final.detach()) if hasattr(self, "logit_final") else 0.0)
         return self.update_with(theta, grads, params, state, hparams["lr"], hparams.get("total_steps"),
                                 inplace=inplace)
 
@@ -371,7 +362,6 @@ class LearnedRelativeAdamRule(_RelativeRule):
             controller=theta, inplace=inplace,
             floor_vec=theta["log_floor_vec"].exp() if "log_floor_vec" in theta else None,
             final=torch.sigmoid(theta["logit_final"]) if "logit_final" in theta else 0.0,
-            free_decay=theta["log_free_decay"].exp() if "log_free_decay" in theta else 0.0,
         )
 
 
