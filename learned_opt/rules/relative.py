@@ -154,7 +154,7 @@ def _directions(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Se
                                       torch.linalg.vector_norm(p - st["p0"])]))
         m = torch.lerp(m_old, g, 1 - beta1)
         v = torch.addcmul(st["exp_avg_sq"] * beta2, g, g, value=1 - beta2)
-        u = m / (v.sqrt() + eps * bias2_sqrt)
+        u = m * torch.reciprocal(v.sqrt() + eps * bias2_sqrt)
         norms.append(torch.stack([torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)]))
         dirs.append(u)
         moments.append((m, v))
@@ -168,14 +168,16 @@ def _directions_foreach(grads: Sequence[Tensor], params: Sequence[Tensor], per_p
                         with_stats: bool) -> Directions:
     """:func:`_directions` with the moments updated in place by ``torch._foreach_*`` kernels (fewer
     passes over memory). The operations and their order are the pure path's, so the results are
-    bitwise the same."""
+    bitwise the same. One temporary per tensor (as torch's foreach Adam): ``p - p0``, then
+    ``√v + eps``, then ``u`` share it, since fresh large buffers cost page faults on every step."""
     grads, params = list(grads), list(params)
     if not grads:
         return [], [], None, None
     ms, vs = [st["exp_avg"] for st in per_param], [st["exp_avg_sq"] for st in per_param]
     stats = None
     if with_stats:  # before the moments move: the statistics read m_{t-1}
-        travelled = torch._foreach_norm(torch._foreach_sub(params, [st["p0"] for st in per_param]))
+        work = torch._foreach_sub(params, [st["p0"] for st in per_param])
+        travelled = torch._foreach_norm(work)
         dots = [torch.dot(g.reshape(-1), m.reshape(-1)) for g, m in zip(grads, ms)]
         stats = torch.stack([torch.stack(x) for x in (torch._foreach_norm(grads), torch._foreach_norm(ms),
                                                       dots, travelled)], dim=-1)
@@ -184,9 +186,15 @@ def _directions_foreach(grads: Sequence[Tensor], params: Sequence[Tensor], per_p
     torch._foreach_lerp_(ms, grads, float(1 - beta1))
     torch._foreach_mul_(vs, float(beta2))
     torch._foreach_addcmul_(vs, grads, grads, value=float(1 - beta2))
-    denom = torch._foreach_sqrt(vs)
-    torch._foreach_add_(denom, float(eps) * bias2_sqrt)
-    dirs = torch._foreach_div(ms, denom)
+    if with_stats:
+        torch._foreach_copy_(work, vs)
+        torch._foreach_sqrt_(work)
+    else:
+        work = torch._foreach_sqrt(vs)
+    torch._foreach_add_(work, float(eps) * bias2_sqrt)
+    torch._foreach_reciprocal_(work)
+    torch._foreach_mul_(work, ms)
+    dirs = work
     norms = torch.stack([torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(dirs))], dim=-1)
     return dirs, list(zip(ms, vs)), stats, norms
 
