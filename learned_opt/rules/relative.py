@@ -154,7 +154,7 @@ def _directions(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Se
                                       torch.linalg.vector_norm(p - st["p0"])]))
         m = torch.lerp(m_old, g, 1 - beta1)
         v = torch.addcmul(st["exp_avg_sq"] * beta2, g, g, value=1 - beta2)
-        u = m * torch.reciprocal(v.sqrt() + eps * bias2_sqrt)
+        u = m / (v.sqrt() + eps * bias2_sqrt)
         norms.append(torch.stack([torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)]))
         dirs.append(u)
         moments.append((m, v))
@@ -192,8 +192,8 @@ def _directions_foreach(grads: Sequence[Tensor], params: Sequence[Tensor], per_p
     else:
         work = torch._foreach_sqrt(vs)
     torch._foreach_add_(work, float(eps) * bias2_sqrt)
-    torch._foreach_reciprocal_(work)
-    torch._foreach_mul_(work, ms)
+    for m, w in zip(ms, work):  # no foreach kernel divides into its divisor
+        torch.div(m, w, out=w)
     dirs = work
     norms = torch.stack([torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(dirs))], dim=-1)
     return dirs, list(zip(ms, vs)), stats, norms
