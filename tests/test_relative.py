@@ -164,8 +164,9 @@ def test_population_run_matches_the_optimizer_path():
         return out
 
     horizons = torch.tensor([30.0, 0.0])
-    def update(member, grads, params, state):  # as meta.es does: through the shipped step path
-        result = apply_update(rule.with_theta(member[0]), grads, params, state, {"lr": 1.0, "total_steps": member[1]})
+    def update(member, grads, params, state, *, checked=False):  # as meta.es does: through the shipped step path
+        result = apply_update(rule.with_theta(member[0]), grads, params, state, {"lr": 1.0, "total_steps": member[1]},
+                              checked=checked)
         return result.updates, result.state
 
     result = run_population(task, 7, 30, (as_dict(thetas), horizons), 2, update, rule.init_state)
@@ -175,6 +176,42 @@ def test_population_run_matches_the_optimizer_path():
         single = run(task, lambda ps: LearnedOptimizer(ps, member, total_steps=total), 7, 30, 30)
         assert single.losses[0] == pytest.approx(result.initial_loss, rel=1e-6)
         assert single.losses[-1] == pytest.approx(float(result.final_losses[i]), rel=1e-4)
+
+
+def test_population_checks_the_guard_once_per_step_bitwise_as_each_member_would():
+    """run_population checks the whole population's gradients on the host once per step and tells the
+    update (``checked``); the unmasked branch it lets each member take gives the masked branch's
+    results bitwise, and a population with one non-finite gradient is not ``checked``."""
+    from learned_opt.rules.transforms import gradients_pass_guard
+
+    task = _small_task()
+    rule = LearnedRelativeAdamRule(hidden=0)
+    thetas = torch.nn.utils.parameters_to_vector(rule.parameters()).detach()
+    thetas = torch.stack([thetas, thetas + 0.2])
+    from learned_opt.meta.es import stack_members
+    seen: list[bool] = []
+
+    def update(theta, grads, params, state, *, checked=False, force=None):
+        if force is None:
+            seen.append(checked)
+        result = apply_update(rule.with_theta(theta), grads, params, state, {"lr": 1.0, "total_steps": 20},
+                              checked=checked if force is None else force)
+        return result.updates, result.state
+
+    run_population(task, 3, 5, stack_members(rule, thetas), 2, update, rule.init_state)
+    assert seen == [True] * 5
+    init = task.init_params(torch.Generator().manual_seed(3))
+    params = [p.unsqueeze(0).expand(2, *p.shape).clone() for p in init]
+    grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+    state = rule.init_state(init)
+    state = ({k: v.expand(2) for k, v in state[0].items()},
+             [{k: v.unsqueeze(0).expand(2, *v.shape).clone() for k, v in st.items()} for st in state[1]])
+    fast = torch.func.vmap(lambda *a: update(*a, force=True))(stack_members(rule, thetas), grads, params, state)
+    masked = torch.func.vmap(lambda *a: update(*a, force=False))(stack_members(rule, thetas), grads, params, state)
+    for a, b in zip(torch.utils._pytree.tree_leaves(fast), torch.utils._pytree.tree_leaves(masked)):
+        assert torch.equal(a, b)
+    grads[0][1].view(-1)[0] = float("inf")
+    assert gradients_pass_guard([g[0] for g in grads]) and not gradients_pass_guard(grads)
 
 
 def test_adam_sweep_matches_torch_adam():

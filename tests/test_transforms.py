@@ -276,6 +276,18 @@ def test_device_guard_warns_once_within_the_check_interval(monkeypatch: pytest.M
     assert caught_at == [3]  # the 4th step reads the counters; the warning is not repeated
 
 
+def test_gradients_pass_guard_only_when_the_guard_would_leave_them_alone() -> None:
+    """True when all are finite and their joint norm is within the bound (then every subset's is)."""
+    bound = transforms.norm_bound({torch.float32})
+    small = [torch.ones(3), torch.full((2,), 0.5)]
+    assert transforms.gradients_pass_guard(small) and transforms.gradients_pass_guard([])
+    assert not transforms.gradients_pass_guard([torch.ones(3), torch.tensor([float("nan")])])
+    assert not transforms.gradients_pass_guard([torch.tensor([float("-inf"), 1.0])])
+    assert not transforms.gradients_pass_guard([torch.full((4,), bound / 1.5)])  # each entry within, the norm not
+    check = transforms.check_gradients([torch.full((4,), bound / 1.5)], on_host=True)
+    assert check.scale is not None and float(check.scale) < 1
+
+
 def test_guard_keeps_the_meta_gradient_finite(guard_path: str) -> None:
     """A skipped step under autograd: zero updates, the old state, and finite meta-gradients."""
     rule = HypergradientAdamRule(init_lr=0.05, init_hyper_lr=1e-3)

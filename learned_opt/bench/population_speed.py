@@ -41,8 +41,9 @@ from learned_opt.suites import load_suite
 def _batched(task: Any, seed: int, steps: int, thetas: torch.Tensor, rule: LearnedRelativeAdamRule) -> None:
     stacked = stack_members(rule, thetas)
 
-    def update(theta: Any, grads: Any, params: Any, state: Any) -> Any:  # the ES trainer's step path
-        result = apply_update(rule.with_theta(theta), grads, params, state, {"lr": 1.0, "total_steps": steps})
+    def update(theta: Any, grads: Any, params: Any, state: Any, *, checked: bool = False) -> Any:  # the ES trainer's
+        result = apply_update(rule.with_theta(theta), grads, params, state, {"lr": 1.0, "total_steps": steps},
+                              checked=checked)
         return result.updates, result.state
 
     run_population(task, seed, steps, stacked, len(thetas), update, rule.init_state)

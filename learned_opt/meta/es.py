@@ -213,10 +213,11 @@ class PopulationESTrainer:
         ref, _ = self.reference(draw)
         task = self.task(draw)
 
-        def update(member: tuple[dict[str, Tensor], Tensor], grads: Any, params: Any, state: Any) -> Any:
+        def update(member: tuple[dict[str, Tensor], Tensor], grads: Any, params: Any, state: Any, *,
+                   checked: bool = False) -> Any:
             theta, horizon = member  # through the optimizer's own step path (guard and bound included)
             hparams = {"lr": 1.0, "total_steps": horizon} if self.horizon_aware else {"lr": 1.0}
-            result = apply_update(self.rule.with_theta(theta), grads, params, state, hparams)
+            result = apply_update(self.rule.with_theta(theta), grads, params, state, hparams, checked=checked)
             return result.updates, result.state
 
         result = run_population(task, draw.seed, draw.steps, (self.members(thetas), horizons), len(thetas),

@@ -5,9 +5,11 @@ numbers, which also keep antithetic ES differences low-variance). Gradients of a
 from one ``torch.func.vmap(grad(loss))`` call and their updates from one vmapped rule call, so the
 Python overhead of a step is paid once for the whole population, not once per run.
 
-An update function has the signature ``update_fn(member, grads, params, state) -> (updates,
-state)`` over one member's unbatched tensors; ``member`` is whatever varies across the population
-(a θ dict, a learning rate), stacked along dim 0.
+An update function has the signature ``update_fn(member, grads, params, state, *, checked) ->
+(updates, state)`` over one member's unbatched tensors; ``member`` is whatever varies across the
+population (a θ dict, a learning rate), stacked along dim 0. ``checked`` is True when every
+member's gradients pass the step's guard unchanged (checked once for the population, on the host:
+:func:`learned_opt.rules.transforms.gradients_pass_guard`); pass it on to ``apply_update``.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from learned_opt.bench.runner import DIVERGENCE_FACTOR
 from learned_opt.bench.tuning import tune_lr
 from learned_opt.rules.base import RuleState
 from learned_opt.rules.directions import adam_direction
+from learned_opt.rules.transforms import gradients_pass_guard
 from learned_opt.tasks.base import Task
 
-UpdateFn = Callable[[Any, list[Tensor], list[Tensor], RuleState], tuple[list[Tensor], RuleState]]
+UpdateFn = Callable[..., tuple[list[Tensor], RuleState]]  # (member, grads, params, state, *, checked)
 
 
 @dataclass
@@ -86,7 +89,7 @@ def run_population(
         grads, losses = grad_fn(params, batch)
         bad |= ~torch.isfinite(losses)
         with torch.no_grad():
-            updates, state = step_fn(members, grads, params, state)
+            updates, state = step_fn(members, grads, params, state, checked=gradients_pass_guard(grads))
             params = [p + u for p, u in zip(params, updates)]
     with torch.no_grad():
         final = vmap(loss_of, in_dims=(0, None))(params, full)
@@ -94,8 +97,10 @@ def run_population(
     return PopulationResult(initial, final.detach(), bad)
 
 
-def adam_update(lr: Tensor, grads: list[Tensor], params: list[Tensor], state: RuleState) -> tuple[list[Tensor], RuleState]:
-    """torch.optim.Adam's step (default betas and eps) at learning rate ``lr``: the references' rule."""
+def adam_update(lr: Tensor, grads: list[Tensor], params: list[Tensor], state: RuleState, *,
+                checked: bool = False) -> tuple[list[Tensor], RuleState]:
+    """torch.optim.Adam's step (default betas and eps) at learning rate ``lr``: the references' rule
+    (unguarded, as torch's Adam is, so ``checked`` changes nothing)."""
     group, per_param = state
     step = group["step"] + 1
     updates, new = [], []

@@ -172,6 +172,16 @@ def check_gradients(grads: Sequence[Tensor], *, on_host: bool) -> GradientCheck:
     return GradientCheck(finite, scale, False)
 
 
+@torch.no_grad()
+def gradients_pass_guard(grads: Sequence[Tensor]) -> bool:
+    """Whether every gradient is finite and their norm taken together is within :func:`norm_bound`:
+    then the guard leaves any group drawn from them unchanged, since no subset's norm is larger.
+    A batched population's gradients (members along dim 0) are checked this way once per step, on
+    the host, instead of each member's step masking its results (``apply_update(checked=True)``)."""
+    grads = list(grads)
+    return bool(_group_norm(grads) <= norm_bound({g.dtype for g in grads})) if grads else True
+
+
 def _group_norm(grads: Sequence[Tensor]) -> Tensor:
     """The group's L2 norm, in its widest dtype: inf when a square overflows, NaN/inf with NaN/inf."""
     norms = [torch.linalg.vector_norm(g, dtype=_reduction_dtype(g.dtype)) for g in grads]
@@ -216,15 +226,20 @@ def apply_update(
     hparams: Mapping[str, Any],
     *,
     inplace: bool = False,
+    checked: bool = False,
 ) -> StepResult:
     """One step of ``rule`` for a group, through every transform (see the module docstring).
 
     ``hparams``: the rule's hyperparameters plus any of :data:`STEP_DEFAULTS`' keys (missing ones
     take their defaults). ``inplace``: the caller gives ``state`` up, so the rule may write its new
-    state over it (:meth:`Rule.update_inplace`). Never mutates ``grads`` or ``params``.
+    state over it (:meth:`Rule.update_inplace`). ``checked``: the caller has found with
+    :func:`gradients_pass_guard` that the guard leaves these gradients as they are, so the step
+    takes the host branch without checking (inside ``vmap`` too, where the guard would otherwise
+    mask every update and state tensor). Never mutates ``grads`` or ``params``.
     """
     grads = prepare_gradients(list(grads), params, hparams)
-    check = check_gradients(grads, on_host=host_read_is_free(grads))
+    check = (GradientCheck(torch.ones((), dtype=torch.bool), None, True) if checked
+             else check_gradients(grads, on_host=host_read_is_free(grads)))
     if check.on_host and not bool(check.finite):
         return StepResult([torch.zeros_like(p) for p in params], state, check.finite, True)
     update = rule.update_inplace if inplace and check.on_host else rule.update
