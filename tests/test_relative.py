@@ -471,3 +471,37 @@ def test_es_meta_trains_a_hyperparameter_rule(tmp_path):
     assert isinstance(opt, learned_opt.GradNormDecayAdam)
     with pytest.raises(ValueError, match="with_theta"):
         es_rule({"name": "lstm"})
+
+
+def _run_updates(rule, total_steps, steps=8):
+    g = torch.Generator().manual_seed(11)
+    params = [torch.randn(4, 3, generator=g), torch.randn(3, generator=g)]
+    state, out = rule.init_state(params), []
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        updates, state = rule.update(grads, params, state, {**rule.hyperparameters, "total_steps": total_steps})
+        params = [p + u for p, u in zip(params, updates)]
+        out += updates
+    return out
+
+
+def test_told_time_feature_acts_on_told_runs_only():
+    """told_time adds one controller row, read only when the horizon is known: at zero the rule is the
+    nine-feature rule; set, untold runs are unchanged and told runs differ. Older weights (nine rows)
+    keep loading as they were."""
+    base = LearnedRelativeAdamRule(hidden=0)
+    with torch.no_grad():
+        base.ctrl.ws.copy_(0.3 * torch.randn(base.ctrl.ws.shape, generator=torch.Generator().manual_seed(2)))
+    split = LearnedRelativeAdamRule(hidden=0, told_time=True)
+    assert split.ctrl.ws.shape == (base.ctrl.ws.shape[0] + 1, 2) and split.config()["told_time"] is True
+    assert "told_time" not in base.config()
+    with torch.no_grad():
+        split.ctrl.ws[:-1].copy_(base.ctrl.ws)
+    for total in (None, 8):
+        assert all(torch.equal(a, b) for a, b in zip(_run_updates(base, total), _run_updates(split, total)))
+    with torch.no_grad():
+        split.ctrl.ws[-1, 0] = 0.5
+    assert all(torch.equal(a, b) for a, b in zip(_run_updates(base, None), _run_updates(split, None)))
+    assert not all(torch.equal(a, b) for a, b in zip(_run_updates(base, 8), _run_updates(split, 8)))
+    with pytest.raises(ValueError, match="told_time"):
+        LearnedRelativeAdamRule(told_time=1)

@@ -25,7 +25,9 @@ FEATURES = (
     "log1p(t) / log1p(1000)",
     "accumulated log multiplier c",
     "1 for a vector/scalar tensor, else 0",
+    "log1p(t) / log1p(1000) when T is known, else 0 (read by controllers built with told_time)",
 )
+BASE_FEATURES = 9  # controllers built without told_time (weights saved before it) read the first nine
 CTRL_RATE = 0.05  # largest change of the accumulated log multiplier per step
 CTRL_DIRECT = 1.0  # largest direct log offset
 CTRL_RANGE = (-6.0, 3.0)  # bounds of the accumulated log multiplier
@@ -39,21 +41,24 @@ class ControllerNet(nn.Module):
     small (20 numbers), which full-horizon ES estimates far better than a few hundred.
     """
 
-    def __init__(self, hidden: int = 8, seed: int = 0) -> None:
+    def __init__(self, hidden: int = 8, seed: int = 0, told_time: bool = False) -> None:
         super().__init__()
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
             raise ValueError(f"invalid hidden: {hidden!r} (must be an int >= 0)")
-        self.ws = nn.Parameter(torch.zeros(len(FEATURES), 2))  # linear: features -> outputs
+        n = len(FEATURES) if told_time else BASE_FEATURES
+        self.ws = nn.Parameter(torch.zeros(n, 2))  # linear: features -> outputs
         self.b2 = nn.Parameter(torch.zeros(2))
         if hidden:
             g = torch.Generator().manual_seed(seed)
-            self.w1 = nn.Parameter(torch.randn(len(FEATURES), hidden, generator=g) / math.sqrt(len(FEATURES)))
+            self.w1 = nn.Parameter(torch.randn(n, hidden, generator=g) / math.sqrt(n))
             self.b1 = nn.Parameter(torch.zeros(hidden))
             self.w2 = nn.Parameter(torch.zeros(hidden, 2))
 
 
 def controller_outputs(theta: Mapping[str, Tensor], feats: Tensor) -> tuple[Tensor, Tensor]:
-    """The controller's bounded (increment, direct offset) per tensor, from θ entries ``ctrl.*``."""
+    """The controller's bounded (increment, direct offset) per tensor, from θ entries ``ctrl.*``
+    (a controller with fewer rows than :data:`FEATURES` reads the first ones)."""
+    feats = feats[:, :theta["ctrl.ws"].shape[-2]]
     out = feats @ theta["ctrl.ws"] + theta["ctrl.b2"]
     if "ctrl.w1" in theta:
         out = out + torch.tanh(feats @ theta["ctrl.w1"] + theta["ctrl.b1"]) @ theta["ctrl.w2"]
@@ -85,8 +90,9 @@ def controller_features(stats: Tensor, scalars: Tensor, numel: Tensor, is_vector
     known = (total_steps > 0).to(step.dtype)
     progress = known * step / torch.clamp(total_steps, min=1.0)
     ones = torch.ones_like(cos)
+    log_step = torch.log1p(step) / math.log1p(1000.0)
     feats = torch.stack([
         cos, cos_ema, torch.clamp(trend, -20.0, 20.0) / 4.0, (torch.clamp(dist, -10.0, 2.0) + 5.0) / 5.0,
-        progress * ones, known * ones, torch.log1p(step) / math.log1p(1000.0) * ones, ctrl, is_vector,
+        progress * ones, known * ones, log_step * ones, ctrl, is_vector, known * log_step * ones,
     ], dim=-1)
     return feats, torch.stack([ctrl, cos_ema, gnorm0, gnorm_ema, p0_norm], dim=-1)

@@ -293,7 +293,9 @@ class LearnedRelativeAdamRule(_RelativeRule):
 
     θ: ``log_alpha``, ``logit_warmup``, ``log_floor``, ``log_floor_vec`` (with ``init_floor_vec`` set;
     older weights without it use ``floor`` for vectors too), ``logit_final`` (with ``init_final`` set;
-    without it the told cosine ends at 0) and the controller net (``ctrl.*``).
+    without it the told cosine ends at 0) and the controller net (``ctrl.*``). ``told_time`` gives the
+    controller the log-step feature a second time, for told runs only, so that a decay over the
+    steps that suits untold runs need not apply where the told cosine already decays.
     ``hparams``: ``lr`` (a multiplier, 1.0 = as meta-trained) and ``total_steps`` (None: unknown).
     State per parameter: Adam's two moments, the initial value ``p0`` (12 bytes per float32
     parameter in all) and ``controller``, the tensor's five scalars (:data:`SCALARS`); per group:
@@ -307,7 +309,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
 
     def __init__(self, init_alpha: float = 0.03, init_warmup: float = 0.05, init_floor: float = 1e-3,
                  hidden: int = 8, seed: int = 0, init_floor_vec: float | None = None,
-                 init_final: float | None = None) -> None:
+                 init_final: float | None = None, told_time: bool = False) -> None:
         super().__init__()
         self.log_alpha = log_param(init_alpha, "init_alpha")
         self.logit_warmup = logit_param(init_warmup, "init_warmup")
@@ -316,8 +318,10 @@ class LearnedRelativeAdamRule(_RelativeRule):
             self.log_floor_vec = log_param(init_floor_vec, "init_floor_vec")
         if init_final is not None:
             self.logit_final = logit_param(init_final, "init_final")
-        self.ctrl = ControllerNet(hidden, seed)
-        self.hidden, self.seed = int(hidden), int(seed)
+        if not isinstance(told_time, bool):
+            raise ValueError(f"invalid told_time: {told_time!r} (must be true or false)")
+        self.ctrl = ControllerNet(hidden, seed, told_time)
+        self.hidden, self.seed, self.told_time = int(hidden), int(seed), told_time
 
     def config(self) -> dict[str, Any]:
         return {
@@ -328,6 +332,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             **({"init_final": float(torch.sigmoid(self.logit_final.detach()))} if hasattr(self, "logit_final") else {}),
             "hidden": self.hidden,
             "seed": self.seed,
+            **({"told_time": True} if self.told_time else {}),
         }
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
