@@ -288,6 +288,23 @@ def test_gradients_pass_guard_only_when_the_guard_would_leave_them_alone() -> No
     assert check.scale is not None and float(check.scale) < 1
 
 
+def test_checked_gradients_that_a_transform_changes_are_checked_anyway() -> None:
+    """``checked`` vouches for the gradients as given: coupled weight decay on a huge parameter makes a
+    gradient beyond the bound, which is still rescaled, exactly as without ``checked``."""
+    from learned_opt.rules.grad_norm_decay import GradNormDecayRule
+
+    rule = GradNormDecayRule()
+    x = torch.tensor([1e20, -2e20, 0.5])
+    grads = [torch.tensor([0.1, 0.2, 0.3])]
+    assert transforms.gradients_pass_guard(grads)
+    hparams = {**rule.hyperparameters, "weight_decay": 1e15}
+    plain = transforms.apply_update(rule, grads, [x], rule.init_state([x]), hparams)
+    vouched = transforms.apply_update(rule, grads, [x], rule.init_state([x]), hparams, checked=True)
+    assert torch.equal(plain.updates[0], vouched.updates[0])
+    unbounded = (grads[0] + 1e15 * x) * -0.1
+    assert vouched.updates[0].abs().max() < unbounded.abs().max() / 1e3  # rescaled to the bound
+
+
 def test_guard_keeps_the_meta_gradient_finite(guard_path: str) -> None:
     """A skipped step under autograd: zero updates, the old state, and finite meta-gradients."""
     rule = HypergradientAdamRule(init_lr=0.05, init_hyper_lr=1e-3)

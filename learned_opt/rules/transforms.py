@@ -235,9 +235,12 @@ def apply_update(
     state over it (:meth:`Rule.update_inplace`). ``checked``: the caller has found with
     :func:`gradients_pass_guard` that the guard leaves these gradients as they are, so the step
     takes the host branch without checking (inside ``vmap`` too, where the guard would otherwise
-    mask every update and state tensor). Never mutates ``grads`` or ``params``.
+    mask every update and state tensor); gradients that a transform changes (``maximize``, coupled
+    weight decay) are checked all the same. Never mutates ``grads`` or ``params``.
     """
-    grads = prepare_gradients(list(grads), params, hparams)
+    given = list(grads)
+    grads = prepare_gradients(given, params, hparams)
+    checked = checked and all(a is b for a, b in zip(grads, given))  # a transform's output is checked anew
     check = (GradientCheck(torch.ones((), dtype=torch.bool), None, True) if checked
              else check_gradients(grads, on_host=host_read_is_free(grads)))
     if check.on_host and not bool(check.finite):
