@@ -12,11 +12,11 @@ import torch
 import learned_opt
 from learned_opt.bench.baselines import resolve_optimizer, with_cosine_decay
 from learned_opt.bench.runner import run
-from learned_opt.meta.es import ESConfig, PopulationESTrainer, centered_ranks, log_ratio
+from learned_opt.meta.es import ESConfig, PopulationESTrainer, centered_ranks, log_ratio, stack_members
 from learned_opt.meta.population import adam_sweep, run_population
 from learned_opt.optim import LearnedOptimizer
 from learned_opt.rules.relative import LearnedRelativeAdamRule, RelativeAdamRule, schedule
-from learned_opt.rules.transforms import apply_update
+from learned_opt.rules.transforms import apply_update, gradients_pass_guard
 from learned_opt.suites import parse_suite
 from learned_opt.tasks import QuadraticFamily
 from learned_opt.tasks.families import MLPClassificationFamily
@@ -182,13 +182,10 @@ def test_population_checks_the_guard_once_per_step_bitwise_as_each_member_would(
     """run_population checks the whole population's gradients on the host once per step and tells the
     update (``checked``); the unmasked branch it lets each member take gives the masked branch's
     results bitwise, and a population with one non-finite gradient is not ``checked``."""
-    from learned_opt.rules.transforms import gradients_pass_guard
-
     task = _small_task()
     rule = LearnedRelativeAdamRule(hidden=0)
     thetas = torch.nn.utils.parameters_to_vector(rule.parameters()).detach()
     thetas = torch.stack([thetas, thetas + 0.2])
-    from learned_opt.meta.es import stack_members
     seen: list[bool] = []
 
     def update(theta, grads, params, state, *, checked=False, force=None):

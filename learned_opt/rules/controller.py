@@ -25,7 +25,7 @@ FEATURES = (
     "log1p(t) / log1p(1000)",
     "accumulated log multiplier c",
     "1 for a vector/scalar tensor, else 0",
-    "log1p(t) / log1p(1000) when T is known, else 0 (read by controllers built with told_time)",
+    "log1p(t) / log1p(1000) when T is known, else 0 (only controllers built with told_time read it)",
 )
 BASE_FEATURES = 9  # controllers built without told_time (weights saved before it) read the first nine
 CTRL_RATE = 0.05  # largest change of the accumulated log multiplier per step
@@ -57,8 +57,10 @@ class ControllerNet(nn.Module):
 
 def controller_outputs(theta: Mapping[str, Tensor], feats: Tensor) -> tuple[Tensor, Tensor]:
     """The controller's bounded (increment, direct offset) per tensor, from θ entries ``ctrl.*``
-    (a controller with fewer rows than :data:`FEATURES` reads the first ones)."""
-    feats = feats[:, :theta["ctrl.ws"].shape[-2]]
+    (a controller built with ``told_time`` also reads the told-only log step, derived here from
+    the "known" and log-step features, so controllers without it pay nothing for it)."""
+    if theta["ctrl.ws"].shape[-2] > BASE_FEATURES:
+        feats = torch.cat([feats, feats[:, 5:6] * feats[:, 6:7]], dim=-1)
     out = feats @ theta["ctrl.ws"] + theta["ctrl.b2"]
     if "ctrl.w1" in theta:
         out = out + torch.tanh(feats @ theta["ctrl.w1"] + theta["ctrl.b1"]) @ theta["ctrl.w2"]
@@ -72,7 +74,9 @@ SCALARS = ("ctrl", "cos_ema", "gnorm0", "gnorm_ema", "p0_norm")
 
 def controller_features(stats: Tensor, scalars: Tensor, numel: Tensor, is_vector: Tensor, step: Tensor,
                          total_steps: Tensor, floor: Tensor | float) -> tuple[Tensor, Tensor]:
-    """Features ``[n, F]`` (:data:`FEATURES`) of a group's n tensors and their new scalar state ``[n, 5]``.
+    """Features ``[n, 9]`` (the first :data:`BASE_FEATURES` of :data:`FEATURES`; the told-only log step
+    is derived by :func:`controller_outputs` when a controller reads it) of a group's n tensors and
+    their new scalar state ``[n, 5]``.
 
     ``stats`` holds per tensor ``(||g||, ||m_{t-1}||, g·m_{t-1}, ||p - p0||)``; ``scalars`` the old
     state in :data:`SCALARS` order. Vectorised over tensors: the cost is per group, not per tensor.
@@ -90,9 +94,8 @@ def controller_features(stats: Tensor, scalars: Tensor, numel: Tensor, is_vector
     known = (total_steps > 0).to(step.dtype)
     progress = known * step / torch.clamp(total_steps, min=1.0)
     ones = torch.ones_like(cos)
-    log_step = torch.log1p(step) / math.log1p(1000.0)
     feats = torch.stack([
         cos, cos_ema, torch.clamp(trend, -20.0, 20.0) / 4.0, (torch.clamp(dist, -10.0, 2.0) + 5.0) / 5.0,
-        progress * ones, known * ones, log_step * ones, ctrl, is_vector, known * log_step * ones,
+        progress * ones, known * ones, torch.log1p(step) / math.log1p(1000.0) * ones, ctrl, is_vector,
     ], dim=-1)
     return feats, torch.stack([ctrl, cos_ema, gnorm0, gnorm_ema, p0_norm], dim=-1)
