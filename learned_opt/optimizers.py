@@ -137,7 +137,10 @@ class GradNormDecaySGD(LearnedOptimizer):
     firing) for ``patience`` steps, at most once per ``cooldown`` steps; defaults
     :data:`~learned_opt.rules.grad_norm_decay.RELATIVE_DEFAULTS`. ``relative=False``: the seeds'
     literal rule ``if ||g|| < threshold: lr *= decay`` (defaults threshold 1e-3, decay 0.9,
-    patience 1, cooldown 0). The adapted factor, firing count and first firing step are
+    patience 1, cooldown 0). ``reference="peak"`` tests against the largest norm since the last
+    firing instead of the first, ``smoothing`` β averages the norm first, and ``blowup`` κ fires at
+    once on a norm above κ × its average (a run starting to diverge); the module documents them.
+    The adapted factor, firing count and first firing step are
     ``opt.group_state(i)``'s ``lr_factor``, ``decay_count``, ``first_decay_step``.
     ``weight_decay`` is coupled (SGD's) unless ``decoupled_weight_decay=True`` (``p -= lr·init_lr·wd·p``).
     """
@@ -155,10 +158,14 @@ class GradNormDecaySGD(LearnedOptimizer):
         relative: bool = True,
         patience: int | None = None,
         cooldown: int | None = None,
+        reference: str | None = None,
+        smoothing: float | None = None,
+        blowup: float | None = None,
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
-        form = _decay_form(relative, decay=decay, threshold=threshold, patience=patience, cooldown=cooldown)
+        form = _decay_form(relative, decay=decay, threshold=threshold, patience=patience, cooldown=cooldown,
+                           reference=reference, smoothing=smoothing, blowup=blowup)
         super().__init__(params, GradNormDecayRule(), lr=lr, init_lr=init_lr, relative=relative, **form,
                          momentum=momentum, weight_decay=weight_decay,
                          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
@@ -167,7 +174,7 @@ class GradNormDecaySGD(LearnedOptimizer):
 class GradNormDecayAdam(LearnedOptimizer):
     """Adam whose rate decays by ``decay`` when the gradient norm falls: :class:`GradNormDecaySGD`'s
     rule and conventions (``lr`` a multiplier of ``init_lr``, ``relative``, ``patience``,
-    ``cooldown``) on Adam's direction. ``decoupled_weight_decay=True`` makes ``weight_decay``
+    ``cooldown``, ``reference``, ``smoothing``, ``blowup``) on Adam's direction. ``decoupled_weight_decay=True`` makes ``weight_decay``
     AdamW's (``p -= lr·init_lr·wd·p``) instead of Adam's L2.
     """
 
@@ -185,10 +192,14 @@ class GradNormDecayAdam(LearnedOptimizer):
         relative: bool = True,
         patience: int | None = None,
         cooldown: int | None = None,
+        reference: str | None = None,
+        smoothing: float | None = None,
+        blowup: float | None = None,
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
-        form = _decay_form(relative, decay=decay, threshold=threshold, patience=patience, cooldown=cooldown)
+        form = _decay_form(relative, decay=decay, threshold=threshold, patience=patience, cooldown=cooldown,
+                           reference=reference, smoothing=smoothing, blowup=blowup)
         super().__init__(params, GradNormDecayAdamRule(), lr=lr, init_lr=init_lr, relative=relative, **form,
                          betas=_pair(betas), eps=eps, weight_decay=weight_decay,
                          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)

@@ -191,10 +191,47 @@ def test_grad_norm_decay_adam_is_adam_until_it_fires() -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_peak_reference_fires_when_the_norm_falls_from_its_peak() -> None:
+    """reference="peak": the norm rises to 4 and falls; ρ = 0.5 fires at the first step below 2
+    (step 5), never against the first norm (1), and the reference is then that step's norm."""
+    norms = [1.0, 2.0, 4.0, 3.0, 1.9, 1.5]
+    for scale in (1.0, 1e-3, 1e3):
+        scaled = [n * scale for n in norms]
+        opt = _norm_run(lambda ps: GradNormDecaySGD(ps, threshold=0.5, decay=0.5, patience=1, cooldown=0,
+                                                    reference="peak"), scaled)
+        st = opt.group_state(0)
+        assert float(st["decay_count"]) == 1 and float(st["first_decay_step"]) == 5
+        assert float(st["ref_norm"]) == pytest.approx(1.9 * scale)
+        first = _norm_run(lambda ps: GradNormDecaySGD(ps, threshold=0.5, decay=0.5, patience=1, cooldown=0), scaled)
+        assert float(first.group_state(0)["decay_count"]) == 0
+
+
+def test_smoothing_tests_the_running_average_of_the_norm() -> None:
+    """smoothing 0.5: one low norm (0.1 after 1, 1) averages to 0.55, above ρ = 0.5, so it does not
+    fire; a second low one (average 0.325) does."""
+    make = lambda ps: GradNormDecaySGD(ps, threshold=0.5, patience=1, cooldown=0, smoothing=0.5)  # noqa: E731
+    assert float(_norm_run(make, [1.0, 1.0, 0.1]).group_state(0)["decay_count"]) == 0
+    st = _norm_run(make, [1.0, 1.0, 0.1, 0.1]).group_state(0)
+    assert float(st["decay_count"]) == 1 and float(st["norm_avg"]) == pytest.approx(0.325)
+
+
+def test_blowup_fires_at_once_and_keeps_the_spike_out_of_the_average() -> None:
+    """blowup 3: a norm above 3 × the running average fires whatever the patience and cool-down, at
+    every such step, and leaves the average and the reference as they were."""
+    make = lambda ps: GradNormDecaySGD(ps, threshold=0.3, decay=0.5, patience=5, cooldown=10,  # noqa: E731
+                                       smoothing=0.5, blowup=3.0)
+    st = _norm_run(make, [1.0, 1.0, 2.9, 10.0, 100.0]).group_state(0)
+    assert float(st["decay_count"]) == 2 and float(st["first_decay_step"]) == 4
+    assert float(st["lr_factor"]) == 0.25
+    assert float(st["norm_avg"]) == pytest.approx(1.95) and float(st["ref_norm"]) == 1.0
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"patience": 0}, "invalid patience"), ({"patience": 1.5}, "invalid patience"),
     ({"cooldown": -1}, "invalid cooldown"), ({"relative": 1}, "invalid relative"),
-    ({"init_lr": -1.0}, "invalid init_lr"),
+    ({"init_lr": -1.0}, "invalid init_lr"), ({"reference": "max"}, "invalid reference"),
+    ({"smoothing": 1.0}, "invalid smoothing"), ({"smoothing": -0.1}, "invalid smoothing"),
+    ({"blowup": 0.5}, "invalid blowup"), ({"blowup": float("inf")}, "invalid blowup"),
 ])
 def test_bad_decay_settings(kwargs: dict, message: str) -> None:
     for cls in (GradNormDecaySGD, GradNormDecayAdam):

@@ -90,7 +90,7 @@ def test_another_rules_state_without_its_label_is_refused() -> None:
         LSTMOptimizer(_params((3,)), weights=None).load_state_dict(sd)
     sd = _stepped(HypergradientSGD(_params((3,)), momentum=0.5)).state_dict()
     del sd["learned_opt"]
-    with pytest.raises(ValueError, match=r"lacks hyperparameters \['cooldown', 'decay', 'patience', 'relative', 'threshold'\]"):
+    with pytest.raises(ValueError, match=r"lacks hyperparameters \['blowup', 'cooldown', 'decay', 'patience', 'reference', 'relative', 'smoothing', 'threshold'\]"):
         GradNormDecaySGD(_params((3,)), momentum=0.5).load_state_dict(sd)
 
 

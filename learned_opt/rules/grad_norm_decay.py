@@ -15,6 +15,17 @@ factor ρ: a decay-on-plateau rule in gradient-norm units). ``relative=False`` i
 rule in gradient units; with ``patience=1, cooldown=0`` it fires at every step below the threshold.
 The decay is applied at the step that fires.
 
+Three settings widen the trigger (their defaults are the rule above, which older weights cards ran):
+
+- ``reference="peak"``: the reference is the largest norm since the start or the last firing, not
+  the first norm. Networks' gradient norms often grow for a while after initialisation, so a test
+  against the first norm may never pass.
+- ``smoothing`` β: the test (and the reference) read the running average
+  ``n_t = β n_{t-1} + (1-β) ||g_t||`` instead of the raw minibatch norm, which is noisy.
+- ``blowup`` κ > 1 (0 = off): a norm above κ × the previous average fires at once, whatever the
+  patience and cool-down, and is kept out of the average and the reference. It cuts the rate of a
+  run that starts to diverge, one decay per step while the blow-up lasts.
+
 ``soft=True`` relaxes the threshold test for gradient-based meta-training: the firing weight is
 ``σ((log(threshold·ref) - log ||g||) / temperature)`` (tends to the exact test as the temperature
 goes to 0), gated by the exact patience/cool-down counters of the previous steps (which count
@@ -23,7 +34,7 @@ the factor moves by ``1 - weight (1 - decay)`` and the reference towards the nor
 
 Group state: ``lr_factor``, ``decay_count`` (firings; with ``soft`` the sum of the weights),
 ``first_decay_step`` (the step of the first firing, 0 while it has not fired), ``step``,
-``ref_norm``, ``below`` (consecutive steps below) and ``cooldown_left``. Per parameter: the
+``ref_norm``, ``norm_avg`` (the tested norm ``n_t``), ``below`` (consecutive steps below) and ``cooldown_left``. Per parameter: the
 direction's state (a momentum buffer when momentum is non-zero; Adam's moments).
 
 Rule defaults are the seeds' rule (a card without ``relative`` was trained as it); the public
@@ -39,7 +50,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from learned_opt.rules.base import RuleState, check_bool, check_nonnegative, check_number, scalar_like
+from learned_opt.rules.base import RuleState, check_bool, check_in_range, check_nonnegative, check_number, scalar_like
 from learned_opt.rules.directions import adam_direction, group_norm, momentum_direction
 from learned_opt.rules.hparam_base import HyperparameterRule, log_param, logit_param
 from learned_opt.rules.transforms import absolute_rate
@@ -47,9 +58,12 @@ from learned_opt.rules.transforms import absolute_rate
 # The public optimizers' defaults per form (relative, or the seeds' absolute rule). ρ = 0.3: on noisy
 # least squares (3 seeds, 300 steps) ρ = 0.1 rarely fired, 0.3 and 0.5 beat constant SGD/Adam at the
 # same rate on every seed (0.5 most); 0.3 decays less on deterministic problems.
-RELATIVE_DEFAULTS: dict[str, Any] = {"threshold": 0.3, "decay": 0.5, "patience": 5, "cooldown": 10}
-ABSOLUTE_DEFAULTS: dict[str, Any] = {"threshold": 1e-3, "decay": 0.9, "patience": 1, "cooldown": 0}
-STATE_KEYS = ("lr_factor", "decay_count", "first_decay_step", "step", "ref_norm", "below", "cooldown_left")
+RELATIVE_DEFAULTS: dict[str, Any] = {"threshold": 0.3, "decay": 0.5, "patience": 5, "cooldown": 10,
+                                     "reference": "first", "smoothing": 0.0, "blowup": 0.0}
+ABSOLUTE_DEFAULTS: dict[str, Any] = {"threshold": 1e-3, "decay": 0.9, "patience": 1, "cooldown": 0,
+                                     "reference": "first", "smoothing": 0.0, "blowup": 0.0}
+REFERENCES = ("first", "peak")
+STATE_KEYS = ("lr_factor", "decay_count", "first_decay_step", "step", "ref_norm", "norm_avg", "below", "cooldown_left")
 
 
 def check_count(key: str, value: Any, low: int) -> None:
@@ -64,23 +78,37 @@ def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str
     """``(weight, new group state)`` of one step's trigger (module docstring); weight 1 fires."""
     step = group_state["step"] + 1
     first = step == 1
-    ref = torch.where(first, norm.detach(), group_state["ref_norm"])
+    prev_avg = group_state.get("norm_avg", norm)
+    beta = float(hparams.get("smoothing", 0.0))
+    avg = norm if beta == 0 else torch.where(first, norm, beta * prev_avg + (1 - beta) * norm)
+    blowup = float(hparams.get("blowup", 0.0))
+    spike = ~first & (norm > blowup * prev_avg) if blowup > 0 else None
+    if spike is not None:  # the spike is kept out of the average and the reference
+        avg = torch.where(spike, prev_avg, avg)
+    ref = torch.where(first, avg.detach(), group_state["ref_norm"])
+    if hparams.get("reference", "first") == "peak":
+        ref = torch.maximum(ref, avg.detach())
     threshold = hparams["threshold"] * ref if hparams.get("relative", False) else hparams["threshold"]
     if soft:
         tiny = torch.finfo(norm.dtype).tiny
         log_threshold = torch.log(scalar_like(threshold, norm).clamp_min(tiny))
-        test = torch.sigmoid((log_threshold - norm.clamp_min(tiny).log()) / temperature)
+        test = torch.sigmoid((log_threshold - avg.clamp_min(tiny).log()) / temperature)
     else:
-        test = (norm < threshold).to(norm.dtype)
+        test = (avg < threshold).to(norm.dtype)
     # this step's (relaxed) test, where the previous patience - 1 steps were below and no cool-down runs
     ready = (group_state["below"] >= hparams.get("patience", 1) - 1) & (group_state["cooldown_left"] <= 0)
     weight = torch.where(ready, test, 0.0)
     below = torch.where(test.detach() > 0.5, group_state["below"] + 1, 0.0)
+    new_ref = ref + weight * (avg - ref)
+    if spike is not None:
+        weight = torch.where(spike, 1.0, weight)
+        new_ref = torch.where(spike, ref, new_ref)
     fired = weight.detach() > 0.5
     cooldown = scalar_like(float(hparams.get("cooldown", 0)), norm)
     new_state = {
         "step": step,
-        "ref_norm": ref + weight * (norm - ref),
+        "ref_norm": new_ref,
+        "norm_avg": avg,
         "below": torch.where(fired, 0.0, below),
         "cooldown_left": torch.where(fired, cooldown, (group_state["cooldown_left"] - 1).clamp_min(0.0)),
         "decay_count": group_state["decay_count"] + weight,
@@ -92,12 +120,13 @@ def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str
 
 class GradNormDecayRule(HyperparameterRule):
     """The decay on SGD (heavy-ball) directions. θ: log initial lr, logit decay, log threshold;
-    momentum, ``relative``, patience and cool-down are fixed config values."""
+    momentum, ``relative``, patience, cool-down, ``reference``, smoothing and blow-up are fixed
+    config values."""
 
     name: ClassVar[str] = "grad-norm-decay-sgd"
     hyperparameters: ClassVar[dict[str, Any]] = {
         "lr": 1.0, "init_lr": 0.1, "decay": 0.9, "threshold": 1e-3, "relative": False, "patience": 1, "cooldown": 0,
-        "momentum": 0.0,
+        "reference": "first", "smoothing": 0.0, "blowup": 0.0, "momentum": 0.0,
     }
 
     def __init__(
@@ -111,6 +140,9 @@ class GradNormDecayRule(HyperparameterRule):
         relative: bool = False,
         patience: int = 1,
         cooldown: int = 0,
+        reference: str = "first",
+        smoothing: float = 0.0,
+        blowup: float = 0.0,
     ) -> None:
         super().__init__()
         if not (math.isfinite(temperature) and temperature > 0):
@@ -121,7 +153,8 @@ class GradNormDecayRule(HyperparameterRule):
         self.soft = check_bool("soft", soft)
         self.temperature = float(temperature)
         self.fixed: dict[str, Any] = {"relative": check_bool("relative", relative), "patience": patience,
-                                      "cooldown": cooldown, "momentum": float(momentum)}
+                                      "cooldown": cooldown, "reference": reference, "smoothing": smoothing,
+                                      "blowup": blowup, "momentum": float(momentum)}
         self.validate_hparams(self.fixed)
 
     def config(self) -> dict[str, Any]:
@@ -149,6 +182,12 @@ class GradNormDecayRule(HyperparameterRule):
         check_nonnegative("threshold", hparams.get("threshold", 0.0))
         check_count("patience", hparams.get("patience", 1), 1)
         check_count("cooldown", hparams.get("cooldown", 0), 0)
+        if hparams.get("reference", "first") not in REFERENCES:
+            raise ValueError(f"invalid reference: {hparams['reference']!r} (must be one of {REFERENCES})")
+        check_in_range("smoothing", hparams.get("smoothing", 0.0), 0.0, 1.0)
+        blowup = check_number("blowup", hparams.get("blowup", 0.0))
+        if not (blowup == 0 or (math.isfinite(blowup) and blowup > 1)):
+            raise ValueError(f"invalid blowup: {hparams['blowup']!r} (must be 0, off, or > 1)")
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
         like = params[0] if params else torch.zeros(())
@@ -186,13 +225,13 @@ class GradNormDecayRule(HyperparameterRule):
 
 
 class GradNormDecayAdamRule(GradNormDecayRule):
-    """The decay on Adam directions. θ: log initial lr, logit decay, log threshold; betas, eps,
-    ``relative``, patience and cool-down are fixed config values."""
+    """The decay on Adam directions. θ: log initial lr, logit decay, log threshold; betas, eps and
+    the trigger's settings are fixed config values."""
 
     name: ClassVar[str] = "grad-norm-decay-adam"
     hyperparameters: ClassVar[dict[str, Any]] = {
         "lr": 1.0, "init_lr": 1e-3, "decay": 0.9, "threshold": 1e-3, "relative": False, "patience": 1, "cooldown": 0,
-        "betas": (0.9, 0.999), "eps": 1e-8,
+        "reference": "first", "smoothing": 0.0, "blowup": 0.0, "betas": (0.9, 0.999), "eps": 1e-8,
     }
 
     def __init__(
@@ -207,8 +246,12 @@ class GradNormDecayAdamRule(GradNormDecayRule):
         relative: bool = False,
         patience: int = 1,
         cooldown: int = 0,
+        reference: str = "first",
+        smoothing: float = 0.0,
+        blowup: float = 0.0,
     ) -> None:
-        super().__init__(init_lr, init_decay, init_threshold, 0.0, soft, temperature, relative, patience, cooldown)
+        super().__init__(init_lr, init_decay, init_threshold, 0.0, soft, temperature, relative, patience, cooldown,
+                         reference, smoothing, blowup)
         del self.fixed["momentum"]
         self.fixed.update(betas=tuple(betas), eps=float(eps))
         self.validate_hparams(self.fixed)
