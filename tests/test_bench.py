@@ -357,6 +357,7 @@ optimizers = ["sgd", "HypergradientSGD"]
 tune = true
 seeds = 2
 timing_steps = 3
+pairs = [["HypergradientSGD", "sgd"]]
 """)
     out = tmp_path / "out"
     assert main(["--suite", str(suite), "--out", str(out), "--quiet", "--steps", "1x"]) == 0
@@ -376,6 +377,12 @@ timing_steps = 3
     timing = quad["timing"]
     assert timing[TUNED_ADAM]["ratio_to_adam"] == 1.0 and timing["sgd"]["state_bytes_per_param"] == 0
     assert timing[TUNED_ADAM]["state_bytes_per_param"] >= 8  # exp_avg + exp_avg_sq in float32
+    (pair,) = results["pairs"]  # the head-to-head row counts the per-task wins against sgd
+    assert pair["candidate"] == "HypergradientSGD" and pair["baseline"] == "sgd" and pair["tasks"] == 2
+    wins = [not t["results"]["HypergradientSGD"]["n_diverged"] and (t["results"]["sgd"]["n_diverged"] or
+            t["results"]["HypergradientSGD"]["normalised_mean"] <= t["results"]["sgd"]["normalised_mean"] + 1e-4)
+            for t in results["tasks"]]
+    assert pair["wins"] == sum(wins) and "## Head to head" in report and "HypergradientSGD vs sgd" in report
     for name in ("summary.png", "quad-4d.png", "quad-ill.png"):
         png = out / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -526,12 +533,28 @@ def test_missing_optional_package_is_a_clear_error() -> None:
         resolve_optimizer("prodigy")
 
 
+def test_a_changed_handset_default_changes_the_cache_key(monkeypatch) -> None:
+    """A hand-set class's key holds the hyperparameters it is built with, so cached runs made under
+    an earlier default are not reused for the new one."""
+    from learned_opt.rules import grad_norm_decay
+
+    before = resolve_optimizer("GradNormDecaySGD[tune=true]").key
+    monkeypatch.setitem(grad_norm_decay.RELATIVE_DEFAULTS, "threshold", 0.123)
+    after = resolve_optimizer("GradNormDecaySGD[tune=true]").key
+    assert before["defaults"]["threshold"] != 0.123 and after["defaults"]["threshold"] == 0.123
+    assert run_key(suite="s", task={}, optimizer=before, lr=0.1, seed=0, steps=5, eval_every=1, device="cpu") != \
+        run_key(suite="s", task={}, optimizer=after, lr=0.1, seed=0, steps=5, eval_every=1, device="cpu")
+
+
 def test_benchmark_table_validation() -> None:
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['tunes'\].*suite.toml.*|suite.toml.*tunes"):
         read_benchmark_table({"benchmark": {"tunes": True}}, "suite.toml")
     with pytest.raises(ValueError, match="steps"):
         read_benchmark_table({"benchmark": {"steps": "ten"}}, "suite.toml")
     assert read_benchmark_table({"benchmark": {"steps": "10x"}}, None)["steps"] == "10x"
+    for bad in (["sgd", "adam"], [["sgd"]], [["sgd", 1]]):
+        with pytest.raises(ValueError, match=r"pairs must be a list of \[candidate, baseline\]"):
+            read_benchmark_table({"benchmark": {"pairs": bad}}, "suite.toml")
     assert resolve_steps(100, "10x") == 1000 and resolve_steps(100, 30) == 30 and resolve_steps(100, None) == 100
 
 
@@ -609,6 +632,24 @@ def test_validation_split_runs_on_validation_seeds_and_says_so(tmp_path):
         learned_opt.benchmark(str(suite_file), ["sgd[lr=0.01]"], seeds=[20], split="validation", progress=False)
     with pytest.raises(BenchmarkConfigError, match="split"):
         learned_opt.benchmark(str(suite_file), ["sgd[lr=0.01]"], seeds=1, split="train", progress=False)
+
+
+def test_pairs_of_the_suites_own_optimizers_must_name_them(tmp_path):
+    """A [benchmark] pair naming an optimizer the table does not run is an error before any run; with
+    optimizers given by the caller, pairs outside them are left out."""
+    import learned_opt
+    from learned_opt.bench.harness import BenchmarkConfigError
+
+    suite_file = tmp_path / "s.toml"
+    suite_file.write_text(
+        '[suite]\nsteps = 5\nseeds = { train = [0, 10], validation = [10, 20], test = [20, 30] }\n'
+        '[[suite.family]]\nlabel = "q"\nfamily = "quadratic"\n[suite.family.settings]\ndim = 3\n'
+        '[benchmark]\noptimizers = ["sgd[lr=0.01]"]\npairs = [["sgd[lr=0.01]", "sgdd"]]\n'
+    )
+    with pytest.raises(BenchmarkConfigError, match=r"pairs name \['sgdd'\]"):
+        learned_opt.benchmark(str(suite_file), seeds=1, progress=False, timing_steps=0)
+    res = learned_opt.benchmark(str(suite_file), ["sgd[lr=0.02]"], seeds=1, progress=False, timing_steps=0)
+    assert res.results["pairs"] == [] and "Head to head" not in res.report
 
 
 def test_report_counts_how_often_the_decay_branch_fired(tmp_path):

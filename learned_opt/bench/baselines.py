@@ -238,7 +238,18 @@ def _handset_spec(label: str, cls_name: str, fixed_lr: float | None, extra: dict
     def build(params: list[Tensor], lr: float | None, **more: Any) -> torch.optim.Optimizer:
         return cls(params, **_with_lr(lr, extra), **more)
 
-    return OptimizerSpec(label, build, {"learned_opt": cls_name, "kwargs": extra}, False, fixed_lr)
+    return OptimizerSpec(label, build, {"learned_opt": cls_name, "kwargs": extra, "defaults": _defaults(build)},
+                         False, fixed_lr)
+
+
+def _defaults(build: Builder) -> dict[str, Any] | None:
+    """The hyperparameters an optimizer is built with (its ``defaults``), for the run cache's key:
+    a changed default of a hand-set class then reruns its runs instead of reusing stale ones.
+    None when it cannot be built (the spec's build check reports why)."""
+    try:
+        return dict(build([torch.zeros(1, requires_grad=True)], None).defaults)
+    except (TypeError, ValueError):
+        return None
 
 
 def _optional_spec(label: str, name: str, fixed_lr: float | None, extra: dict[str, Any]) -> OptimizerSpec:

@@ -176,7 +176,7 @@ def _optimizer_record(spec: OptimizerSpec, tuned: bool, lr: float | None, runs: 
 
 
 def _bench_task(h: _Harness, bt: BenchTask, specs: list[OptimizerSpec], tune: bool,
-                steps: int, every: int) -> dict[str, Any]:
+                steps: int, every: int, pairs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     records: dict[str, dict[str, Any]] = {}
     for spec in specs:
         tuned = _is_tuned(spec, tune)
@@ -214,8 +214,21 @@ def _bench_task(h: _Harness, bt: BenchTask, specs: list[OptimizerSpec], tune: bo
         else:
             sp = M.speedup(agg.final_mean, steps, curve[0], curve[1], adam["initial_loss"])
             rec["speedup"] = {"value": sp.value, "censored": sp.censored, "text": str(sp)}
+    head_to_head = {f"{c} vs {b}": {"win": M.wins(aggs[c], aggs[b]), "ratio": M.normalised_ratio(aggs[c], aggs[b])}
+                    for c, b in pairs}
     return {"label": bt.label, "steps": steps, "eval_every": every, "initial_loss": adam["initial_loss"],
-            "results": records, "adam_extended": extended}
+            "results": records, "adam_extended": extended, "pairs": head_to_head}
+
+
+def _pair_summary(tasks: list[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Per (candidate, baseline) pair: wins of the candidate over the tasks and the geometric-mean
+    loss ratio (tasks where either diverged are left out of the ratio, as in the summary)."""
+    out = []
+    for c, b in pairs:
+        rows = [t["pairs"][f"{c} vs {b}"] for t in tasks]
+        out.append({"candidate": c, "baseline": b, "tasks": len(rows), "wins": sum(r["win"] for r in rows),
+                    "geomean_ratio": M.geometric_mean([r["ratio"] for r in rows])})
+    return out
 
 
 def _summary(tasks: list[dict[str, Any]], labels: list[str]) -> dict[str, dict[str, Any]]:
@@ -285,7 +298,13 @@ def _configure(suite: Any, optimizers: Any, tune: bool | None, seeds: Any, steps
             check_spec_builds(spec, _PROBE_LR if _is_tuned(spec, tune) else spec.fixed_lr, device)
     except ValueError as exc:
         raise ValueError(f"{from_table}{exc}") from exc
-    return src, specs, seed_list, tune, steps, every_cfg, timing_n
+    labels = {s.label for s in specs}
+    pairs = [p for p in table["pairs"] if optimizers is None or set(p) <= labels]
+    unknown = sorted({x for p in pairs for x in p} - labels)
+    if unknown:
+        raise ValueError(f"{src.path or '<suite>'}: [benchmark] pairs name {unknown}, which are not among the "
+                         f"benchmarked optimizers {sorted(labels)}")
+    return src, specs, seed_list, tune, steps, every_cfg, timing_n, pairs
 
 
 _PROBE_LR = 1e-3  # a tuned spec is only ever built at grid lrs; this is one
@@ -322,7 +341,7 @@ def benchmark(
     for the run cache, report.md, results.json and plots (None: nothing written, nothing cached).
     """
     try:
-        src, specs, seed_list, tune, steps, every_cfg, timing_n = _configure(
+        src, specs, seed_list, tune, steps, every_cfg, timing_n, pairs = _configure(
             suite, optimizers, tune, seeds, steps, eval_every, timing_steps, device, split, out)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         raise BenchmarkConfigError(str(exc)) from exc
@@ -345,7 +364,7 @@ def benchmark(
         for bt in src.tasks:
             n = resolve_steps(bt.steps, steps)
             every = every_cfg or default_eval_every(n)
-            tasks.append(_bench_task(h, bt, specs, tune, n, every))
+            tasks.append(_bench_task(h, bt, specs, tune, n, every, pairs))
     finally:
         pbar.close()
     if timing_n:
@@ -368,6 +387,7 @@ def benchmark(
         "cache": {"hits": cache.hits, "misses": cache.misses},
         "tasks": tasks,
         "summary": _summary(tasks, labels),
+        "pairs": _pair_summary(tasks, pairs),
     }
     results = _finite_or_none(results)
     from learned_opt.bench.report import render_report, write_outputs

@@ -79,6 +79,7 @@ def render_report(results: dict[str, Any]) -> str:
         ])
     lines += _table(["optimizer", f"wins vs {TUNED_ADAM}", f"wins vs {ADAM_1E3}", "loss ratio to tuned Adam",
                      "median speedup", "diverged tasks", "step time × Adam"], rows)
+    lines += _pairs_section(results)
     lines += ["", "## Final loss ÷ initial loss, per task (mean over seeds; lower is better)", ""]
     rows = []
     for t in tasks:
@@ -108,6 +109,22 @@ def render_report(results: dict[str, Any]) -> str:
     lines += _state_section(tasks, labels)
     lines += ["", "Plots: `plots/summary.png` and one `plots/<task>.png` per task (loss curves).", ""]
     return "\n".join(lines)
+
+
+def _pairs_section(results: dict[str, Any]) -> list[str]:
+    """Head-to-head rows of the suite's ``pairs`` (an adaptive rule against the rule it decorates):
+    wins and loss ratio of the candidate against that baseline, then per task."""
+    pairs = results.get("pairs") or []
+    if not pairs:
+        return []
+    rows = [[p["candidate"], p["baseline"], f"{p['wins']}/{p['tasks']}", _num(p["geomean_ratio"])] for p in pairs]
+    lines = ["", "## Head to head: each rule against the rule it decorates", "",
+             "Wins and loss ratio as above, with the second optimizer as the baseline.", "",
+             *_table(["optimizer", "against", "wins", "loss ratio"], rows), ""]
+    names = [f"{p['candidate']} vs {p['baseline']}" for p in pairs]
+    per_task = [[t["label"], *(f"{_yes(t['pairs'][n]['win'])} {_num(t['pairs'][n]['ratio'])}" for n in names)]
+                for t in results["tasks"]]
+    return lines + _table(["task", *names], per_task)
 
 
 STATE_COLUMNS = {"decay_count": "decay fired (steps)", "first_decay_step": "first firing (step)",

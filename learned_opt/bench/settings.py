@@ -8,6 +8,7 @@ seeds = 5            # the first N seeds of the suite's test split
 steps = "10x"        # horizon override: an int, or "Nx" to multiply each entry's steps
 eval_every = 0       # full-data evaluation interval; 0 = about 25 evaluations per run (tuning runs: at the end only)
 timing_steps = 20    # steps of the interleaved timing pass (0 = no timing pass)
+pairs = [["GradNormDecaySGD[tune=true]", "sgd"]]  # (rule, the rule it decorates): head-to-head rows
 ```
 Function arguments and command-line flags override the table.
 """
@@ -26,6 +27,7 @@ BENCHMARK_DEFAULTS: dict[str, object] = {
     "steps": None,
     "eval_every": 0,
     "timing_steps": 20,
+    "pairs": [],
 }
 
 _MULTIPLIER = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[x×]\s*$")
@@ -77,4 +79,14 @@ def read_benchmark_table(tables: Mapping[str, Any], file: str | Path | None) -> 
     for key in ("eval_every", "timing_steps"):
         if not (_is_int(table[key]) and table[key] >= 0):
             raise ValueError(f"{where}.{key} must be an int >= 0, got {table[key]!r}")
+    table["pairs"] = check_pairs(table["pairs"], f"{where}.pairs")
     return table
+
+
+def check_pairs(value: Any, where: str) -> list[tuple[str, str]]:
+    """``[[candidate, baseline], ...]`` (optimizer labels) as a list of tuples; ValueError otherwise."""
+    ok = isinstance(value, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in value)
+    if not ok:
+        raise ValueError(f"{where} must be a list of [candidate, baseline] optimizer labels, got {value!r}")
+    return [(c, b) for c, b in value]
