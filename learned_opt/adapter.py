@@ -38,6 +38,7 @@ COMPUTE_DTYPE = torch.float32  # parameters narrower than this are stepped in it
 # warning) only every this many steps, so a step never waits for the device.
 NONFINITE_CHECK_EVERY = 100
 LOW_LR_MULTIPLIER = 0.01  # a multiplier below this is almost surely an absolute rate from torch habits (warned)
+LOW_LR_WARNING = r"lr=\S+ is a multiplier of the rule's own rate"  # that warning's text, for filters
 # Keys every saved param group has, besides the rule's ``hyperparameters`` (decoupled_weight_decay
 # may be missing from a state saved before it existed: it defaults to False).
 ADAPTER_HPARAMS = ("weight_decay", "maximize")

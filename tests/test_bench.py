@@ -533,6 +533,21 @@ def test_missing_optional_package_is_a_clear_error() -> None:
         resolve_optimizer("prodigy")
 
 
+def test_tuning_grid_multipliers_do_not_warn_but_users_are_warned() -> None:
+    """The benchmark builds hand-set classes at small lr multipliers on purpose (its grid): the
+    low-multiplier warning, meant for a user's absolute rate, is muted there and only there."""
+    import warnings
+
+    import learned_opt
+
+    spec = resolve_optimizer("GradNormDecaySGD[tune=true]")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec.factory(0.003, 10)([torch.zeros(2, requires_grad=True)])
+    with pytest.warns(UserWarning, match="is a multiplier of the rule's own rate"):
+        learned_opt.GradNormDecaySGD([torch.zeros(2, requires_grad=True)], lr=0.003)
+
+
 def test_a_changed_handset_default_changes_the_cache_key(monkeypatch) -> None:
     """A hand-set class's key holds the hyperparameters it is built with, so cached runs made under
     an earlier default are not reused for the new one."""

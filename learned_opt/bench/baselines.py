@@ -31,9 +31,9 @@ import importlib.util
 import inspect
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from learned_opt import optim
+from learned_opt.adapter import LOW_LR_WARNING
 from learned_opt.optim import load_optimizer
 from learned_opt.weights import file_sha256, list_pretrained, load_rule
 
@@ -70,9 +71,18 @@ class OptimizerSpec:
         return self.tunable and self.fixed_lr is None
 
     def factory(self, lr: float | None, steps: int) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
-        """``params -> optimizer`` at ``lr`` for a run of ``steps`` steps (told to horizon-aware specs)."""
+        """``params -> optimizer`` at ``lr`` for a run of ``steps`` steps (told to horizon-aware specs).
+
+        The learned optimizers warn on a small ``lr`` (an absolute rate from torch habits, where they
+        take a multiplier); a tuning grid's small multipliers are meant, so that warning is muted."""
         more = {"total_steps": steps} if self.horizon else {}
-        return partial(self.build, lr=lr, **more)
+
+        def make(params: list[Tensor]) -> torch.optim.Optimizer:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=LOW_LR_WARNING, category=UserWarning)
+                return self.build(params, lr=lr, **more)
+
+        return make
 
 
 @dataclass(frozen=True)
