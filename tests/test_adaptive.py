@@ -215,15 +215,18 @@ def test_smoothing_tests_the_running_average_of_the_norm() -> None:
     assert float(st["decay_count"]) == 1 and float(st["norm_avg"]) == pytest.approx(0.325)
 
 
-def test_blowup_fires_at_once_and_keeps_the_spike_out_of_the_average() -> None:
-    """blowup 3: a norm above 3 × the running average fires whatever the patience and cool-down, at
-    every such step, and leaves the average and the reference as they were."""
+def test_blowup_fires_at_once_while_the_norm_outgrows_its_average() -> None:
+    """blowup 3, smoothing 0.5: a norm above 3 × the previous average fires whatever the patience and
+    cool-down, at each step a divergence outgrows the average (1, 1, 2.9, 10, 100: steps 4 and 5),
+    but once for a jump to a level that then holds (1, 1, 5, 5, 5), as the average follows it."""
     make = lambda ps: GradNormDecaySGD(ps, threshold=0.3, decay=0.5, patience=5, cooldown=10,  # noqa: E731
                                        smoothing=0.5, blowup=3.0)
     st = _norm_run(make, [1.0, 1.0, 2.9, 10.0, 100.0]).group_state(0)
     assert float(st["decay_count"]) == 2 and float(st["first_decay_step"]) == 4
-    assert float(st["lr_factor"]) == 0.25
-    assert float(st["norm_avg"]) == pytest.approx(1.95) and float(st["ref_norm"]) == 1.0
+    assert float(st["lr_factor"]) == 0.25 and float(st["ref_norm"]) == 1.0
+    assert float(st["norm_avg"]) == pytest.approx(0.5 * (0.5 * 1.95 + 5.0) + 50.0)
+    st = _norm_run(make, [1.0, 1.0, 5.0, 5.0, 5.0, 5.0]).group_state(0)
+    assert float(st["decay_count"]) == 1 and float(st["first_decay_step"]) == 3
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -23,8 +23,9 @@ Three settings widen the trigger (their defaults are the rule above, which older
 - ``smoothing`` β: the test (and the reference) read the running average
   ``n_t = β n_{t-1} + (1-β) ||g_t||`` instead of the raw minibatch norm, which is noisy.
 - ``blowup`` κ > 1 (0 = off): a norm above κ × the previous average fires at once, whatever the
-  patience and cool-down, and is kept out of the average and the reference. It cuts the rate of a
-  run that starts to diverge, one decay per step while the blow-up lasts.
+  patience and cool-down (the reference is left as it was). A run that starts to diverge, its norm
+  outgrowing its own average step after step, has its rate cut at each such step; a norm that
+  jumps to a new level and stays there fires once, as the average follows it.
 
 ``soft=True`` relaxes the threshold test for gradient-based meta-training: the firing weight is
 ``σ((log(threshold·ref) - log ||g||) / temperature)`` (tends to the exact test as the temperature
@@ -83,8 +84,6 @@ def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str
     avg = norm if beta == 0 else torch.where(first, norm, beta * prev_avg + (1 - beta) * norm)
     blowup = float(hparams.get("blowup", 0.0))
     spike = ~first & (norm > blowup * prev_avg) if blowup > 0 else None
-    if spike is not None:  # the spike is kept out of the average and the reference
-        avg = torch.where(spike, prev_avg, avg)
     ref = torch.where(first, avg.detach(), group_state["ref_norm"])
     if hparams.get("reference", "first") == "peak":
         ref = torch.maximum(ref, avg.detach())
@@ -100,7 +99,7 @@ def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str
     weight = torch.where(ready, test, 0.0)
     below = torch.where(test.detach() > 0.5, group_state["below"] + 1, 0.0)
     new_ref = ref + weight * (avg - ref)
-    if spike is not None:
+    if spike is not None:  # a blow-up fires, and leaves the reference as it was
         weight = torch.where(spike, 1.0, weight)
         new_ref = torch.where(spike, ref, new_ref)
     fired = weight.detach() > 0.5
