@@ -174,8 +174,9 @@ class GradNormDecaySGD(LearnedOptimizer):
 class GradNormDecayAdam(LearnedOptimizer):
     """Adam whose rate decays by ``decay`` when the gradient norm falls: :class:`GradNormDecaySGD`'s
     rule and conventions (``lr`` a multiplier of ``init_lr``, ``relative``, ``patience``,
-    ``cooldown``, ``reference``, ``smoothing``, ``blowup``) on Adam's direction. ``decoupled_weight_decay=True`` makes ``weight_decay``
-    AdamW's (``p -= lr·init_lr·wd·p``) instead of Adam's L2.
+    ``cooldown``, ``reference``, ``smoothing``, ``blowup``) on Adam's direction.
+    ``decoupled_weight_decay=True`` makes ``weight_decay`` AdamW's (``p -= lr·init_lr·wd·p``)
+    instead of Adam's L2.
     """
 
     def __init__(
