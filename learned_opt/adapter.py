@@ -289,6 +289,9 @@ class LearnedOptimizer(Optimizer):
             raise ValueError(f"state_dict is for rule {saved_rule!r}, this optimizer runs {self.rule.name!r}")
         torch_state = {k: v for k, v in state_dict.items() if k != "learned_opt"}
         self._check_loadable(torch_state)
+        if isinstance(torch_state.get("param_groups"), list):  # keys added since the state was saved
+            defaults = {k: v for k, v in self.rule.hyperparameters.items() if k in self.rule.added_keys}
+            torch_state["param_groups"] = [{**defaults, **g} for g in torch_state["param_groups"]]
         if saved_sha != self.weights_sha256:
             warnings.warn(
                 f"loading optimizer state saved with weights sha256 {saved_sha} into an optimizer "
@@ -312,14 +315,14 @@ class LearnedOptimizer(Optimizer):
             return
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             where = f"state_dict param group {index}"
-            missing = sorted(self.hyperparameter_keys - set(saved))
+            missing = sorted(self.hyperparameter_keys - set(saved) - self.rule.added_keys)
             if missing:
                 raise ValueError(
                     f"{where} lacks hyperparameters {missing} of {type(self).__name__} "
                     f"(rule {self.rule.name!r}); is it another optimizer's state?"
                 )
             try:
-                self._validate_group(saved)
+                self._validate_group({**self.rule.hyperparameters, **saved})
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from None
             for pid, p in zip(saved["params"], group["params"]):
@@ -339,7 +342,7 @@ class LearnedOptimizer(Optimizer):
         expected = {k: tuple(v.shape) for k, v in {**fresh, **group_state}.items()}
         expected[NONFINITE_KEY] = ()
         wanted = {**{k: tuple(p.shape) for k in loaded}, **expected}
-        missing = sorted(set(expected) - set(loaded))
+        missing = sorted(set(expected) - set(loaded) - self.rule.added_keys)
         shapes = [
             f"{k}: {_shape_of(loaded[k])} vs {shape}"
             for k, shape in wanted.items()

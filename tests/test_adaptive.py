@@ -227,6 +227,10 @@ def test_blowup_fires_at_once_while_the_norm_outgrows_its_average() -> None:
     assert float(st["norm_avg"]) == pytest.approx(0.5 * (0.5 * 1.95 + 5.0) + 50.0)
     st = _norm_run(make, [1.0, 1.0, 5.0, 5.0, 5.0, 5.0]).group_state(0)
     assert float(st["decay_count"]) == 1 and float(st["first_decay_step"]) == 3
+    # under heavy smoothing (κ(1-β) < 1) a jump fires until the average catches up: 10× at β 0.9, κ 3
+    heavy = lambda ps: GradNormDecaySGD(ps, threshold=0.3, patience=5, cooldown=10,  # noqa: E731
+                                        smoothing=0.9, blowup=3.0)
+    assert float(_norm_run(heavy, [1.0] * 4 + [10.0] * 10).group_state(0)["decay_count"]) == 3
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -235,6 +239,8 @@ def test_blowup_fires_at_once_while_the_norm_outgrows_its_average() -> None:
     ({"init_lr": -1.0}, "invalid init_lr"), ({"reference": "max"}, "invalid reference"),
     ({"smoothing": 1.0}, "invalid smoothing"), ({"smoothing": -0.1}, "invalid smoothing"),
     ({"blowup": 0.5}, "invalid blowup"), ({"blowup": float("inf")}, "invalid blowup"),
+    ({"blowup": -2.0}, "invalid blowup"), ({"blowup": float("nan")}, "invalid blowup"),
+    ({"reference": 1}, "invalid reference"), ({"reference": "peak", "relative": False}, "invalid reference"),
 ])
 def test_bad_decay_settings(kwargs: dict, message: str) -> None:
     for cls in (GradNormDecaySGD, GradNormDecayAdam):

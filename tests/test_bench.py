@@ -546,6 +546,8 @@ def test_tuning_grid_multipliers_do_not_warn_but_users_are_warned() -> None:
         spec.factory(0.003, 10)([torch.zeros(2, requires_grad=True)])
     with pytest.warns(UserWarning, match="is a multiplier of the rule's own rate"):
         learned_opt.GradNormDecaySGD([torch.zeros(2, requires_grad=True)], lr=0.003)
+    with pytest.warns(UserWarning, match="is a multiplier of the rule's own rate"):  # a spec's own lr
+        resolve_optimizer("GradNormDecaySGD[lr=0.003]").factory(0.003, 10)([torch.zeros(2, requires_grad=True)])
 
 
 def test_a_changed_handset_default_changes_the_cache_key(monkeypatch) -> None:
@@ -569,6 +571,9 @@ def test_benchmark_table_validation() -> None:
     assert read_benchmark_table({"benchmark": {"steps": "10x"}}, None)["steps"] == "10x"
     for bad in (["sgd", "adam"], [["sgd"]], [["sgd", 1]]):
         with pytest.raises(ValueError, match=r"pairs must be a list of \[candidate, baseline\]"):
+            read_benchmark_table({"benchmark": {"pairs": bad}}, "suite.toml")
+    for bad, why in (([["sgd", "sgd"]], "against itself"), ([["sgd", "adam"], ["sgd", "adam"]], "given twice")):
+        with pytest.raises(ValueError, match=why):
             read_benchmark_table({"benchmark": {"pairs": bad}}, "suite.toml")
     assert resolve_steps(100, "10x") == 1000 and resolve_steps(100, 30) == 30 and resolve_steps(100, None) == 100
 

@@ -90,7 +90,7 @@ def test_another_rules_state_without_its_label_is_refused() -> None:
         LSTMOptimizer(_params((3,)), weights=None).load_state_dict(sd)
     sd = _stepped(HypergradientSGD(_params((3,)), momentum=0.5)).state_dict()
     del sd["learned_opt"]
-    with pytest.raises(ValueError, match=r"lacks hyperparameters \['blowup', 'cooldown', 'decay', 'patience', 'reference', 'relative', 'smoothing', 'threshold'\]"):
+    with pytest.raises(ValueError, match=r"lacks hyperparameters \['cooldown', 'decay', 'patience', 'relative', 'threshold'\]"):
         GradNormDecaySGD(_params((3,)), momentum=0.5).load_state_dict(sd)
 
 
@@ -180,3 +180,34 @@ def test_card_survives_deepcopy_and_pickle(tmp_path: Path, via: str) -> None:
     for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert other.card == opt.card and other.weights_sha256 == opt.weights_sha256
         _stepped(other, 1)
+
+
+def test_a_decay_state_saved_before_the_trigger_settings_loads_and_steps_as_then():
+    """A GradNormDecaySGD state saved before ``reference``/``smoothing``/``blowup`` and the
+    ``norm_avg`` state existed loads (those take the defaults, the earlier rule) and continues
+    exactly as the optimizer that saved it."""
+    def run(opt, params, steps, start):
+        for t in range(start, start + steps):
+            for p in params:
+                p.grad = torch.full_like(p, 0.5 ** t)
+            opt.step()
+
+    params = _params((3,), (2,))
+    opt = GradNormDecaySGD(params, threshold=0.5, patience=1, cooldown=0, momentum=0.5)
+    run(opt, params, 3, 0)
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        for key in ("reference", "smoothing", "blowup"):
+            del group[key]
+    for st in sd["state"].values():
+        del st["norm_avg"]
+    resumed_params = [p.detach().clone().requires_grad_(True) for p in params]
+    resumed = GradNormDecaySGD(resumed_params, threshold=0.5, patience=1, cooldown=0, momentum=0.5)
+    resumed.load_state_dict(sd)
+    assert resumed.param_groups[0]["reference"] == "first" and resumed.param_groups[0]["blowup"] == 0.0
+    run(opt, params, 4, 3)
+    run(resumed, resumed_params, 4, 3)
+    assert float(opt.group_state(0)["decay_count"]) > 1
+    for a, b in zip(params, resumed_params):
+        assert torch.equal(a, b)
+    assert float(resumed.group_state(0)["decay_count"]) == float(opt.group_state(0)["decay_count"])

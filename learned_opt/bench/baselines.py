@@ -74,12 +74,15 @@ class OptimizerSpec:
         """``params -> optimizer`` at ``lr`` for a run of ``steps`` steps (told to horizon-aware specs).
 
         The learned optimizers warn on a small ``lr`` (an absolute rate from torch habits, where they
-        take a multiplier); a tuning grid's small multipliers are meant, so that warning is muted."""
+        take a multiplier); a tuning grid's small multipliers are meant, so that warning is muted for
+        them (not for an lr the spec itself fixes)."""
         more = {"total_steps": steps} if self.horizon else {}
+        grid = lr is not None and lr != self.fixed_lr
 
         def make(params: list[Tensor]) -> torch.optim.Optimizer:
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=LOW_LR_WARNING, category=UserWarning)
+                if grid:
+                    warnings.filterwarnings("ignore", message=LOW_LR_WARNING, category=UserWarning)
                 return self.build(params, lr=lr, **more)
 
         return make

@@ -89,4 +89,8 @@ def check_pairs(value: Any, where: str) -> list[tuple[str, str]]:
         isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in value)
     if not ok:
         raise ValueError(f"{where} must be a list of [candidate, baseline] optimizer labels, got {value!r}")
-    return [(c, b) for c, b in value]
+    pairs = [(c, b) for c, b in value]
+    for i, (c, b) in enumerate(pairs):
+        if c == b or (c, b) in pairs[:i]:
+            raise ValueError(f"{where}: [{c!r}, {b!r}] is {'an optimizer against itself' if c == b else 'given twice'}")
+    return pairs

@@ -36,6 +36,9 @@ class Rule(nn.Module):
 
     name: ClassVar[str] = ""
     hyperparameters: ClassVar[dict[str, Any]] = {"lr": 1.0}
+    # Hyperparameters and state keys added after states were saved: a loaded state may lack them
+    # (a hyperparameter then takes its default here, which must be the rule as it was before).
+    added_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -23,15 +23,19 @@ Three settings widen the trigger (their defaults are the rule above, which older
 - ``smoothing`` β: the test (and the reference) read the running average
   ``n_t = β n_{t-1} + (1-β) ||g_t||`` instead of the raw minibatch norm, which is noisy.
 - ``blowup`` κ > 1 (0 = off): a norm above κ × the previous average fires at once, whatever the
-  patience and cool-down (the reference is left as it was). A run that starts to diverge, its norm
-  outgrowing its own average step after step, has its rate cut at each such step; a norm that
-  jumps to a new level and stays there fires once, as the average follows it.
+  patience and cool-down; the norm enters the average as any other. A run that starts to diverge,
+  its norm outgrowing its own average step after step, has its rate cut at each such step. A norm
+  that jumps by r to a level that holds fires until the average has caught up: once when
+  κ(1-β) ≥ 1, a few times under heavy smoothing (r = 10 at β 0.9, κ 3: three times). A first-norm
+  reference is left as it was; a peak reference takes the spike's average like any other, so a
+  transient spike can raise the peak and bring a plateau firing later.
 
 ``soft=True`` relaxes the threshold test for gradient-based meta-training: the firing weight is
-``σ((log(threshold·ref) - log ||g||) / temperature)`` (tends to the exact test as the temperature
+``σ((log(threshold·ref) - log n_t) / temperature)`` (tends to the exact test as the temperature
 goes to 0), gated by the exact patience/cool-down counters of the previous steps (which count
 steps whose weight was above 1/2);
-the factor moves by ``1 - weight (1 - decay)`` and the reference towards the norm by the weight.
+the factor moves by ``1 - weight (1 - decay)`` and the reference towards ``n_t`` by the weight.
+The blow-up test stays exact (weight 1) in soft mode.
 
 Group state: ``lr_factor``, ``decay_count`` (firings; with ``soft`` the sum of the weights),
 ``first_decay_step`` (the step of the first firing, 0 while it has not fired), ``step``,
@@ -128,6 +132,7 @@ class GradNormDecayRule(HyperparameterRule):
         "lr": 1.0, "init_lr": 0.1, "decay": 0.9, "threshold": 1e-3, "relative": False, "patience": 1, "cooldown": 0,
         "reference": "first", "smoothing": 0.0, "blowup": 0.0, "momentum": 0.0,
     }
+    added_keys: ClassVar[frozenset[str]] = frozenset({"reference", "smoothing", "blowup", "norm_avg"})
 
     def __init__(
         self,
@@ -187,7 +192,9 @@ class GradNormDecayRule(HyperparameterRule):
         check_in_range("smoothing", hparams.get("smoothing", 0.0), 0.0, 1.0)
         blowup = check_number("blowup", hparams.get("blowup", 0.0))
         if not (blowup == 0 or (math.isfinite(blowup) and blowup > 1)):
-            raise ValueError(f"invalid blowup: {hparams['blowup']!r} (must be 0, off, or > 1)")
+            raise ValueError(f"invalid blowup: {hparams['blowup']!r} (must be 0 (off) or > 1)")
+        if hparams.get("reference") == "peak" and hparams.get("relative") is False:
+            raise ValueError("invalid reference: 'peak' (needs relative=True: the absolute rule has no reference)")
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
         like = params[0] if params else torch.zeros(())
