@@ -66,8 +66,9 @@ class LearnedOptimizer(Optimizer):
 
     _steps_unchecked = 0  # steps since the skip counters were last read (see _warn_nonfinite)
     card: dict[str, Any] | None = None
+    evaluating = False  # the parameters hold the rule's evaluation point (see eval())
     # Instance attributes of the adapter that torch's Optimizer.__getstate__ does not keep.
-    _PICKLED = ("rule", "weights_sha256", "card", "_warned_nonfinite")
+    _PICKLED = ("rule", "weights_sha256", "card", "_warned_nonfinite", "evaluating")
 
     def __init__(
         self,
@@ -175,10 +176,48 @@ class LearnedOptimizer(Optimizer):
             self.state[p].update(ps)
             self.state[p].update(existing)
 
+    # --- evaluation point ---------------------------------------------------------------------
+    @property
+    def has_eval_point(self) -> bool:
+        """Whether the rule evaluates elsewhere than where it takes gradients (schedule-free rules):
+        then :meth:`eval` before evaluating or saving the model, :meth:`train` before stepping."""
+        return bool(getattr(self.rule, "schedule_free", False))
+
+    @torch.no_grad()
+    def eval(self) -> LearnedOptimizer:
+        """Put the parameters at the rule's evaluation point (a schedule-free rule's average ``x``);
+        a no-op for other rules and when already there. As ``schedulefree``'s optimizers: call it
+        before evaluating or checkpointing the model, and :meth:`train` before the next step."""
+        if self.has_eval_point and not self.evaluating:
+            self._move_params(self.rule.eval_point)
+            self.evaluating = True
+        return self
+
+    @torch.no_grad()
+    def train(self) -> LearnedOptimizer:
+        """Put the parameters back where the rule takes gradients (undoes :meth:`eval`)."""
+        if self.evaluating:
+            self._move_params(self.rule.train_point)
+            self.evaluating = False
+        return self
+
+    def _move_params(self, point: Callable[..., list[Tensor] | None]) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if self.state.get(p)]
+            if not params:
+                continue
+            work = [_compute_tensor(p) for p in params]
+            moved = point(work, self._rule_state(params, work), self._step_hparams(group))
+            for p, new in zip(params, moved or work):
+                p.copy_(new)
+
     # --- stepping ----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step for every group; the closure (if any) runs with grad enabled; returns its loss."""
+        if self.evaluating:
+            raise RuntimeError(f"{type(self).__name__}.step() in eval mode: the parameters hold the evaluation "
+                               "point; call optimizer.train() before training (and optimizer.eval() to evaluate)")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -277,7 +316,8 @@ class LearnedOptimizer(Optimizer):
     # --- serialisation -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["learned_opt"] = {"rule": self.rule.name, "weights_sha256": self.weights_sha256}
+        sd["learned_opt"] = {"rule": self.rule.name, "weights_sha256": self.weights_sha256,
+                             "evaluating": self.evaluating}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -300,6 +340,8 @@ class LearnedOptimizer(Optimizer):
                 stacklevel=2,
             )
         super().load_state_dict(torch_state)
+        # a state saved in eval mode belongs with parameters saved at the evaluation point
+        self.evaluating = bool(info.get("evaluating", False)) and self.has_eval_point
 
     def _check_loadable(self, state_dict: Mapping[str, Any]) -> None:
         """ValueError unless ``state_dict`` (torch's layout) could come from this optimizer: each

@@ -288,6 +288,10 @@ class RelativeAdam(LearnedOptimizer):
     ``floor`` keeps zero-initialised tensors (biases) moving: the step scale is ``RMS(p) + floor``;
     ``floor_vec``, when given, is the floor of vectors and scalars (biases, gains) instead.
     ``final`` is where the told cosine ends, as a fraction of the peak step (0: at zero).
+    ``schedule_free=True``: the schedule-free form (Defazio et al. 2024; the step moves a base sequence
+    ``z`` along ``g/√v̂`` and the model is evaluated at the running average of ``z``): call
+    ``optimizer.eval()`` before evaluating or saving the model and ``optimizer.train()`` before
+    training again, as with ``schedulefree``'s optimizers (``betas[0]`` is the interpolation).
     """
 
     def __init__(
@@ -304,12 +308,13 @@ class RelativeAdam(LearnedOptimizer):
         *,
         floor_vec: float | None = None,
         final: float = 0.0,
+        schedule_free: bool = False,
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
         super().__init__(
             params,
-            RelativeAdamRule(),
+            RelativeAdamRule(schedule_free),
             floor_vec=floor_vec,
             final=final,
             lr=lr,

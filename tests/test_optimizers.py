@@ -50,10 +50,10 @@ def _mlp_rule() -> MLPRule:
 MLP_RULE = _mlp_rule()
 
 
-def _relative_rule() -> LearnedRelativeAdamRule:
+def _relative_rule(schedule_free: bool = False) -> LearnedRelativeAdamRule:
     """A learned relative Adam whose controller is non-zero (it changes the steps)."""
     torch.manual_seed(222)
-    rule = LearnedRelativeAdamRule(init_alpha=0.05, hidden=4)
+    rule = LearnedRelativeAdamRule(init_alpha=0.05, hidden=4, schedule_free=schedule_free)
     with torch.no_grad():
         for p in rule.ctrl.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -78,6 +78,9 @@ FACTORIES: dict[str, Callable[..., LearnedOptimizer]] = {
     "relative-adam": lambda params, **kw: RelativeAdam(params, **{"alpha": 0.05, **kw}),
     "learned-relative-adam": lambda params, **kw: LearnedOptimizer(params, copy.deepcopy(RELATIVE_RULE),
                                                                    **{"total_steps": 40, **kw}),
+    "relative-adam-sf": lambda params, **kw: RelativeAdam(params, **{"alpha": 0.1, "schedule_free": True, **kw}),
+    "learned-relative-adam-sf": lambda params, **kw: LearnedOptimizer(
+        params, _relative_rule(schedule_free=True), **kw),
 }
 NAMES = list(FACTORIES)
 
@@ -558,7 +561,9 @@ def test_cuda_matches_cpu(make) -> None:
         (lambda ps: HypergradientSGD(ps, momentum=0.9), 8),
         (lambda ps: HypergradientAdam(ps), 12),
         (lambda ps: RelativeAdam(ps), 8),
+        (lambda ps: RelativeAdam(ps, schedule_free=True), 8),
         (lambda ps: LearnedOptimizer(ps, LearnedRelativeAdamRule()), 12),
+        (lambda ps: LearnedOptimizer(ps, LearnedRelativeAdamRule(schedule_free=True)), 12),
     ],
 )
 def test_state_bytes_per_parameter(factory, expected) -> None:

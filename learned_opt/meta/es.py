@@ -220,8 +220,11 @@ class PopulationESTrainer:
             result = apply_update(self.rule.with_theta(theta), grads, params, state, hparams, checked=checked)
             return result.updates, result.state
 
+        eval_point = getattr(self.rule, "eval_point", None)
         result = run_population(task, draw.seed, draw.steps, (self.members(thetas), horizons), len(thetas),
-                                update, self.rule.init_state, scales=self.scales(draw))
+                                update, self.rule.init_state, scales=self.scales(draw),
+                                eval_point=None if eval_point is None else
+                                lambda m, p, st: eval_point(p, st, {"total_steps": m[1]}))
         r = log_ratio(result.final_losses, result.initial_loss, ref, result.diverged, self.cfg.ratio_clip)
         win = (~result.diverged) & (result.final_losses / result.initial_loss
                                     <= ref / result.initial_loss + WIN_TOLERANCE)

@@ -64,11 +64,14 @@ def run_population(
     init_state: Callable[[list[Tensor]], RuleState],
     *,
     scales: Sequence[float] | None = None,
+    eval_point: Callable[[Any, list[Tensor], RuleState], list[Tensor] | None] | None = None,
 ) -> PopulationResult:
     """Train ``task`` (initial params and batches from ``seed``) for ``steps`` steps with every member at once.
 
     ``scales`` reparameterises each parameter tensor (``p = c · p'``, the rule sees ``p'``). A member
     is diverged when any minibatch loss is non-finite or its final loss exceeds 10x the initial one.
+    ``eval_point(member, params, state)`` (one member's; None: the parameters) is where the final
+    loss is taken: a schedule-free rule's average, as its optimizer's ``eval()`` gives.
     """
     generator = torch.Generator().manual_seed(int(seed))
     init = [p.detach() for p in task.init_params(generator)]
@@ -92,6 +95,8 @@ def run_population(
             updates, state = step_fn(members, grads, params, state, checked=gradients_pass_guard(grads))
             params = [p + u for p, u in zip(params, updates)]
     with torch.no_grad():
+        if eval_point is not None:
+            params = vmap(lambda m, p, st: eval_point(m, p, st) or p, in_dims=(0, 0, 0))(members, params, state)
         final = vmap(loss_of, in_dims=(0, None))(params, full)
     bad |= ~torch.isfinite(final) | (final > DIVERGENCE_FACTOR * abs(initial))
     return PopulationResult(initial, final.detach(), bad)

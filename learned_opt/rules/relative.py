@@ -18,6 +18,16 @@ to the parameter scale, which makes the right multiplier far more uniform across
   scalars instead: biases start at zero, and with the matrices' 1e-3 they moved only ``α · 1e-3``
   per step (the learned rule learns it as ``log_floor_vec``).
 
+Schedule-free form (``schedule_free=True``, after Defazio et al. 2024, "The Road Less Scheduled"):
+the same relative step moves a base sequence ``z`` along ``u = g / (√v̂ + eps)`` (no first moment),
+the evaluation point ``x`` is the running average of ``z`` weighted by each step's multiplier
+squared (``(lr · s(t) · exp(c_t))²``), and gradients are taken at ``y = (1 − β₁) z + β₁ x``, which the
+parameters hold while training. ``x`` anneals without a schedule or a horizon: optimizers with
+this form have ``eval()``/``train()`` (as ``schedulefree``'s) that swap the parameters to ``x`` for
+evaluation and back (:func:`schedule_free_eval_point`, :func:`schedule_free_train_point`). Told
+``total_steps``, the cosine anneals ``z`` itself and the average would lag behind it (it weighs
+the large early steps most), so a told run is evaluated where it trains, at ``y``.
+
 The controller (:mod:`learned_opt.rules.controller`) is a tiny MLP shared by all tensors; per
 step it reads scale-free features of each tensor and emits two numbers: a bounded increment of an
 accumulated log multiplier (state ``ctrl``) and a bounded direct offset. Its last layer starts at
@@ -38,32 +48,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from learned_opt.rules.base import Rule, RuleState, check_in_range, check_nonnegative, scalar_like
+from learned_opt.rules.base import Rule, RuleState, check_bool, check_in_range, check_nonnegative, scalar_like
 from learned_opt.rules.controller import (
     CTRL_RANGE, SCALARS, TINY, ControllerNet, controller_features, controller_outputs,
 )
 from learned_opt.rules.hparam_base import check_betas, log_param, logit_param
-
-HORIZON_FREE_STEPS = 200  # the warm-up lasts warmup × this many steps when total_steps is unknown
-def schedule(step: Tensor, total_steps: Tensor, warmup: Tensor | float, final: Tensor | float = 0.0) -> Tensor:
-    """``s(t)`` for the 1-based ``step``: linear warm-up, then cosine to ``final`` (a fraction of the
-    peak) at ``total_steps`` (> 0), or constant after the warm-up when ``total_steps`` is 0 (unknown).
-    Tensors, so members of a batched population may differ in horizon."""
-    known = total_steps > 0
-    horizon = torch.where(known, total_steps, torch.full_like(total_steps, float(HORIZON_FREE_STEPS)))
-    warm_steps = torch.clamp(warmup * horizon, min=1.0)
-    ramp = torch.clamp(step / warm_steps, max=1.0)
-    frac = torch.clamp((step - warm_steps) / torch.clamp(horizon - warm_steps, min=1.0), 0.0, 1.0)
-    cosine = final + (1.0 - final) * 0.5 * (1.0 + torch.cos(math.pi * frac))
-    return ramp * torch.where(known, cosine, torch.ones_like(frac))
-
-
-def horizon_tensor(total_steps: int | Tensor | None, like: Tensor) -> Tensor:
-    """``total_steps`` as a 0-dim tensor like ``like``; None (unknown) is 0."""
-    if isinstance(total_steps, Tensor):
-        return total_steps.to(like.dtype)
-    return torch.tensor(float(total_steps or 0), dtype=like.dtype, device=like.device)
-
+from learned_opt.rules.horizon import (  # noqa: F401  (schedule, HORIZON_FREE_STEPS: public here too)
+    HORIZON_FREE_STEPS, check_total_steps, horizon_tensor, schedule, warn_past_horizon,
+)
+from learned_opt.rules.schedule_free import schedule_free_eval_point, schedule_free_train_point, sf_updates
 
 def relative_update(
     grads: Sequence[Tensor],
@@ -81,10 +74,13 @@ def relative_update(
     inplace: bool = False,
     floor_vec: Tensor | float | None = None,
     final: Tensor | float = 0.0,
+    schedule_free: bool = False,
 ) -> tuple[list[Tensor], RuleState]:
     """Additive updates and new state for one group (see the module docstring).
 
     ``final`` is where the told schedule's cosine ends, as a fraction of its peak (0: at 0).
+    ``schedule_free``: the schedule-free form (state ``z``, ``sf_weight`` and no ``exp_avg``; always
+    the pure path, whatever ``inplace``).
 
     ``total_steps``: None or 0 when unknown. ``controller`` is the θ dict holding ``ctrl.*`` entries,
     or None for the hand-set rule. Pure (never mutates) unless ``inplace``: then the caller gives
@@ -95,9 +91,15 @@ def relative_update(
     step = group_state["step"] + 1
     total_steps = horizon_tensor(total_steps, step)
     s = schedule(step, total_steps, warmup, final)
-    directions = _directions_foreach if inplace else _directions
-    dirs, moments, stats, norms = directions(grads, params, per_param, step, betas, eps, controller is not None)
-    new_per_param = [{"exp_avg": m, "exp_avg_sq": v} for m, v in moments]
+    if schedule_free:
+        inplace = False
+        dirs, moments, stats, norms = _directions(grads, params, per_param, step, betas, eps,
+                                                  controller is not None, schedule_free=True)
+        new_per_param = [{"exp_avg_sq": v} for _, v in moments]
+    else:
+        directions = _directions_foreach if inplace else _directions
+        dirs, moments, stats, norms = directions(grads, params, per_param, step, betas, eps, controller is not None)
+        new_per_param = [{"exp_avg": m, "exp_avg_sq": v} for m, v in moments]
     if not dirs:
         return [], ({**group_state, "step": step}, new_per_param)
     numel = torch.tensor([float(max(p.numel(), 1)) for p in params], dtype=step.dtype, device=step.device)
@@ -117,7 +119,9 @@ def relative_update(
         for i, (new_st, st) in enumerate(zip(new_per_param, per_param)):
             new_st.update(p0=st["p0"], controller=new_scalars[i])
     factors = scales * mults * (-lr * alpha)  # one multiply per tensor: relative scale, schedule, controller
-    if inplace:
+    if schedule_free:
+        updates = sf_updates(dirs, params, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0])
+    elif inplace:
         torch._foreach_mul_(dirs, factors.tolist())
         updates = dirs
     else:
@@ -137,25 +141,36 @@ def _rms_scale(norms: Tensor, numel: Tensor, floor: Tensor | float) -> Tensor:
     return (p_norm / root + floor) / torch.clamp(u_norm / root, min=TINY)
 
 
+def _controller_stats(g: Tensor, prev: Tensor, p: Tensor, p0: Tensor) -> Tensor:
+    """``(||g||, ||prev||, g·prev, ||p − p0||)`` of one tensor: the controller's statistics."""
+    return torch.stack([torch.linalg.vector_norm(g), torch.linalg.vector_norm(prev),
+                        torch.dot(g.reshape(-1), prev.reshape(-1)), torch.linalg.vector_norm(p - p0)])
+
+
 def _directions(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
-                step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float, with_stats: bool) -> Directions:
+                step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float, with_stats: bool,
+                schedule_free: bool = False) -> Directions:
     """Per tensor: Adam's direction ``u = m / (√v + eps·√(1 − β₂ᵗ))``, which is ``m̂ / (√v̂ + eps)`` up to
     a per-tensor constant that cancels in the relative rescaling (so neither bias correction costs a
     pass over the tensor), the new moments, the norms ``[n, 2]`` of ``(p, u)`` and (``with_stats``) the
-    controller's statistics ``[n, 4]`` (see :func:`~learned_opt.rules.controller.controller_features`). Pure."""
+    controller's statistics ``[n, 4]`` (see :func:`~learned_opt.rules.controller.controller_features`). Pure.
+
+    ``schedule_free``: ``u = g / (√v + eps·√(1 − β₂ᵗ))`` (no first moment; the new ``m`` is None), the
+    norms of ``(z, u)`` (the relative scale is the base sequence's), and ``y − z`` in the statistics
+    where ``m_{t-1}`` stands otherwise: it points back along the recent steps, so its cosine with
+    ``g`` plays the part of ``cos(g, m_{t-1})``."""
     beta1, beta2 = betas
     bias2_sqrt = (1 - beta2**step).sqrt()
     dirs, moments, stats, norms = [], [], [], []
     for g, p, st in zip(grads, params, per_param):
-        m_old = st["exp_avg"]
+        prev = p - st["z"] if schedule_free else st["exp_avg"]
         if with_stats:
-            stats.append(torch.stack([torch.linalg.vector_norm(g), torch.linalg.vector_norm(m_old),
-                                      torch.dot(g.reshape(-1), m_old.reshape(-1)),
-                                      torch.linalg.vector_norm(p - st["p0"])]))
-        m = torch.lerp(m_old, g, 1 - beta1)
+            stats.append(_controller_stats(g, prev, p, st["p0"]))
+        m = None if schedule_free else torch.lerp(prev, g, 1 - beta1)
         v = torch.addcmul(st["exp_avg_sq"] * beta2, g, g, value=1 - beta2)
-        u = m / (v.sqrt() + eps * bias2_sqrt)
-        norms.append(torch.stack([torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)]))
+        u = (g if m is None else m) / (v.sqrt() + eps * bias2_sqrt)
+        scaled = st["z"] if schedule_free else p
+        norms.append(torch.stack([torch.linalg.vector_norm(scaled), torch.linalg.vector_norm(u)]))
         dirs.append(u)
         moments.append((m, v))
     if not dirs:
@@ -206,7 +221,34 @@ def _step_counter(params: Sequence[Tensor]) -> dict[str, Tensor]:
 
 class _RelativeRule(Rule):
     """``update`` (pure) and ``update_inplace`` (the optimizer's foreach kernels, no graph) of both
-    relative rules, through their ``_update``."""
+    relative rules, through their ``_update``, and the schedule-free form's two points."""
+
+    schedule_free: bool = False
+
+    def _moments_state(self, p: Tensor) -> dict[str, Tensor]:
+        """Fresh per-parameter moments: Adam's two, or (schedule-free) ``v``, ``z = p`` and ``Σw = 0``."""
+        if self.schedule_free:
+            return {"exp_avg_sq": torch.zeros_like(p), "z": p.detach().clone(),
+                    "sf_weight": torch.zeros((), dtype=p.dtype, device=p.device)}
+        return {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+    def eval_point(self, params: Sequence[Tensor], state: RuleState,
+                   hparams: Mapping[str, Any]) -> list[Tensor] | None:
+        """The parameters to evaluate at (schedule-free: the average ``x``), or None: the parameters."""
+        if not self.schedule_free:
+            return None
+        return schedule_free_eval_point(params, state[1], self._beta1(hparams), hparams.get("total_steps"))
+
+    def train_point(self, params: Sequence[Tensor], state: RuleState,
+                    hparams: Mapping[str, Any]) -> list[Tensor] | None:
+        """Inverse of :meth:`eval_point` (None where that is None)."""
+        if not self.schedule_free:
+            return None
+        return schedule_free_train_point(params, state[1], self._beta1(hparams), hparams.get("total_steps"))
+
+    def _beta1(self, hparams: Mapping[str, Any]) -> float:
+        """β₁ of the schedule-free interpolation (the first of the betas)."""
+        raise NotImplementedError
 
     def update(
         self,
@@ -236,9 +278,18 @@ class RelativeAdamRule(_RelativeRule):
         "eps": 1e-8, "total_steps": None, "final": 0.0,
     }
 
+    def __init__(self, schedule_free: bool = False) -> None:
+        super().__init__()
+        self.schedule_free = check_bool("schedule_free", schedule_free)
+
+    def config(self) -> dict[str, Any]:
+        return {"schedule_free": True} if self.schedule_free else {}
+
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
-        per_param = [{"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)} for p in params]
-        return _step_counter(params), per_param
+        return _step_counter(params), [self._moments_state(p) for p in params]
+
+    def _beta1(self, hparams: Mapping[str, Any]) -> float:
+        return float(hparams["betas"][0])
 
     def validate_hparams(self, hparams: Mapping[str, Any]) -> None:
         super().validate_hparams(hparams)
@@ -261,31 +312,8 @@ class RelativeAdamRule(_RelativeRule):
             grads, params, state, alpha=hparams["alpha"], warmup=hparams["warmup"], floor=hparams["floor"],
             betas=hparams["betas"], eps=hparams["eps"], lr=hparams["lr"], total_steps=hparams["total_steps"],
             inplace=inplace, floor_vec=hparams.get("floor_vec"), final=hparams.get("final", 0.0),
+            schedule_free=self.schedule_free,
         )
-
-
-def warn_past_horizon(rule: Rule, step: Tensor, total_steps: Any, final: Callable[[], Tensor | float]) -> None:
-    """Warn once per rule when an optimizer steps past the ``total_steps`` it was given: the schedule
-    has ended there, so further steps stay at its ``final()`` fraction of the peak (none at 0; read
-    only when warning). Only read on the CPU (on a device the check would wait for it every step)."""
-    if not isinstance(total_steps, int) or getattr(rule, "_warned_past_horizon", False) or step.device.type != "cpu":
-        return
-    if float(step) >= total_steps:
-        rule._warned_past_horizon = True  # type: ignore[attr-defined]
-        end = float(final())
-        after = (f"the step stays at {end:.0%} of its peak" if end > 0
-                 else "these steps leave the parameters unchanged")
-        warnings.warn(f"{type(rule).__name__}: stepping past total_steps={total_steps}; the schedule has ended "
-                      f"there, so {after} (give the run's real length, or total_steps=None)",
-                      RuntimeWarning, stacklevel=4)
-
-
-def check_total_steps(value: Any) -> None:
-    """ValueError unless ``value`` is None or an int >= 1 (bools refused)."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"invalid total_steps: {value!r} (must be None or an int >= 1)")
 
 
 class LearnedRelativeAdamRule(_RelativeRule):
@@ -309,8 +337,9 @@ class LearnedRelativeAdamRule(_RelativeRule):
 
     def __init__(self, init_alpha: float = 0.03, init_warmup: float = 0.05, init_floor: float = 1e-3,
                  hidden: int = 8, seed: int = 0, init_floor_vec: float | None = None,
-                 init_final: float | None = None, told_time: bool = False) -> None:
+                 init_final: float | None = None, told_time: bool = False, schedule_free: bool = False) -> None:
         super().__init__()
+        self.schedule_free = check_bool("schedule_free", schedule_free)
         self.log_alpha = log_param(init_alpha, "init_alpha")
         self.logit_warmup = logit_param(init_warmup, "init_warmup")
         self.log_floor = log_param(init_floor, "init_floor")
@@ -333,6 +362,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             "hidden": self.hidden,
             "seed": self.seed,
             **({"told_time": True} if self.told_time else {}),
+            **({"schedule_free": True} if self.schedule_free else {}),
         }
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
@@ -340,8 +370,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
         for p in params:
             scalars = torch.zeros(len(SCALARS), dtype=p.dtype, device=p.device)
             scalars[SCALARS.index("p0_norm")] = torch.linalg.vector_norm(p.detach())
-            per_param.append({"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
-                              "p0": p.detach().clone(), "controller": scalars})
+            per_param.append({**self._moments_state(p), "p0": p.detach().clone(), "controller": scalars})
         return _step_counter(params), per_param
 
     def validate_hparams(self, hparams: Mapping[str, Any]) -> None:
@@ -358,16 +387,19 @@ class LearnedRelativeAdamRule(_RelativeRule):
         warn_past_horizon(self, state[0]["step"], hparams.get("total_steps"),
                           lambda: torch.sigmoid(self.logit_final.detach()) if hasattr(self, "logit_final") else 0.0)
         return self.update_with(theta, grads, params, state, hparams["lr"], hparams.get("total_steps"),
-                                inplace=inplace)
+                                inplace=inplace, schedule_free=self.schedule_free)
+
+    def _beta1(self, hparams: Mapping[str, Any]) -> float:
+        return float(self.betas[0])
 
     def with_theta(self, theta: Mapping[str, Tensor]) -> ThetaRule:
         """This rule with θ replaced by ``theta`` (one member of a batched population)."""
-        return ThetaRule(theta)
+        return ThetaRule(theta, self.schedule_free)
 
     @classmethod
     def update_with(cls, theta: Mapping[str, Tensor], grads: Sequence[Tensor], params: Sequence[Tensor],
                     state: RuleState, lr: Tensor | float, total_steps: int | Tensor | None,
-                    *, inplace: bool = False) -> tuple[list[Tensor], RuleState]:
+                    *, inplace: bool = False, schedule_free: bool = False) -> tuple[list[Tensor], RuleState]:
         """:meth:`update` with θ passed in: a pure function of tensors, vmappable over θ (unless ``inplace``)."""
         return relative_update(
             grads, params, state, alpha=theta["log_alpha"].exp(), warmup=torch.sigmoid(theta["logit_warmup"]),
@@ -375,6 +407,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             controller=theta, inplace=inplace,
             floor_vec=theta["log_floor_vec"].exp() if "log_floor_vec" in theta else None,
             final=torch.sigmoid(theta["logit_final"]) if "logit_final" in theta else 0.0,
+            schedule_free=schedule_free,
         )
 
 
@@ -382,10 +415,10 @@ class ThetaRule:
     """A learned relative Adam whose θ is given (a vmapped population member), for
     :func:`learned_opt.rules.transforms.apply_update`: the engine's runs take the shipped step path."""
 
-    def __init__(self, theta: Mapping[str, Tensor]) -> None:
-        self.theta = theta
+    def __init__(self, theta: Mapping[str, Tensor], schedule_free: bool = False) -> None:
+        self.theta, self.schedule_free = theta, schedule_free
 
     def update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
                hparams: Mapping[str, Any]) -> tuple[list[Tensor], RuleState]:
         return LearnedRelativeAdamRule.update_with(self.theta, grads, params, state, hparams["lr"],
-                                                   hparams.get("total_steps"))
+                                                   hparams.get("total_steps"), schedule_free=self.schedule_free)
