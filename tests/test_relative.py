@@ -418,12 +418,14 @@ def test_learned_floor_vec_is_a_meta_parameter():
         torch.testing.assert_close(u, w, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("rule", [RelativeAdamRule(), None, "floor_vec"], ids=["hand", "learned", "floor_vec"])
+@pytest.mark.parametrize("rule", [RelativeAdamRule(), None, "floor_vec", RelativeAdamRule(schedule_free=True), "sf"],
+                         ids=["hand", "learned", "floor_vec", "hand-sf", "learned-sf"])
 @pytest.mark.parametrize("total_steps", [None, 12])
 def test_inplace_foreach_step_matches_the_pure_update(rule, total_steps):
     """The optimizer's in-place foreach kernels and the pure (vmappable, differentiable) path agree bitwise."""
-    if rule is None or rule == "floor_vec":
-        rule = LearnedRelativeAdamRule(hidden=4, init_floor_vec=0.05 if rule else None)
+    if rule is None or isinstance(rule, str):
+        rule = LearnedRelativeAdamRule(hidden=4, init_floor_vec=0.05 if rule == "floor_vec" else None,
+                                       schedule_free=rule == "sf")
         with torch.no_grad():
             for p in rule.ctrl.parameters():
                 p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))

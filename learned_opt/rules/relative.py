@@ -56,7 +56,9 @@ from learned_opt.rules.hparam_base import check_betas, log_param, logit_param
 from learned_opt.rules.horizon import (  # noqa: F401  (schedule, HORIZON_FREE_STEPS: public here too)
     HORIZON_FREE_STEPS, check_total_steps, horizon_tensor, schedule, warn_past_horizon,
 )
-from learned_opt.rules.schedule_free import schedule_free_eval_point, schedule_free_train_point, sf_updates
+from learned_opt.rules.schedule_free import (
+    schedule_free_eval_point, schedule_free_train_point, sf_directions_inplace, sf_updates, sf_updates_inplace,
+)
 
 def relative_update(
     grads: Sequence[Tensor],
@@ -79,8 +81,7 @@ def relative_update(
     """Additive updates and new state for one group (see the module docstring).
 
     ``final`` is where the told schedule's cosine ends, as a fraction of its peak (0: at 0).
-    ``schedule_free``: the schedule-free form (state ``z``, ``sf_weight`` and no ``exp_avg``; always
-    the pure path, whatever ``inplace``).
+    ``schedule_free``: the schedule-free form (state ``z``, ``sf_weight`` and no ``exp_avg``).
 
     ``total_steps``: None or 0 when unknown. ``controller`` is the θ dict holding ``ctrl.*`` entries,
     or None for the hand-set rule. Pure (never mutates) unless ``inplace``: then the caller gives
@@ -91,8 +92,11 @@ def relative_update(
     step = group_state["step"] + 1
     total_steps = horizon_tensor(total_steps, step)
     s = schedule(step, total_steps, warmup, final)
-    if schedule_free:
-        inplace = False
+    if schedule_free and inplace:
+        dirs, back, stats, norms = sf_directions_inplace(grads, params, per_param, step, betas, eps,
+                                                         controller is not None)
+        new_per_param = [{"exp_avg_sq": st["exp_avg_sq"]} for st in per_param]
+    elif schedule_free:
         dirs, moments, stats, norms = _directions(grads, params, per_param, step, betas, eps,
                                                   controller is not None, schedule_free=True)
         new_per_param = [{"exp_avg_sq": v} for _, v in moments]
@@ -119,7 +123,9 @@ def relative_update(
         for i, (new_st, st) in enumerate(zip(new_per_param, per_param)):
             new_st.update(p0=st["p0"], controller=new_scalars[i])
     factors = scales * mults * (-lr * alpha)  # one multiply per tensor: relative scale, schedule, controller
-    if schedule_free:
+    if schedule_free and inplace:
+        updates = sf_updates_inplace(dirs, back, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0])
+    elif schedule_free:
         updates = sf_updates(dirs, params, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0])
     elif inplace:
         torch._foreach_mul_(dirs, factors.tolist())
