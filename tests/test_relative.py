@@ -518,3 +518,33 @@ def test_told_time_feature_acts_on_told_runs_only():
     assert not all(torch.equal(a, b) for a, b in zip(_run_updates(base, 8), _run_updates(split, 8)))
     with pytest.raises(ValueError, match="told_time"):
         LearnedRelativeAdamRule(told_time=1)
+
+
+@pytest.mark.parametrize("schedule_free", [False, True])
+def test_anchor_moves_the_relative_scale_towards_the_initial_one(schedule_free):
+    """With ``init_anchor`` a, each tensor's step in an untold run is the anchor-free step times
+    ((RMS(p0) + floor) / (RMS(p) + floor))^a; told runs and weights without the anchor step as before."""
+    plain = LearnedRelativeAdamRule(hidden=0, schedule_free=schedule_free)
+    anchored = LearnedRelativeAdamRule(hidden=0, schedule_free=schedule_free, init_anchor=0.25)
+    assert "logit_anchor" not in plain.theta() and "init_anchor" not in plain.config()
+    assert anchored.config()["init_anchor"] == pytest.approx(0.25)
+    params = [p.detach() for p in _params()]
+    state_a, state_p = anchored.init_state(params), plain.init_state(params)
+    grown = [p * 8.0 for p in params]  # the tensors grew 8x since their start (z too, schedule-free)
+    for st in (state_a, state_p):
+        for s, g in zip(st[1], grown):
+            if "z" in s:
+                s["z"] = g.clone()
+    grads = [torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), torch.ones(3)]
+    hparams = {"lr": 1.0, "total_steps": None}
+    ua, _ = anchored.update(grads, grown, state_a, hparams)
+    up, _ = plain.update(grads, grown, state_p, hparams)
+    floor = 1e-3
+    for a, p, p0, g in zip(ua, up, params, grown):
+        rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
+        want = ((rms(p0) + floor) / (rms(g) + floor)) ** 0.25
+        torch.testing.assert_close(a, p * want, rtol=1e-5, atol=1e-12)
+    assert float(ua[0].detach().norm()) < float(up[0].detach().norm())
+    told = {"lr": 1.0, "total_steps": 50}  # a told run keeps the plain scale: the cosine ends its growth
+    for a, p in zip(anchored.update(grads, grown, state_a, told)[0], plain.update(grads, grown, state_p, told)[0]):
+        assert torch.equal(a, p)

@@ -77,11 +77,14 @@ def relative_update(
     floor_vec: Tensor | float | None = None,
     final: Tensor | float = 0.0,
     schedule_free: bool = False,
+    anchor: Tensor | float | None = None,
 ) -> tuple[list[Tensor], RuleState]:
     """Additive updates and new state for one group (see the module docstring).
 
     ``final`` is where the told schedule's cosine ends, as a fraction of its peak (0: at 0).
     ``schedule_free``: the schedule-free form (state ``z``, ``sf_weight`` and no ``exp_avg``).
+    ``anchor`` a (learned rule, untold runs): the scale is ``(RMS(p) + floor)^(1−a) · (RMS(p₀) + floor)^a``;
+    at a = 0 norm growth compounds over a long run with no cosine to end it.
 
     ``total_steps``: None or 0 when unknown. ``controller`` is the θ dict holding ``ctrl.*`` entries,
     or None for the hand-set rule. Pure (never mutates) unless ``inplace``: then the caller gives
@@ -116,6 +119,10 @@ def relative_update(
     else:
         scalars = torch.stack([st["controller"] for st in per_param])
         feats, new_scalars = controller_features(stats, scalars, numel, is_vector, step, total_steps, floor_t)
+        if anchor is not None:
+            untold_anchor = torch.where(total_steps > 0, 0.0, anchor)
+            scales = scales * _anchor_factor(norms[:, 0], scalars[:, SCALARS.index("p0_norm")], numel, floor_t,
+                                             untold_anchor)
         increment, direct = controller_outputs(controller, feats)
         ctrl = torch.clamp(scalars[:, 0] + increment, *CTRL_RANGE)
         new_scalars = torch.cat([ctrl.unsqueeze(-1), new_scalars[:, 1:]], dim=-1)
@@ -145,6 +152,13 @@ def _rms_scale(norms: Tensor, numel: Tensor, floor: Tensor | float) -> Tensor:
     root = numel.sqrt()
     p_norm, u_norm = norms.unbind(-1)
     return (p_norm / root + floor) / torch.clamp(u_norm / root, min=TINY)
+
+
+def _anchor_factor(p_norm: Tensor, p0_norm: Tensor, numel: Tensor, floor: Tensor | float,
+                   anchor: Tensor | float) -> Tensor:
+    """``((RMS(p₀) + floor) / (RMS(p) + floor))^a`` per tensor (the relative scale moved towards the initial one)."""
+    root = numel.sqrt()
+    return ((p0_norm / root + floor) / (p_norm / root + floor)) ** anchor
 
 
 def _controller_stats(g: Tensor, prev: Tensor, p: Tensor, p0: Tensor) -> Tensor:
@@ -327,7 +341,8 @@ class LearnedRelativeAdamRule(_RelativeRule):
 
     θ: ``log_alpha``, ``logit_warmup``, ``log_floor``, ``log_floor_vec`` (with ``init_floor_vec`` set;
     older weights without it use ``floor`` for vectors too), ``logit_final`` (with ``init_final`` set;
-    without it the told cosine ends at 0) and the controller net (``ctrl.*``). ``told_time`` gives the
+    without it the told cosine ends at 0), ``logit_anchor`` (with ``init_anchor`` set: see
+    :func:`relative_update`; without it the scale is the current RMS) and the controller net (``ctrl.*``). ``told_time`` gives the
     controller the log-step feature a second time, for told runs only, so that a decay over the
     steps that suits untold runs need not apply where the told cosine already decays.
     ``hparams``: ``lr`` (a multiplier, 1.0 = as meta-trained) and ``total_steps`` (None: unknown).
@@ -343,7 +358,8 @@ class LearnedRelativeAdamRule(_RelativeRule):
 
     def __init__(self, init_alpha: float = 0.03, init_warmup: float = 0.05, init_floor: float = 1e-3,
                  hidden: int = 8, seed: int = 0, init_floor_vec: float | None = None,
-                 init_final: float | None = None, told_time: bool = False, schedule_free: bool = False) -> None:
+                 init_final: float | None = None, told_time: bool = False, schedule_free: bool = False,
+                 init_anchor: float | None = None) -> None:
         super().__init__()
         self.schedule_free = check_bool("schedule_free", schedule_free)
         self.log_alpha = log_param(init_alpha, "init_alpha")
@@ -353,6 +369,8 @@ class LearnedRelativeAdamRule(_RelativeRule):
             self.log_floor_vec = log_param(init_floor_vec, "init_floor_vec")
         if init_final is not None:
             self.logit_final = logit_param(init_final, "init_final")
+        if init_anchor is not None:
+            self.logit_anchor = logit_param(init_anchor, "init_anchor")
         if not isinstance(told_time, bool):
             raise ValueError(f"invalid told_time: {told_time!r} (must be true or false)")
         self.ctrl = ControllerNet(hidden, seed, told_time)
@@ -365,6 +383,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             "init_floor": float(self.log_floor.detach().exp()),
             **({"init_floor_vec": float(self.log_floor_vec.detach().exp())} if hasattr(self, "log_floor_vec") else {}),
             **({"init_final": float(torch.sigmoid(self.logit_final.detach()))} if hasattr(self, "logit_final") else {}),
+            **({"init_anchor": float(torch.sigmoid(self.logit_anchor.detach()))} if hasattr(self, "logit_anchor") else {}),
             "hidden": self.hidden,
             "seed": self.seed,
             **({"told_time": True} if self.told_time else {}),
@@ -414,6 +433,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             floor_vec=theta["log_floor_vec"].exp() if "log_floor_vec" in theta else None,
             final=torch.sigmoid(theta["logit_final"]) if "logit_final" in theta else 0.0,
             schedule_free=schedule_free,
+            anchor=torch.sigmoid(theta["logit_anchor"]) if "logit_anchor" in theta else None,
         )
 
 
