@@ -91,7 +91,7 @@ def test_step_in_eval_mode_is_refused_and_eval_train_are_idempotent():
 
 def test_other_rules_eval_is_a_no_op():
     params = _params()
-    for opt in (learned_opt.RelativeAdam(params), learned_opt.load_optimizer("hypergradient-adam", params),
+    for opt in (learned_opt.RelativeAdam(params), learned_opt.load_optimizer("default", params),
                 learned_opt.LSTMOptimizer(params)):
         for p, g in zip(params, _grads(1)[0]):
             p.grad = g.clone()
@@ -100,21 +100,6 @@ def test_other_rules_eval_is_a_no_op():
         opt.eval()
         assert not opt.evaluating and all(torch.equal(p.detach(), b) for p, b in zip(params, before))
         opt.step()
-
-
-def test_shipped_default_is_schedule_free_and_swaps_to_its_average():
-    params = _params()
-    opt = learned_opt.load_optimizer("default", params)
-    assert opt.card["rule_config"].get("schedule_free") is True
-    for gs in _grads(3):
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
-    trained = [p.detach().clone() for p in params]
-    opt.eval()
-    assert opt.evaluating and not all(torch.equal(p.detach(), t) for p, t in zip(params, trained))
-    opt.train()
-    assert all(torch.allclose(p.detach(), t, atol=1e-6) for p, t in zip(params, trained))
 
 
 def test_told_runs_are_evaluated_where_they_train():
