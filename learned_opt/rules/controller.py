@@ -68,6 +68,13 @@ def controller_outputs(theta: Mapping[str, Tensor], feats: Tensor) -> tuple[Tens
     return CTRL_RATE * out[:, 0], CTRL_DIRECT * out[:, 1]
 
 
+def controller_stats(g: Tensor, prev: Tensor, travelled: Tensor) -> Tensor:
+    """``(||g||, ||prev||, g·prev, ||p − p0||)`` of one tensor (``travelled`` is ``p − p0``): the
+    statistics :func:`controller_features` reads."""
+    return torch.stack([torch.linalg.vector_norm(g), torch.linalg.vector_norm(prev),
+                        torch.dot(g.reshape(-1), prev.reshape(-1)), torch.linalg.vector_norm(travelled)])
+
+
 # Per-tensor scalar state of the controller, packed in one vector per parameter (``controller``).
 SCALARS = ("ctrl", "cos_ema", "gnorm0", "gnorm_ema", "p0_norm")
 

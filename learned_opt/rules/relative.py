@@ -50,7 +50,7 @@ from torch import Tensor
 
 from learned_opt.rules.base import Rule, RuleState, check_bool, check_in_range, check_nonnegative, scalar_like
 from learned_opt.rules.controller import (
-    CTRL_RANGE, SCALARS, TINY, ControllerNet, controller_features, controller_outputs,
+    CTRL_RANGE, SCALARS, TINY, ControllerNet, controller_features, controller_outputs, controller_stats,
 )
 from learned_opt.rules.hparam_base import check_betas, log_param, logit_param
 from learned_opt.rules.horizon import (  # noqa: F401  (schedule, HORIZON_FREE_STEPS: public here too)
@@ -161,12 +161,6 @@ def _anchor_factor(p_norm: Tensor, p0_norm: Tensor, numel: Tensor, floor: Tensor
     return ((p0_norm / root + floor) / (p_norm / root + floor)) ** anchor
 
 
-def _controller_stats(g: Tensor, prev: Tensor, p: Tensor, p0: Tensor) -> Tensor:
-    """``(||g||, ||prev||, g·prev, ||p − p0||)`` of one tensor: the controller's statistics."""
-    return torch.stack([torch.linalg.vector_norm(g), torch.linalg.vector_norm(prev),
-                        torch.dot(g.reshape(-1), prev.reshape(-1)), torch.linalg.vector_norm(p - p0)])
-
-
 def _directions(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
                 step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float, with_stats: bool,
                 schedule_free: bool = False) -> Directions:
@@ -185,7 +179,7 @@ def _directions(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Se
     for g, p, st in zip(grads, params, per_param):
         prev = p - st["z"] if schedule_free else st["exp_avg"]
         if with_stats:
-            stats.append(_controller_stats(g, prev, p, st["p0"]))
+            stats.append(controller_stats(g, prev, p - st["p0"]))
         m = None if schedule_free else torch.lerp(prev, g, 1 - beta1)
         v = torch.addcmul(st["exp_avg_sq"] * beta2, g, g, value=1 - beta2)
         u = (g if m is None else m) / (v.sqrt() + eps * bias2_sqrt)

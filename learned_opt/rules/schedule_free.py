@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from learned_opt.rules.controller import controller_stats
+
 
 def _sf_coefficients(per_param: Sequence[Mapping[str, Tensor]], weights: Tensor,
                      beta1: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,8 +74,7 @@ def sf_directions_inplace(grads: Sequence[Tensor], params: Sequence[Tensor],
         work = None
         if with_stats:
             work = torch.sub(p, st["p0"])
-            stats.append(torch.stack([torch.linalg.vector_norm(g), torch.linalg.vector_norm(yz),
-                                      torch.dot(g.reshape(-1), yz.reshape(-1)), torch.linalg.vector_norm(work)]))
+            stats.append(controller_stats(g, yz, work))
         v = st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
         work = torch.sqrt(v, out=work) if work is not None else v.sqrt()
         u = torch.div(g, work.add_(eps_t), out=work)
