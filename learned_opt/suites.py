@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,12 +62,16 @@ class Suite:
     tables: dict[str, dict] = field(default_factory=dict)
     description: str = ""
 
-    def sample(self, split: str, rng: np.random.Generator) -> tuple[SuiteEntry, int]:
-        """A weight-proportional entry and a uniformly drawn task seed of ``split``."""
+    def sample(self, split: str, rng: np.random.Generator,
+               labels: Sequence[str] | None = None) -> tuple[SuiteEntry, int]:
+        """A weight-proportional entry (among ``labels`` if given) and a uniformly drawn task seed of ``split``."""
         if split not in self.seeds:
             raise ValueError(f"unknown split {split!r}; splits: {list(self.seeds)}")
-        weights = np.array([e.weight for e in self.entries], dtype=float)
-        entry = self.entries[int(rng.choice(len(self.entries), p=weights / weights.sum()))]
+        entries = self.entries if labels is None else [self.entry(label) for label in labels]
+        if not entries:
+            raise ValueError(f"suite {self.name!r}: no entries to sample from (labels={labels!r})")
+        weights = np.array([e.weight for e in entries], dtype=float)
+        entry = entries[int(rng.choice(len(entries), p=weights / weights.sum()))]
         seeds = self.seeds[split]
         return entry, int(rng.integers(seeds.start, seeds.stop))
 

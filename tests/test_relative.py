@@ -281,6 +281,38 @@ def test_es_config_from_table_names_bad_keys():
     assert ESConfig.from_table({"horizon": [5, 9]}).horizon == (5, 9)
 
 
+def test_es_long_draws_come_from_their_labels_and_horizons(tmp_path, monkeypatch):
+    data = {"suite": {"steps": 20, "seeds": {"train": [0, 100], "validation": [100, 200], "test": [200, 300]},
+                      "family": [{"label": "quad", "family": "quadratic", "settings": {"dim": 3}},
+                                 {"label": "deep", "family": "quadratic", "settings": {"dim": 5}}]}}
+    suite = parse_suite(data, name="two")
+    cfg = _cfg(meta_steps=4, long_labels=("deep",), long_horizon=(30, 40), long_pool=2, long_every=2, long_val=3)
+    trainer = PopulationESTrainer(cfg, tmp_path, suite=suite)
+    long_val = trainer.val[cfg.val_tasks:]
+    assert len(trainer.val) == cfg.val_tasks + 3 and len(trainer.long_pool) == 2
+    assert all(d.label == "deep" and 30 <= d.steps <= 40 and d.seed in range(100, 200) for d in long_val)
+    assert all(d.label == "deep" and 30 <= d.steps <= 40 and d.seed in range(0, 100) for d in trainer.long_pool)
+    assert all(d.steps <= 20 for d in trainer.pool)
+    seen = []
+    score = trainer.score
+    monkeypatch.setattr(trainer, "score", lambda draw, *a: (seen.append((trainer.step, draw)), score(draw, *a))[1])
+    row = trainer.run(progress=False)
+    long_steps = sorted({step for step, d in seen if d in trainer.long_pool})
+    assert long_steps == [1, 3]  # a long training draw on every second meta-step, none in between
+    assert "val_long_ratio_told" in row and "val_long_ratio_free" in row
+
+
+def test_es_long_settings_are_checked():
+    with pytest.raises(ValueError, match="long_labels"):
+        ESConfig.from_table({"long_val": 2})
+    with pytest.raises(ValueError, match="long_every and long_pool"):
+        ESConfig.from_table({"long_labels": ["a"], "long_every": 3})
+    with pytest.raises(ValueError, match="long_horizon"):
+        ESConfig.from_table({"long_horizon": [50, 10]})
+    with pytest.raises(ValueError, match="no entry"):
+        PopulationESTrainer(_cfg(long_labels=("nope",), long_val=1), "unused", suite=_tiny_suite())
+
+
 def test_cosine_baseline_decays_to_zero_over_the_horizon():
     p = torch.nn.Parameter(torch.zeros(2))
     opt = with_cosine_decay(torch.optim.SGD([p], lr=1.0), 10)

@@ -96,9 +96,18 @@ def default_optimizers() -> list[SpeedSpec]:
     from learned_opt.weights import list_pretrained
 
     specs.append(SpeedSpec("mlp (untrained)", functools.partial(MLPOptimizer, weights=None)))
+    specs.append(SpeedSpec("learned-relative-sf", _learned_relative_sf))
     if "default" in list_pretrained():
         specs.append(SpeedSpec("default", functools.partial(load_optimizer, "default")))
     return specs
+
+
+def _learned_relative_sf(params: Iterable[Any]) -> Optimizer:
+    """The learned relative Adam in schedule-free form at its initial θ (a step costs the same for any θ)."""
+    from learned_opt.optim import LearnedOptimizer
+    from learned_opt.rules.relative import LearnedRelativeAdamRule
+
+    return LearnedOptimizer(params, LearnedRelativeAdamRule(hidden=0, schedule_free=True))
 
 
 def parse_size(text: str | int) -> int:

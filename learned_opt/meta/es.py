@@ -13,6 +13,12 @@ one batched run (:mod:`learned_opt.meta.population`). Half the pairs are told th
 not, so one θ learns both modes. Scores are turned into centered ranks per task (every task weighs
 the same), and θ moves by Adam on the antithetic ES gradient of the mean shaped score.
 
+Long runs are where a rule's slow failures show (weights whose norm compounds, a schedule that
+never settles), and log-uniform horizons rarely draw them on the networks that fail. So a recipe
+may add draws from ``long_labels`` with horizons in ``long_horizon``: one from a pool of
+``long_pool`` every ``long_every`` meta-steps, and ``long_val`` of them to the validation tasks
+(counted in the totals, and reported apart as ``val_long_ratio_*``).
+
 Every ``eval_every`` steps θ is scored on validation tasks (the suite's validation seeds) with and
 without the horizon, counted as the benchmark counts: wins against tuned Adam (final ≤ Adam's +
 1e-4 × initial) and the geometric-mean loss ratio. ``best`` is chosen on that summary.
@@ -72,6 +78,11 @@ class ESConfig:
     checkpoint_every: int = 5
     seed: int = 0
     rule: dict[str, Any] = field(default_factory=dict)
+    long_labels: tuple[str, ...] = ()
+    long_horizon: tuple[int, int] = (2000, 5000)
+    long_pool: int = 0
+    long_every: int = 0
+    long_val: int = 0
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any], where: str = "[population_es]") -> ESConfig:
@@ -98,9 +109,22 @@ class ESConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"{where}: {key} must be in [0, 1], got {value!r}")
-        lo, hi = self.horizon
-        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
-            raise ValueError(f"{where}: horizon must be [low, high] ints with 1 <= low <= high, got {self.horizon!r}")
+        for key in ("horizon", "long_horizon"):
+            value = getattr(self, key)
+            if not (len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+                    and 1 <= value[0] <= value[1]):
+                raise ValueError(f"{where}: {key} must be [low, high] ints with 1 <= low <= high, got {value!r}")
+        for key in ("long_pool", "long_every", "long_val"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}: {key} must be an int >= 0, got {value!r}")
+        if not all(isinstance(x, str) for x in self.long_labels):
+            raise ValueError(f"{where}: long_labels must be suite entry labels, got {self.long_labels!r}")
+        if (self.long_val or self.long_every) and not self.long_labels:
+            raise ValueError(f"{where}: long_val/long_every need long_labels (the entries long runs draw from)")
+        if bool(self.long_every) != bool(self.long_pool):
+            raise ValueError(f"{where}: long_every and long_pool go together (got {self.long_every!r}, "
+                             f"{self.long_pool!r}): a long training draw every long_every steps, from long_pool")
 
 
 @dataclass(frozen=True)
@@ -117,12 +141,14 @@ class TaskDraw:
         return f"{self.label}|{self.seed}|{self.steps}"
 
 
-def draw_tasks(suite: Suite, split: str, n: int, cfg: ESConfig, rng: np.random.Generator, augment: bool) -> list[TaskDraw]:
-    """``n`` task draws from ``split``: weighted entries, log-uniform horizons, augmentation with prob ``cfg.augment``."""
-    lo, hi = cfg.horizon
+def draw_tasks(suite: Suite, split: str, n: int, cfg: ESConfig, rng: np.random.Generator, augment: bool, *,
+               long: bool = False) -> list[TaskDraw]:
+    """``n`` task draws from ``split``: weighted entries, log-uniform horizons, augmentation with prob
+    ``cfg.augment``; ``long`` draws from ``cfg.long_labels`` with horizons in ``cfg.long_horizon``."""
+    lo, hi = cfg.long_horizon if long else cfg.horizon
     out = []
     for _ in range(n):
-        entry, seed = suite.sample(split, rng)
+        entry, seed = suite.sample(split, rng, cfg.long_labels if long else None)
         steps = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
         aug = int(rng.integers(2**31)) if augment and rng.random() < cfg.augment else None
         out.append(TaskDraw(entry.label, seed, steps, aug))
@@ -168,6 +194,10 @@ class PopulationESTrainer:
         self.pool = draw_tasks(self.suite, "train", cfg.pool, cfg, pool_rng, augment=True)
         self.val = draw_tasks(self.suite, "validation", cfg.val_tasks, cfg, np.random.default_rng([cfg.seed, 0x9002]),
                               augment=False)
+        self.long_pool = draw_tasks(self.suite, "train", cfg.long_pool, cfg, np.random.default_rng([cfg.seed, 0x9003]),
+                                    augment=True, long=True)
+        self.val += draw_tasks(self.suite, "validation", cfg.long_val, cfg, np.random.default_rng([cfg.seed, 0x9004]),
+                               augment=False, long=True)
         self.refs: dict[str, list[float]] = {}
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -236,6 +266,9 @@ class PopulationESTrainer:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, self.step, 1])
         picks = rng.choice(len(self.pool), size=min(cfg.tasks_per_step, len(self.pool)), replace=False)
+        draws = [self.pool[int(i)] for i in picks]
+        if cfg.long_every and self.step % cfg.long_every == cfg.long_every - 1:
+            draws.append(self.long_pool[int(np.random.default_rng([cfg.seed, self.step, 2]).integers(cfg.long_pool))])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         eps = torch.randn(cfg.pairs, self.theta.numel(), generator=gen)
         told = torch.from_numpy(rng.random(cfg.pairs) < cfg.horizon_known)
@@ -243,12 +276,11 @@ class PopulationESTrainer:
         thetas = torch.cat([center + cfg.sigma * eps, center - cfg.sigma * eps])
         fitness = torch.zeros(2 * cfg.pairs)
         shaped = torch.zeros(2 * cfg.pairs)
-        for i in picks:
-            draw = self.pool[int(i)]
+        for draw in draws:
             horizons = torch.where(told, float(draw.steps), 0.0).repeat(2)
             r, _ = self.score(draw, thetas, horizons)
-            fitness += r / len(picks)
-            shaped += centered_ranks(r) / len(picks)
+            fitness += r / len(draws)
+            shaped += centered_ranks(r) / len(draws)
         diff = shaped[: cfg.pairs] - shaped[cfg.pairs:]
         grad = (diff / (2 * cfg.sigma)) @ eps / cfg.pairs
         self.meta_opt.zero_grad(set_to_none=True)
@@ -266,17 +298,20 @@ class PopulationESTrainer:
     def evaluate(self) -> dict[str, Any]:
         """The benchmark's summary of the current θ on the validation tasks, with and without the horizon."""
         wins = {"told": 0, "free": 0}
-        logs = {"told": [], "free": []}
+        logs: dict[str, list[float]] = {"told": [], "free": []}
         runs = 2 if self.horizon_aware else 1  # a rule without a horizon: told and free are one run
         thetas = self.theta.detach().unsqueeze(0).repeat(runs, 1)
         for _, r, win in self.validation_runs(thetas, [True, False][:runs]):
             for j, mode in enumerate(("told", "free")):
                 wins[mode] += int(win[min(j, runs - 1)])
                 logs[mode].append(float(r[min(j, runs - 1)]))
-        row = {}
+        row: dict[str, Any] = {}
+        n_long = self.cfg.long_val
         for mode in ("told", "free"):
             row[f"val_wins_{mode}"] = wins[mode]
             row[f"val_ratio_{mode}"] = math.exp(sum(logs[mode]) / len(logs[mode]))
+            if n_long:  # the long draws (the last ``long_val``) again on their own: they are in the totals too
+                row[f"val_long_ratio_{mode}"] = math.exp(sum(logs[mode][-n_long:]) / n_long)
         return row
 
     def _better(self, row: Mapping[str, Any]) -> bool:
