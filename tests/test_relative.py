@@ -17,6 +17,7 @@ from learned_opt.meta.population import adam_sweep, run_population
 from learned_opt.optim import LearnedOptimizer
 from learned_opt.rules.relative import LearnedRelativeAdamRule, RelativeAdamRule, schedule
 from learned_opt.rules.transforms import apply_update, gradients_pass_guard
+from learned_opt.rules.schedule_free import retraction
 from learned_opt.suites import parse_suite
 from learned_opt.tasks import QuadraticFamily
 from learned_opt.tasks.families import MLPClassificationFamily
@@ -450,14 +451,16 @@ def test_learned_floor_vec_is_a_meta_parameter():
         torch.testing.assert_close(u, w, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("rule", [RelativeAdamRule(), None, "floor_vec", RelativeAdamRule(schedule_free=True), "sf"],
-                         ids=["hand", "learned", "floor_vec", "hand-sf", "learned-sf"])
+@pytest.mark.parametrize("rule", [RelativeAdamRule(), None, "floor_vec", RelativeAdamRule(schedule_free=True), "sf",
+                                  RelativeAdamRule(schedule_free=True, retract=True), "sf-retract"],
+                         ids=["hand", "learned", "floor_vec", "hand-sf", "learned-sf", "hand-sf-retract",
+                              "learned-sf-retract"])
 @pytest.mark.parametrize("total_steps", [None, 12])
 def test_inplace_foreach_step_matches_the_pure_update(rule, total_steps):
     """The optimizer's in-place foreach kernels and the pure (vmappable, differentiable) path agree bitwise."""
     if rule is None or isinstance(rule, str):
         rule = LearnedRelativeAdamRule(hidden=4, init_floor_vec=0.05 if rule == "floor_vec" else None,
-                                       schedule_free=rule == "sf")
+                                       schedule_free=rule in ("sf", "sf-retract"), retract=rule == "sf-retract")
         with torch.no_grad():
             for p in rule.ctrl.parameters():
                 p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -580,3 +583,37 @@ def test_anchor_moves_the_relative_scale_towards_the_initial_one(schedule_free):
     told = {"lr": 1.0, "total_steps": 50}  # a told run keeps the plain scale: the cosine ends its growth
     for a, p in zip(anchored.update(grads, grown, state_a, told)[0], plain.update(grads, grown, state_p, told)[0]):
         assert torch.equal(a, p)
+
+
+def test_retraction_keeps_the_norm_of_an_orthogonal_step_and_the_radial_part_of_any():
+    z = torch.tensor([3.0, 4.0, 0.0])
+    for u, f in ((torch.tensor([0.0, 0.0, 2.0]), -0.5), (torch.tensor([1.0, -2.0, 5.0]), 0.3)):
+        rho = retraction(torch.linalg.vector_norm(z), torch.linalg.vector_norm(u), torch.dot(z, u), torch.tensor(f))
+        radial = torch.linalg.vector_norm(z) + f * torch.dot(z, u) / torch.linalg.vector_norm(z)
+        torch.testing.assert_close(torch.linalg.vector_norm(rho * (z + f * u)), radial.abs())
+    assert float(retraction(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.1))) == 1.0
+
+
+def test_retracted_schedule_free_run_does_not_inflate_z_under_orthogonal_noise():
+    """Gradients of pure noise: without the retraction ‖z‖ compounds, with it ‖z‖ stays put."""
+    norms = {}
+    for retract in (False, True):
+        p = torch.nn.Parameter(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+        start = float(p.detach().norm())
+        opt = learned_opt.RelativeAdam([p], alpha=0.1, schedule_free=True, retract=retract)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(300):
+            p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        norms[retract] = float(opt.state[p]["z"].norm()) / start
+    assert norms[False] > 3.0 and 0.8 < norms[True] < 1.25, norms
+
+
+def test_retract_needs_the_schedule_free_form():
+    with pytest.raises(ValueError, match="retract"):
+        RelativeAdamRule(retract=True)
+    with pytest.raises(ValueError, match="retract"):
+        LearnedRelativeAdamRule(retract=True)
+    with pytest.raises(ValueError, match="retract"):
+        learned_opt.RelativeAdam(_params(), retract=1)
+    assert LearnedRelativeAdamRule(schedule_free=True, retract=True).config()["retract"] is True

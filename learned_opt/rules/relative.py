@@ -78,6 +78,7 @@ def relative_update(
     final: Tensor | float = 0.0,
     schedule_free: bool = False,
     anchor: Tensor | float | None = None,
+    retract: bool = False,
 ) -> tuple[list[Tensor], RuleState]:
     """Additive updates and new state for one group (see the module docstring).
 
@@ -85,12 +86,16 @@ def relative_update(
     ``schedule_free``: the schedule-free form (state ``z``, ``sf_weight`` and no ``exp_avg``).
     ``anchor`` a (learned rule, untold runs): the scale is ``(RMS(p) + floor)^(1−a) · (RMS(p₀) + floor)^a``;
     at a = 0 norm growth compounds over a long run with no cosine to end it.
+    ``retract`` (schedule-free form only): the part of each step orthogonal to ``z`` does not grow
+    ‖z‖ (:func:`~learned_opt.rules.schedule_free.retraction`).
 
     ``total_steps``: None or 0 when unknown. ``controller`` is the θ dict holding ``ctrl.*`` entries,
     or None for the hand-set rule. Pure (never mutates) unless ``inplace``: then the caller gives
     ``state`` up and the per-coordinate work runs as in-place ``torch._foreach_*`` kernels over the
     group, as torch's Adam does (CPU optimizer path only: it reads per-tensor scalars on the host).
     """
+    if retract and not schedule_free:
+        raise ValueError("retract applies to the schedule-free form only (schedule_free=True)")
     group_state, per_param = state
     step = group_state["step"] + 1
     total_steps = horizon_tensor(total_steps, step)
@@ -131,9 +136,11 @@ def relative_update(
             new_st.update(p0=st["p0"], controller=new_scalars[i])
     factors = scales * mults * (-lr * alpha)  # one multiply per tensor: relative scale, schedule, controller
     if schedule_free and inplace:
-        updates = sf_updates_inplace(dirs, back, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0])
+        updates = sf_updates_inplace(dirs, back, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0],
+                                     norms if retract else None)
     elif schedule_free:
-        updates = sf_updates(dirs, params, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0])
+        updates = sf_updates(dirs, params, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0],
+                             norms if retract else None)
     elif inplace:
         torch._foreach_mul_(dirs, factors.tolist())
         updates = dirs
@@ -228,6 +235,13 @@ def _directions_foreach(grads: Sequence[Tensor], params: Sequence[Tensor], per_p
     return dirs, list(zip(ms, vs)), stats, norms
 
 
+def _check_retract(retract: Any, schedule_free: bool) -> bool:
+    check_bool("retract", retract)
+    if retract and not schedule_free:
+        raise ValueError("invalid retract: True needs schedule_free=True (the retraction acts on the base sequence z)")
+    return bool(retract)
+
+
 def _step_counter(params: Sequence[Tensor]) -> dict[str, Tensor]:
     like = params[0] if params else torch.zeros(())
     return {"step": torch.zeros((), dtype=like.dtype, device=like.device)}
@@ -292,12 +306,13 @@ class RelativeAdamRule(_RelativeRule):
         "eps": 1e-8, "total_steps": None, "final": 0.0,
     }
 
-    def __init__(self, schedule_free: bool = False) -> None:
+    def __init__(self, schedule_free: bool = False, retract: bool = False) -> None:
         super().__init__()
         self.schedule_free = check_bool("schedule_free", schedule_free)
+        self.retract = _check_retract(retract, self.schedule_free)
 
     def config(self) -> dict[str, Any]:
-        return {"schedule_free": True} if self.schedule_free else {}
+        return {**({"schedule_free": True} if self.schedule_free else {}), **({"retract": True} if self.retract else {})}
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
         return _step_counter(params), [self._moments_state(p) for p in params]
@@ -326,7 +341,7 @@ class RelativeAdamRule(_RelativeRule):
             grads, params, state, alpha=hparams["alpha"], warmup=hparams["warmup"], floor=hparams["floor"],
             betas=hparams["betas"], eps=hparams["eps"], lr=hparams["lr"], total_steps=hparams["total_steps"],
             inplace=inplace, floor_vec=hparams.get("floor_vec"), final=hparams.get("final", 0.0),
-            schedule_free=self.schedule_free,
+            schedule_free=self.schedule_free, retract=self.retract,
         )
 
 
@@ -353,9 +368,10 @@ class LearnedRelativeAdamRule(_RelativeRule):
     def __init__(self, init_alpha: float = 0.03, init_warmup: float = 0.05, init_floor: float = 1e-3,
                  hidden: int = 8, seed: int = 0, init_floor_vec: float | None = None,
                  init_final: float | None = None, told_time: bool = False, schedule_free: bool = False,
-                 init_anchor: float | None = None) -> None:
+                 init_anchor: float | None = None, retract: bool = False) -> None:
         super().__init__()
         self.schedule_free = check_bool("schedule_free", schedule_free)
+        self.retract = _check_retract(retract, self.schedule_free)
         self.log_alpha = log_param(init_alpha, "init_alpha")
         self.logit_warmup = logit_param(init_warmup, "init_warmup")
         self.log_floor = log_param(init_floor, "init_floor")
@@ -382,6 +398,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             "seed": self.seed,
             **({"told_time": True} if self.told_time else {}),
             **({"schedule_free": True} if self.schedule_free else {}),
+            **({"retract": True} if self.retract else {}),
         }
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
@@ -406,19 +423,20 @@ class LearnedRelativeAdamRule(_RelativeRule):
         warn_past_horizon(self, state[0]["step"], hparams.get("total_steps"),
                           lambda: torch.sigmoid(self.logit_final.detach()) if hasattr(self, "logit_final") else 0.0)
         return self.update_with(theta, grads, params, state, hparams["lr"], hparams.get("total_steps"),
-                                inplace=inplace, schedule_free=self.schedule_free)
+                                inplace=inplace, schedule_free=self.schedule_free, retract=self.retract)
 
     def _beta1(self, hparams: Mapping[str, Any]) -> float:
         return float(self.betas[0])
 
     def with_theta(self, theta: Mapping[str, Tensor]) -> ThetaRule:
         """This rule with θ replaced by ``theta`` (one member of a batched population)."""
-        return ThetaRule(theta, self.schedule_free)
+        return ThetaRule(theta, self.schedule_free, self.retract)
 
     @classmethod
     def update_with(cls, theta: Mapping[str, Tensor], grads: Sequence[Tensor], params: Sequence[Tensor],
                     state: RuleState, lr: Tensor | float, total_steps: int | Tensor | None,
-                    *, inplace: bool = False, schedule_free: bool = False) -> tuple[list[Tensor], RuleState]:
+                    *, inplace: bool = False, schedule_free: bool = False,
+                    retract: bool = False) -> tuple[list[Tensor], RuleState]:
         """:meth:`update` with θ passed in: a pure function of tensors, vmappable over θ (unless ``inplace``)."""
         return relative_update(
             grads, params, state, alpha=theta["log_alpha"].exp(), warmup=torch.sigmoid(theta["logit_warmup"]),
@@ -427,7 +445,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             floor_vec=theta["log_floor_vec"].exp() if "log_floor_vec" in theta else None,
             final=torch.sigmoid(theta["logit_final"]) if "logit_final" in theta else 0.0,
             schedule_free=schedule_free,
-            anchor=torch.sigmoid(theta["logit_anchor"]) if "logit_anchor" in theta else None,
+            anchor=torch.sigmoid(theta["logit_anchor"]) if "logit_anchor" in theta else None, retract=retract,
         )
 
 
@@ -435,10 +453,11 @@ class ThetaRule:
     """A learned relative Adam whose θ is given (a vmapped population member), for
     :func:`learned_opt.rules.transforms.apply_update`: the engine's runs take the shipped step path."""
 
-    def __init__(self, theta: Mapping[str, Tensor], schedule_free: bool = False) -> None:
-        self.theta, self.schedule_free = theta, schedule_free
+    def __init__(self, theta: Mapping[str, Tensor], schedule_free: bool = False, retract: bool = False) -> None:
+        self.theta, self.schedule_free, self.retract = theta, schedule_free, retract
 
     def update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
                hparams: Mapping[str, Any]) -> tuple[list[Tensor], RuleState]:
         return LearnedRelativeAdamRule.update_with(self.theta, grads, params, state, hparams["lr"],
-                                                   hparams.get("total_steps"), schedule_free=self.schedule_free)
+                                                   hparams.get("total_steps"), schedule_free=self.schedule_free,
+                                                   retract=self.retract)
