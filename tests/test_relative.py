@@ -617,3 +617,17 @@ def test_retract_needs_the_schedule_free_form():
     with pytest.raises(ValueError, match="retract"):
         learned_opt.RelativeAdam(_params(), retract=1)
     assert LearnedRelativeAdamRule(schedule_free=True, retract=True).config()["retract"] is True
+
+
+def test_benchmark_cache_tells_apart_the_same_theta_with_other_rule_settings(tmp_path):
+    """A weights file's cache identity holds its card's settings: ``retract`` switched on at export
+    must not reuse the runs of the same θ without it."""
+    from learned_opt.weights import save_weights
+
+    plain = LearnedRelativeAdamRule(hidden=0, schedule_free=True)
+    retracted = LearnedRelativeAdamRule(hidden=0, schedule_free=True, retract=True)
+    retracted.load_state_dict(plain.state_dict())
+    a = save_weights(plain, tmp_path / "a", name="a", meta_training={})
+    b = save_weights(retracted, tmp_path / "b", name="b", meta_training={})
+    key_a, key_b = resolve_optimizer(str(a)).key, resolve_optimizer(str(b)).key
+    assert key_a["weights_sha256"] == key_b["weights_sha256"] and key_a != key_b

@@ -16,7 +16,7 @@ reported first. ``NAME`` is one of:
   ``HypergradientAdam``, ``RelativeAdam`` — run at their documented (hand-set) defaults;
   ``[tune=true]`` tunes ``lr`` (the multiplier of the class's initial rate);
 - a shipped weights name or a ``.safetensors`` path, loaded with :func:`learned_opt.load_optimizer`
-  and run untuned; the cache identity holds the weights' sha256;
+  and run untuned; the cache identity holds the weights' sha256 and the card's rule settings;
 - ``module:factory`` or ``path/to/file.py:factory``: ``factory(params, **kwargs)`` returns an
   optimizer; tunable when the factory takes ``lr``;
 - ``schedulefree-adamw`` (package ``schedulefree``; put in eval mode before every evaluation) and
@@ -43,7 +43,7 @@ from torch import Tensor
 from learned_opt import optim
 from learned_opt.adapter import LOW_LR_WARNING
 from learned_opt.optim import load_optimizer
-from learned_opt.weights import file_sha256, list_pretrained, load_rule
+from learned_opt.weights import file_sha256, list_pretrained, load_rule, read_card
 
 # build(params, lr, **more) -> optimizer; lr None means "the optimizer's own default"; ``more`` holds
 # ``total_steps`` for horizon-aware specs.
@@ -294,6 +294,7 @@ def _learned_spec(label: str, name: str, fixed_lr: float | None, extra: dict[str
             raise ValueError(f"optimizer weights file {str(path)!r} does not exist")
         sha = file_sha256(path)
         source: str = str(path.resolve())
+        card = read_card(path)
     else:
         _, card = load_rule(name)
         sha, source = str(card["sha256"]), name
@@ -301,7 +302,9 @@ def _learned_spec(label: str, name: str, fixed_lr: float | None, extra: dict[str
     def build(params: list[Tensor], lr: float | None, **more: Any) -> torch.optim.Optimizer:
         return load_optimizer(source, params, **_with_lr(lr, extra), **more)
 
-    return OptimizerSpec(label, build, {"weights_sha256": sha, "kwargs": extra}, False, fixed_lr)
+    # the card's rule settings are part of the optimizer: the same θ with another setting is another run
+    key = {"weights_sha256": sha, "rule": card.get("rule"), "rule_config": card.get("rule_config"), "kwargs": extra}
+    return OptimizerSpec(label, build, key, False, fixed_lr)
 
 
 def _load_factory(target: str) -> tuple[Callable[..., torch.optim.Optimizer], str | None]:
