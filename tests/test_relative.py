@@ -452,15 +452,17 @@ def test_learned_floor_vec_is_a_meta_parameter():
 
 
 @pytest.mark.parametrize("rule", [RelativeAdamRule(), None, "floor_vec", RelativeAdamRule(schedule_free=True), "sf",
-                                  RelativeAdamRule(schedule_free=True, retract=True), "sf-retract"],
+                                  RelativeAdamRule(schedule_free=True, retract=True), "sf-retract", "sf-anchor-told"],
                          ids=["hand", "learned", "floor_vec", "hand-sf", "learned-sf", "hand-sf-retract",
-                              "learned-sf-retract"])
+                              "learned-sf-retract", "learned-sf-anchor-told"])
 @pytest.mark.parametrize("total_steps", [None, 12])
 def test_inplace_foreach_step_matches_the_pure_update(rule, total_steps):
     """The optimizer's in-place foreach kernels and the pure (vmappable, differentiable) path agree bitwise."""
     if rule is None or isinstance(rule, str):
         rule = LearnedRelativeAdamRule(hidden=4, init_floor_vec=0.05 if rule == "floor_vec" else None,
-                                       schedule_free=rule in ("sf", "sf-retract"), retract=rule == "sf-retract")
+                                       schedule_free=str(rule).startswith("sf"), retract=rule == "sf-retract",
+                                       init_anchor=0.5 if rule == "sf-anchor-told" else None,
+                                       anchor_told=rule == "sf-anchor-told")
         with torch.no_grad():
             for p in rule.ctrl.parameters():
                 p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -631,3 +633,23 @@ def test_benchmark_cache_tells_apart_the_same_theta_with_other_rule_settings(tmp
     b = save_weights(retracted, tmp_path / "b", name="b", meta_training={})
     key_a, key_b = resolve_optimizer(str(a)).key, resolve_optimizer(str(b)).key
     assert key_a["weights_sha256"] == key_b["weights_sha256"] and key_a != key_b
+
+
+def test_anchor_told_moves_told_steps_only_and_needs_an_anchor():
+    with pytest.raises(ValueError, match="anchor_told"):
+        LearnedRelativeAdamRule(schedule_free=True, anchor_told=True)
+
+    def last_updates(anchor_told, total_steps):
+        rule = LearnedRelativeAdamRule(hidden=0, schedule_free=True, init_anchor=0.5, anchor_told=anchor_told)
+        params = [p.detach() for p in _params()]
+        state = rule.init_state(params)
+        g = torch.Generator().manual_seed(3)
+        for _ in range(6):  # far enough from p0 for the anchor to matter
+            grads = [torch.randn(p.shape, generator=g) for p in params]
+            ups, state = rule.update(grads, params, state, {"lr": 1.0, "total_steps": total_steps})
+            params = [p + u for p, u in zip(params, ups)]
+        return ups
+
+    for a, b in zip(last_updates(False, None), last_updates(True, None)):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(last_updates(False, 50), last_updates(True, 50)))

@@ -79,13 +79,14 @@ def relative_update(
     schedule_free: bool = False,
     anchor: Tensor | float | None = None,
     retract: bool = False,
+    anchor_told: bool = False,
 ) -> tuple[list[Tensor], RuleState]:
     """Additive updates and new state for one group (see the module docstring).
 
     ``final`` is where the told schedule's cosine ends, as a fraction of its peak (0: at 0).
     ``schedule_free``: the schedule-free form (state ``z``, ``sf_weight`` and no ``exp_avg``).
     ``anchor`` a (learned rule, untold runs): the scale is ``(RMS(p) + floor)^(1−a) · (RMS(p₀) + floor)^a``;
-    at a = 0 norm growth compounds over a long run with no cosine to end it.
+    at a = 0 norm growth compounds over a long run with no cosine to end it. ``anchor_told``: told runs too.
     ``retract`` (schedule-free form only): the part of each step orthogonal to ``z`` does not grow
     ‖z‖ (:func:`~learned_opt.rules.schedule_free.retraction`).
 
@@ -125,9 +126,8 @@ def relative_update(
         scalars = torch.stack([st["controller"] for st in per_param])
         feats, new_scalars = controller_features(stats, scalars, numel, is_vector, step, total_steps, floor_t)
         if anchor is not None:
-            untold_anchor = torch.where(total_steps > 0, 0.0, anchor)
-            scales = scales * _anchor_factor(norms[:, 0], scalars[:, SCALARS.index("p0_norm")], numel, floor_t,
-                                             untold_anchor)
+            used = anchor if anchor_told else torch.where(total_steps > 0, 0.0, anchor)
+            scales = scales * _anchor_factor(norms[:, 0], scalars[:, SCALARS.index("p0_norm")], numel, floor_t, used)
         increment, direct = controller_outputs(controller, feats)
         ctrl = torch.clamp(scalars[:, 0] + increment, *CTRL_RANGE)
         new_scalars = torch.cat([ctrl.unsqueeze(-1), new_scalars[:, 1:]], dim=-1)
@@ -368,10 +368,13 @@ class LearnedRelativeAdamRule(_RelativeRule):
     def __init__(self, init_alpha: float = 0.03, init_warmup: float = 0.05, init_floor: float = 1e-3,
                  hidden: int = 8, seed: int = 0, init_floor_vec: float | None = None,
                  init_final: float | None = None, told_time: bool = False, schedule_free: bool = False,
-                 init_anchor: float | None = None, retract: bool = False) -> None:
+                 init_anchor: float | None = None, retract: bool = False, anchor_told: bool = False) -> None:
         super().__init__()
         self.schedule_free = check_bool("schedule_free", schedule_free)
         self.retract = _check_retract(retract, self.schedule_free)
+        self.anchor_told = check_bool("anchor_told", anchor_told)
+        if anchor_told and init_anchor is None:
+            raise ValueError("invalid anchor_told: True needs init_anchor (the anchor it applies to told runs)")
         self.log_alpha = log_param(init_alpha, "init_alpha")
         self.logit_warmup = logit_param(init_warmup, "init_warmup")
         self.log_floor = log_param(init_floor, "init_floor")
@@ -399,6 +402,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             **({"told_time": True} if self.told_time else {}),
             **({"schedule_free": True} if self.schedule_free else {}),
             **({"retract": True} if self.retract else {}),
+            **({"anchor_told": True} if self.anchor_told else {}),
         }
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
@@ -423,20 +427,21 @@ class LearnedRelativeAdamRule(_RelativeRule):
         warn_past_horizon(self, state[0]["step"], hparams.get("total_steps"),
                           lambda: torch.sigmoid(self.logit_final.detach()) if hasattr(self, "logit_final") else 0.0)
         return self.update_with(theta, grads, params, state, hparams["lr"], hparams.get("total_steps"),
-                                inplace=inplace, schedule_free=self.schedule_free, retract=self.retract)
+                                inplace=inplace, schedule_free=self.schedule_free, retract=self.retract,
+                                anchor_told=self.anchor_told)
 
     def _beta1(self, hparams: Mapping[str, Any]) -> float:
         return float(self.betas[0])
 
     def with_theta(self, theta: Mapping[str, Tensor]) -> ThetaRule:
         """This rule with θ replaced by ``theta`` (one member of a batched population)."""
-        return ThetaRule(theta, self.schedule_free, self.retract)
+        return ThetaRule(theta, self.schedule_free, self.retract, self.anchor_told)
 
     @classmethod
     def update_with(cls, theta: Mapping[str, Tensor], grads: Sequence[Tensor], params: Sequence[Tensor],
                     state: RuleState, lr: Tensor | float, total_steps: int | Tensor | None,
                     *, inplace: bool = False, schedule_free: bool = False,
-                    retract: bool = False) -> tuple[list[Tensor], RuleState]:
+                    retract: bool = False, anchor_told: bool = False) -> tuple[list[Tensor], RuleState]:
         """:meth:`update` with θ passed in: a pure function of tensors, vmappable over θ (unless ``inplace``)."""
         return relative_update(
             grads, params, state, alpha=theta["log_alpha"].exp(), warmup=torch.sigmoid(theta["logit_warmup"]),
@@ -446,6 +451,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             final=torch.sigmoid(theta["logit_final"]) if "logit_final" in theta else 0.0,
             schedule_free=schedule_free,
             anchor=torch.sigmoid(theta["logit_anchor"]) if "logit_anchor" in theta else None, retract=retract,
+            anchor_told=anchor_told,
         )
 
 
@@ -453,11 +459,12 @@ class ThetaRule:
     """A learned relative Adam whose θ is given (a vmapped population member), for
     :func:`learned_opt.rules.transforms.apply_update`: the engine's runs take the shipped step path."""
 
-    def __init__(self, theta: Mapping[str, Tensor], schedule_free: bool = False, retract: bool = False) -> None:
-        self.theta, self.schedule_free, self.retract = theta, schedule_free, retract
+    def __init__(self, theta: Mapping[str, Tensor], schedule_free: bool = False, retract: bool = False,
+                 anchor_told: bool = False) -> None:
+        self.theta, self.schedule_free, self.retract, self.anchor_told = theta, schedule_free, retract, anchor_told
 
     def update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
                hparams: Mapping[str, Any]) -> tuple[list[Tensor], RuleState]:
         return LearnedRelativeAdamRule.update_with(self.theta, grads, params, state, hparams["lr"],
                                                    hparams.get("total_steps"), schedule_free=self.schedule_free,
-                                                   retract=self.retract)
+                                                   retract=self.retract, anchor_told=self.anchor_told)
