@@ -9,7 +9,7 @@ cost is per group, not per coordinate.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -106,3 +106,18 @@ def controller_features(stats: Tensor, scalars: Tensor, numel: Tensor, is_vector
         progress * ones, known * ones, torch.log1p(step) / math.log1p(1000.0) * ones, ctrl, is_vector,
     ], dim=-1)
     return feats, torch.stack([ctrl, cos_ema, gnorm0, gnorm_ema, p0_norm], dim=-1)
+
+
+def controller_step(theta: Mapping[str, Tensor], stats: Tensor, per_param: Sequence[Mapping[str, Tensor]],
+                    new_per_param: Sequence[dict[str, Tensor]], numel: Tensor, is_vector: Tensor, step: Tensor,
+                    total_steps: Tensor, floor: Tensor | float) -> Tensor:
+    """One step of the controller over a group's tensors: the step multipliers ``exp(ctrl + direct)``;
+    writes each tensor's new scalars (and its ``p0``) into ``new_per_param``."""
+    scalars = torch.stack([st["controller"] for st in per_param])
+    feats, new_scalars = controller_features(stats, scalars, numel, is_vector, step, total_steps, floor)
+    increment, direct = controller_outputs(theta, feats)
+    ctrl = torch.clamp(scalars[:, 0] + increment, *CTRL_RANGE)
+    new_scalars = torch.cat([ctrl.unsqueeze(-1), new_scalars[:, 1:]], dim=-1)
+    for i, (new_st, st) in enumerate(zip(new_per_param, per_param)):
+        new_st.update(p0=st["p0"], controller=new_scalars[i])
+    return torch.exp(ctrl + direct)

@@ -50,14 +50,16 @@ from torch import Tensor
 
 from learned_opt.rules.base import Rule, RuleState, check_bool, check_in_range, check_nonnegative, scalar_like
 from learned_opt.rules.controller import (
-    CTRL_RANGE, SCALARS, TINY, ControllerNet, controller_features, controller_outputs, controller_stats,
+    SCALARS, ControllerNet, controller_stats, controller_step,
 )
 from learned_opt.rules.hparam_base import check_betas, log_param, logit_param
 from learned_opt.rules.horizon import (  # noqa: F401  (schedule, HORIZON_FREE_STEPS: public here too)
     HORIZON_FREE_STEPS, check_total_steps, horizon_tensor, schedule, warn_past_horizon,
 )
+from learned_opt.rules.relative_scale import anchor_factor, rms_scale
 from learned_opt.rules.schedule_free import (
-    schedule_free_eval_point, schedule_free_train_point, sf_directions_inplace, sf_updates, sf_updates_inplace,
+    check_retract, schedule_free_eval_point, schedule_free_train_point, sf_directions_inplace, sf_updates,
+    sf_updates_inplace,
 )
 
 def relative_update(
@@ -87,16 +89,14 @@ def relative_update(
     ``schedule_free``: the schedule-free form (state ``z``, ``sf_weight`` and no ``exp_avg``).
     ``anchor`` a (learned rule, untold runs): the scale is ``(RMS(p) + floor)^(1−a) · (RMS(p₀) + floor)^a``;
     at a = 0 norm growth compounds over a long run with no cosine to end it. ``anchor_told``: told runs too.
-    ``retract`` (schedule-free form only): the part of each step orthogonal to ``z`` does not grow
-    ‖z‖ (:func:`~learned_opt.rules.schedule_free.retraction`).
+    ``retract`` (schedule-free only): steps orthogonal to ``z`` do not grow ‖z‖ (``schedule_free.retraction``).
 
     ``total_steps``: None or 0 when unknown. ``controller`` is the θ dict holding ``ctrl.*`` entries,
     or None for the hand-set rule. Pure (never mutates) unless ``inplace``: then the caller gives
     ``state`` up and the per-coordinate work runs as in-place ``torch._foreach_*`` kernels over the
     group, as torch's Adam does (CPU optimizer path only: it reads per-tensor scalars on the host).
     """
-    if retract and not schedule_free:
-        raise ValueError("retract applies to the schedule-free form only (schedule_free=True)")
+    check_retract(retract, schedule_free)
     group_state, per_param = state
     step = group_state["step"] + 1
     total_steps = horizon_tensor(total_steps, step)
@@ -119,21 +119,16 @@ def relative_update(
     is_vector = torch.tensor([float(p.dim() <= 1) for p in params], dtype=step.dtype, device=step.device)
     floor_t = floor if floor_vec is None else torch.where(is_vector > 0, scalar_like(floor_vec, step),
                                                           scalar_like(floor, step))
-    scales = _rms_scale(norms, numel, floor_t)
+    scales = rms_scale(norms, numel, floor_t)
     if controller is None:
         mults = s.expand(len(dirs))
     else:
-        scalars = torch.stack([st["controller"] for st in per_param])
-        feats, new_scalars = controller_features(stats, scalars, numel, is_vector, step, total_steps, floor_t)
+        mults = s * controller_step(controller, stats, per_param, new_per_param, numel, is_vector, step, total_steps,
+                                    floor_t)
         if anchor is not None:
             used = anchor if anchor_told else torch.where(total_steps > 0, 0.0, anchor)
-            scales = scales * _anchor_factor(norms[:, 0], scalars[:, SCALARS.index("p0_norm")], numel, floor_t, used)
-        increment, direct = controller_outputs(controller, feats)
-        ctrl = torch.clamp(scalars[:, 0] + increment, *CTRL_RANGE)
-        new_scalars = torch.cat([ctrl.unsqueeze(-1), new_scalars[:, 1:]], dim=-1)
-        mults = s * torch.exp(ctrl + direct)
-        for i, (new_st, st) in enumerate(zip(new_per_param, per_param)):
-            new_st.update(p0=st["p0"], controller=new_scalars[i])
+            p0_norms = torch.stack([st["controller"][SCALARS.index("p0_norm")] for st in per_param])
+            scales = scales * anchor_factor(norms[:, 0], p0_norms, numel, floor_t, used)
     factors = scales * mults * (-lr * alpha)  # one multiply per tensor: relative scale, schedule, controller
     if schedule_free and inplace:
         updates = sf_updates_inplace(dirs, back, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0],
@@ -150,22 +145,6 @@ def relative_update(
 
 
 Directions = tuple[list[Tensor], list[tuple[Tensor, Tensor]], Tensor | None, Tensor | None]
-
-
-def _rms_scale(norms: Tensor, numel: Tensor, floor: Tensor | float) -> Tensor:
-    """``(RMS(p) + floor) / RMS(u)`` per tensor from the norms ``[n, 2]`` of ``(p, u)``: the factor
-    that makes a step of ``u`` move the tensor by a fraction of its own scale (vectorised over the
-    group's tensors)."""
-    root = numel.sqrt()
-    p_norm, u_norm = norms.unbind(-1)
-    return (p_norm / root + floor) / torch.clamp(u_norm / root, min=TINY)
-
-
-def _anchor_factor(p_norm: Tensor, p0_norm: Tensor, numel: Tensor, floor: Tensor | float,
-                   anchor: Tensor | float) -> Tensor:
-    """``((RMS(p₀) + floor) / (RMS(p) + floor))^a`` per tensor (the relative scale moved towards the initial one)."""
-    root = numel.sqrt()
-    return ((p0_norm / root + floor) / (p_norm / root + floor)) ** anchor
 
 
 def _directions(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
@@ -235,13 +214,6 @@ def _directions_foreach(grads: Sequence[Tensor], params: Sequence[Tensor], per_p
     return dirs, list(zip(ms, vs)), stats, norms
 
 
-def _check_retract(retract: Any, schedule_free: bool) -> bool:
-    check_bool("retract", retract)
-    if retract and not schedule_free:
-        raise ValueError("invalid retract: True needs schedule_free=True (the retraction acts on the base sequence z)")
-    return bool(retract)
-
-
 def _step_counter(params: Sequence[Tensor]) -> dict[str, Tensor]:
     like = params[0] if params else torch.zeros(())
     return {"step": torch.zeros((), dtype=like.dtype, device=like.device)}
@@ -309,7 +281,7 @@ class RelativeAdamRule(_RelativeRule):
     def __init__(self, schedule_free: bool = False, retract: bool = False) -> None:
         super().__init__()
         self.schedule_free = check_bool("schedule_free", schedule_free)
-        self.retract = _check_retract(retract, self.schedule_free)
+        self.retract = check_retract(retract, self.schedule_free)
 
     def config(self) -> dict[str, Any]:
         return {**({"schedule_free": True} if self.schedule_free else {}), **({"retract": True} if self.retract else {})}
@@ -371,7 +343,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
                  init_anchor: float | None = None, retract: bool = False, anchor_told: bool = False) -> None:
         super().__init__()
         self.schedule_free = check_bool("schedule_free", schedule_free)
-        self.retract = _check_retract(retract, self.schedule_free)
+        self.retract = check_retract(retract, self.schedule_free)
         self.anchor_told = check_bool("anchor_told", anchor_told)
         if anchor_told and init_anchor is None:
             raise ValueError("invalid anchor_told: True needs init_anchor (the anchor it applies to told runs)")

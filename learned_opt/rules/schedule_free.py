@@ -12,7 +12,16 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from learned_opt.rules.base import check_bool
 from learned_opt.rules.controller import controller_stats
+
+
+def check_retract(retract: object, schedule_free: bool) -> bool:
+    """``retract`` as a bool; ValueError unless a bool, or when set without the schedule-free form."""
+    check_bool("retract", retract)
+    if retract and not schedule_free:
+        raise ValueError("invalid retract: True needs schedule_free=True (the retraction acts on the base sequence z)")
+    return bool(retract)
 
 
 def _sf_coefficients(per_param: Sequence[Mapping[str, Tensor]], weights: Tensor,
