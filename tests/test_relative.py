@@ -308,8 +308,11 @@ def test_es_long_settings_are_checked():
         ESConfig.from_table({"long_val": 2})
     with pytest.raises(ValueError, match="long_every and long_pool"):
         ESConfig.from_table({"long_labels": ["a"], "long_every": 3})
-    with pytest.raises(ValueError, match="long_horizon"):
-        ESConfig.from_table({"long_horizon": [50, 10]})
+    for bad in ([50, 10], 5):
+        with pytest.raises(ValueError, match="long_horizon"):
+            ESConfig.from_table({"long_horizon": bad})
+    with pytest.raises(ValueError, match="long_labels"):
+        ESConfig.from_table({"long_labels": "deep", "long_val": 1})
     with pytest.raises(ValueError, match="no entry"):
         PopulationESTrainer(_cfg(long_labels=("nope",), long_val=1), "unused", suite=_tiny_suite())
 
@@ -594,6 +597,8 @@ def test_retraction_keeps_the_norm_of_an_orthogonal_step_and_the_radial_part_of_
         radial = torch.linalg.vector_norm(z) + f * torch.dot(z, u) / torch.linalg.vector_norm(z)
         torch.testing.assert_close(torch.linalg.vector_norm(rho * (z + f * u)), radial.abs())
     assert float(retraction(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.1))) == 1.0
+    huge = retraction(torch.tensor(1e12), torch.tensor(1e12), torch.tensor(0.0), torch.tensor(0.1))  # no overflow
+    torch.testing.assert_close(huge, torch.tensor(1 / math.sqrt(1.01)))
 
 
 def test_retracted_schedule_free_run_does_not_inflate_z_under_orthogonal_noise():
@@ -653,3 +658,19 @@ def test_anchor_told_moves_told_steps_only_and_needs_an_anchor():
     for a, b in zip(last_updates(False, None), last_updates(True, None)):
         assert torch.equal(a, b)
     assert not all(torch.equal(a, b) for a, b in zip(last_updates(False, 50), last_updates(True, 50)))
+
+
+def test_es_resumes_a_checkpoint_written_before_the_long_settings_existed(tmp_path):
+    from learned_opt.meta.checkpoint import load_checkpoint, save_checkpoint
+    from learned_opt.meta.es import CHECKPOINT
+
+    suite = _tiny_suite()
+    PopulationESTrainer(_cfg(meta_steps=1), tmp_path, suite=suite).run(progress=False)
+    payload = load_checkpoint(tmp_path / CHECKPOINT)
+    payload["config"] = {k: v for k, v in payload["config"].items() if not k.startswith("long_")}
+    save_checkpoint(tmp_path / CHECKPOINT, payload)
+    resumed = PopulationESTrainer(_cfg(meta_steps=2), tmp_path, suite=suite)
+    resumed.run(progress=False)
+    assert resumed.step == 2
+    with pytest.raises(ValueError, match="long_val"):
+        PopulationESTrainer(_cfg(meta_steps=3, long_labels=("quad",), long_val=1), tmp_path, suite=suite).run(progress=False)

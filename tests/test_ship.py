@@ -82,8 +82,9 @@ def test_export_rule_switches_a_setting_on_the_same_theta(tmp_path):
     assert changed.retract and not rule.retract
     for (n, a), (m, b) in zip(rule.state_dict().items(), changed.state_dict().items()):
         assert n == m and torch.equal(a, b)
-    with pytest.raises(ValueError, match=r"r\.toml.*export_rule"):
-        with_settings(rule, {"hidden": 4}, tmp_path / "r.toml")
+    for bad in ({"hidden": 4}, {"bogus": True}, {"init_alpha": 0.5}):
+        with pytest.raises(ValueError, match=r"r\.toml.*export_rule"):
+            with_settings(rule, bad, tmp_path / "r.toml")
     (tmp_path / "z.toml").write_text('[ship]\nexport_rule = 3\n[population_es]\n')
     with pytest.raises(ValueError, match=r"z\.toml.*export_rule"):
         load_recipe("z", tmp_path)

@@ -83,7 +83,10 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
     resume = (run_dir / "checkpoint.safetensors").exists()
     command = f"python scripts/ship_pretrained.py {shlex.quote(name)} (recipe {repo_relative(path)})"
     if "population_es" in table:
-        from learned_opt.meta.es import ESConfig, train_es
+        from learned_opt.meta.es import ESConfig, es_rule, train_es
+
+        if ship["export_rule"]:  # checked before hours of meta-training, not after
+            with_settings(es_rule(table["population_es"].get("rule", {})), ship["export_rule"], path)
 
         cfg = ESConfig.from_table({"suite": ship["suite"], **table["population_es"]}, f"{path}: [population_es]")
         train_es(cfg, run_dir, progress=progress, command=command)
@@ -107,11 +110,14 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
 def with_settings(rule: Any, settings: dict[str, Any], where: Path) -> Any:
     """``rule`` with config ``settings`` switched on after meta-training and the same θ (a setting that
     would change θ's shape is refused): the card records them as ``export_rule``."""
-    changed = type(rule)(**{**rule.config(), **settings})
     try:
+        changed = type(rule)(**{**rule.config(), **settings})
         changed.load_state_dict(rule.state_dict())
-    except RuntimeError as exc:
-        raise ValueError(f"{where}: [ship] export_rule {settings!r} changes the rule's θ: {exc}") from None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{where}: [ship] export_rule {settings!r} does not fit rule {rule.name!r}: {exc}") from None
+    lost = sorted(k for k, v in settings.items() if changed.config().get(k) != v)
+    if lost:
+        raise ValueError(f"{where}: [ship] export_rule sets {lost}, which θ overrides (only settings θ leaves alone)")
     return changed
 
 

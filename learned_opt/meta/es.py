@@ -111,14 +111,14 @@ class ESConfig:
                 raise ValueError(f"{where}: {key} must be in [0, 1], got {value!r}")
         for key in ("horizon", "long_horizon"):
             value = getattr(self, key)
-            if not (len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+            if not (isinstance(value, tuple) and len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
                     and 1 <= value[0] <= value[1]):
                 raise ValueError(f"{where}: {key} must be [low, high] ints with 1 <= low <= high, got {value!r}")
         for key in ("long_pool", "long_every", "long_val"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{where}: {key} must be an int >= 0, got {value!r}")
-        if not all(isinstance(x, str) for x in self.long_labels):
+        if not isinstance(self.long_labels, tuple) or not all(isinstance(x, str) for x in self.long_labels):
             raise ValueError(f"{where}: long_labels must be suite entry labels, got {self.long_labels!r}")
         if (self.long_val or self.long_every) and not self.long_labels:
             raise ValueError(f"{where}: long_val/long_every need long_labels (the entries long runs draw from)")
@@ -364,8 +364,8 @@ class PopulationESTrainer:
     def restore(self) -> None:
         payload = load_checkpoint(self.out / CHECKPOINT)
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in payload["config"].items()}
-        mine = asdict(self.cfg)
-        changed = sorted(k for k in mine if k not in ("meta_steps",) and saved.get(k) != mine[k])
+        mine, defaults = asdict(self.cfg), asdict(ESConfig())  # a key added since the checkpoint: its default
+        changed = sorted(k for k in mine if k not in ("meta_steps",) and saved.get(k, defaults[k]) != mine[k])
         if changed:
             raise ValueError(f"{self.out / CHECKPOINT}: settings differ from the checkpoint's: {changed}")
         with torch.no_grad():

@@ -43,7 +43,7 @@ def retraction(z_norm: Tensor, u_norm: Tensor, dots: Tensor, factors: Tensor) ->
     fd = factors * dots
     n2 = a2 + 2 * fd + factors * factors * u_norm * u_norm
     ok = (a2 > 0) & (n2 > 0)
-    rho = (a2 + fd).abs() / torch.sqrt(torch.where(ok, a2 * n2, torch.ones_like(n2)))
+    rho = (a2 + fd).abs() / (z_norm * torch.sqrt(torch.where(ok, n2, torch.ones_like(n2))))
     return torch.where(ok, rho, torch.ones_like(rho))
 
 
