@@ -301,6 +301,11 @@ def test_es_long_draws_come_from_their_labels_and_horizons(tmp_path, monkeypatch
     long_steps = sorted({step for step, d in seen if d in trainer.long_pool})
     assert long_steps == [1, 3]  # a long training draw on every second meta-step, none in between
     assert "val_long_ratio_told" in row and "val_long_ratio_free" in row
+    again = trainer.evaluate()
+    thetas = trainer.theta.detach().unsqueeze(0).repeat(2, 1)
+    logs = [r for _, r, _ in trainer.validation_runs(thetas, [True, False])][cfg.val_tasks:]
+    for j, mode in enumerate(("told", "free")):  # the long draws alone: the last long_val of the validation
+        assert again[f"val_long_ratio_{mode}"] == pytest.approx(math.exp(sum(float(r[j]) for r in logs) / 3))
 
 
 def test_es_long_settings_are_checked():
