@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from learned_opt.weights import file_sha256, load_rule
 from tools.ship import TABLE_END, TABLE_START, bench, load_recipe, main, train
@@ -71,23 +70,6 @@ def test_train_then_bench_exports_card_with_figures_and_readme_table(setup):
     assert (dest / "report.md").exists() and (dest / "results.json").exists()
     text = readme.read_text()
     assert "old" not in text and "| learnable-sgd |" in text and text.startswith("intro\n") and text.endswith("rest\n")
-
-
-def test_export_rule_switches_a_setting_on_the_same_theta(tmp_path):
-    from learned_opt.rules.relative import LearnedRelativeAdamRule
-    from tools.ship import with_settings
-
-    rule = LearnedRelativeAdamRule(hidden=0, schedule_free=True)
-    changed = with_settings(rule, {"retract": True}, tmp_path / "r.toml")
-    assert changed.retract and not rule.retract
-    for (n, a), (m, b) in zip(rule.state_dict().items(), changed.state_dict().items()):
-        assert n == m and torch.equal(a, b)
-    for bad in ({"hidden": 4}, {"bogus": True}, {"init_alpha": 0.5}):
-        with pytest.raises(ValueError, match=r"r\.toml.*export_rule"):
-            with_settings(rule, bad, tmp_path / "r.toml")
-    (tmp_path / "z.toml").write_text('[ship]\nexport_rule = 3\n[population_es]\n')
-    with pytest.raises(ValueError, match=r"z\.toml.*export_rule"):
-        load_recipe("z", tmp_path)
 
 
 def test_bad_recipes_are_rejected_with_the_file_named(tmp_path):

@@ -9,9 +9,6 @@ suite the card's figures come from) and an ordinary ``[meta_train]`` table. Ship
    baselines (tuned), write ``docs/results/SUITE/`` (report, results.json, plots), record each
    name's summary row in its card, and put the generated table into README.md between markers.
 
-``[ship] export_rule`` (a table, e.g. ``{ retract = true }``) switches rule settings on at export
-that leave θ's shape alone; the card records them, since θ was not meta-trained with them.
-
 ``python scripts/ship_pretrained.py --all`` does both for every recipe; it is the one command that
 regenerates everything under ``learned_opt/pretrained/``.
 """
@@ -35,8 +32,7 @@ from learned_opt.weights import PRETRAINED_DIR, REPO, file_sha256, load_rule, re
 RECIPE_DIR = REPO / "tasks" / "pretrained"
 RESULTS_DIR = REPO / "docs" / "results"
 README = REPO / "README.md"
-SHIP_DEFAULTS: dict[str, Any] = {"suite": "meta_train", "benchmark_suite": "heldout", "weights": "best",
-                                 "export_rule": {}}
+SHIP_DEFAULTS: dict[str, Any] = {"suite": "meta_train", "benchmark_suite": "heldout", "weights": "best"}
 TABLE_START = "<!-- generated table: {suite} (tools/ship.py) start -->"
 TABLE_END = "<!-- generated table: {suite} (tools/ship.py) end -->"
 
@@ -58,8 +54,6 @@ def load_recipe(name: str, recipe_dir: Path = RECIPE_DIR) -> tuple[dict[str, Any
     ship = check_table(data.get("ship", {}), SHIP_DEFAULTS, file=path, table_name="ship")
     if ship["weights"] not in ("best", "final"):
         raise ValueError(f"{path}: [ship] weights must be 'best' or 'final', got {ship['weights']!r}")
-    if not isinstance(ship["export_rule"], dict):
-        raise ValueError(f"{path}: [ship] export_rule must be a table of rule settings, got {ship['export_rule']!r}")
     if ("meta_train" in data) == ("population_es" in data):
         raise ValueError(f"{path}: a recipe needs exactly one of a [meta_train] or a [population_es] table")
     if "population_es" in data:
@@ -83,10 +77,7 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
     resume = (run_dir / "checkpoint.safetensors").exists()
     command = f"python scripts/ship_pretrained.py {shlex.quote(name)} (recipe {repo_relative(path)})"
     if "population_es" in table:
-        from learned_opt.meta.es import ESConfig, es_rule, train_es
-
-        if ship["export_rule"]:  # checked before hours of meta-training, not after
-            with_settings(es_rule(table["population_es"].get("rule", {})), ship["export_rule"], path)
+        from learned_opt.meta.es import ESConfig, train_es
 
         cfg = ESConfig.from_table({"suite": ship["suite"], **table["population_es"]}, f"{path}: [population_es]")
         train_es(cfg, run_dir, progress=progress, command=command)
@@ -94,9 +85,6 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
         meta_train(tasks=ship["suite"], config=table, out=run_dir, resume=resume, progress=progress, command=command)
     rule, card = load_rule(run_dir / f"{ship['weights']}.safetensors")
     meta = dict(card["meta_training"])
-    if ship["export_rule"]:
-        rule = with_settings(rule, ship["export_rule"], path)
-        meta["export_rule"] = dict(ship["export_rule"])
     if ship["weights"] == "best":  # the best card's steps/wall time stop at the selected step
         final = read_card(run_dir / "final.safetensors")["meta_training"]
         meta.update(selected_step=meta["steps"], steps=final["steps"], wall_time_s=final["wall_time_s"])
@@ -105,20 +93,6 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
     meta["command"] = command
     meta["threads"] = threads
     return save_weights(rule, pretrained_dir / name, name=name, meta_training=meta, metrics={})
-
-
-def with_settings(rule: Any, settings: dict[str, Any], where: Path) -> Any:
-    """``rule`` with config ``settings`` switched on after meta-training and the same θ (a setting that
-    would change θ's shape is refused): the card records them as ``export_rule``."""
-    try:
-        changed = type(rule)(**{**rule.config(), **settings})
-        changed.load_state_dict(rule.state_dict())
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{where}: [ship] export_rule {settings!r} does not fit rule {rule.name!r}: {exc}") from None
-    lost = sorted(k for k, v in settings.items() if changed.config().get(k) != v)
-    if lost:
-        raise ValueError(f"{where}: [ship] export_rule sets {lost}, which θ overrides (only settings θ leaves alone)")
-    return changed
 
 
 def bench(suite: str, names: Sequence[str], work: str | Path, *, seeds: int | None = None, progress: bool = True,

@@ -108,12 +108,13 @@ def controller_features(stats: Tensor, scalars: Tensor, numel: Tensor, is_vector
     return feats, torch.stack([ctrl, cos_ema, gnorm0, gnorm_ema, p0_norm], dim=-1)
 
 
-def controller_step(theta: Mapping[str, Tensor], stats: Tensor, per_param: Sequence[Mapping[str, Tensor]],
-                    new_per_param: Sequence[dict[str, Tensor]], numel: Tensor, is_vector: Tensor, step: Tensor,
-                    total_steps: Tensor, floor: Tensor | float) -> Tensor:
-    """One step of the controller over a group's tensors: the step multipliers ``exp(ctrl + direct)``;
-    writes each tensor's new scalars (and its ``p0``) into ``new_per_param``."""
-    scalars = torch.stack([st["controller"] for st in per_param])
+def controller_step(theta: Mapping[str, Tensor], stats: Tensor, scalars: Tensor,
+                    per_param: Sequence[Mapping[str, Tensor]], new_per_param: Sequence[dict[str, Tensor]],
+                    numel: Tensor, is_vector: Tensor, step: Tensor, total_steps: Tensor,
+                    floor: Tensor | float) -> Tensor:
+    """One step of the controller over a group's tensors (``scalars``: their stacked :data:`SCALARS`):
+    the step multipliers ``exp(ctrl + direct)``; writes each tensor's new scalars (and its ``p0``)
+    into ``new_per_param``."""
     feats, new_scalars = controller_features(stats, scalars, numel, is_vector, step, total_steps, floor)
     increment, direct = controller_outputs(theta, feats)
     ctrl = torch.clamp(scalars[:, 0] + increment, *CTRL_RANGE)

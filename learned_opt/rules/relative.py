@@ -123,12 +123,12 @@ def relative_update(
     if controller is None:
         mults = s.expand(len(dirs))
     else:
-        mults = s * controller_step(controller, stats, per_param, new_per_param, numel, is_vector, step, total_steps,
-                                    floor_t)
+        scalars = torch.stack([st["controller"] for st in per_param])
+        mults = s * controller_step(controller, stats, scalars, per_param, new_per_param, numel, is_vector, step,
+                                    total_steps, floor_t)
         if anchor is not None:
             used = anchor if anchor_told else torch.where(total_steps > 0, 0.0, anchor)
-            p0_norms = torch.stack([st["controller"][SCALARS.index("p0_norm")] for st in per_param])
-            scales = scales * anchor_factor(norms[:, 0], p0_norms, numel, floor_t, used)
+            scales = scales * anchor_factor(norms[:, 0], scalars[:, SCALARS.index("p0_norm")], numel, floor_t, used)
     factors = scales * mults * (-lr * alpha)  # one multiply per tensor: relative scale, schedule, controller
     if schedule_free and inplace:
         updates = sf_updates_inplace(dirs, back, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0],
