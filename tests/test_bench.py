@@ -430,8 +430,30 @@ def test_tuning_rejects_an_lr_whose_curve_run_diverges() -> None:
 def test_noisy_family_reports_test_metrics() -> None:
     res = benchmark([NoisyQuadraticFamily()], ["rmsprop[lr=0.01]"], seeds=2, steps=10, progress=False,
                     timing_steps=0)
-    rec = res.results["tasks"][0]["results"]["rmsprop[lr=0.01]"]
+    task = res.results["tasks"][0]
+    rec = task["results"]["rmsprop[lr=0.01]"]
     assert set(rec["test"]) == {"test_loss", "test_accuracy"} and rec["test"]["test_accuracy"] == 0.5
+    # the held-out verdict: the win and ratio of the training loss, on the held-out loss
+    adam = task["results"][TUNED_ADAM]
+    floor = 1e-4 * adam["initial_loss"]
+    win, ratio = rec["test_loss_vs_tuned_adam"]
+    assert ratio == pytest.approx((rec["test"]["test_loss"] + floor) / (adam["test"]["test_loss"] + floor))
+    assert win == (rec["test"]["test_loss"] <= adam["test"]["test_loss"] + floor)
+    summary = res.results["summary"]["rmsprop[lr=0.01]"]["test_loss"]
+    assert summary == {"tasks": 1, "wins_vs_tuned_adam": int(win), "geomean_ratio_to_tuned_adam": pytest.approx(ratio)}
+    assert "## Test loss, per task" in res.report and "test-loss ratio" in res.report
+
+
+def test_test_loss_verdict_skips_diverged_runs_and_tasks_without_a_held_out_split() -> None:
+    from learned_opt.bench.metrics import Aggregate, test_loss_verdict
+
+    def agg(test: dict, diverged: int = 0) -> Aggregate:
+        return Aggregate(2, diverged, 2.0, 0.1, 0.0, 0.05, test)
+
+    assert test_loss_verdict(agg({"test_loss": 0.0}), agg({"test_loss": 0.0})) == (True, 1.0)  # floor, not 0/0
+    assert test_loss_verdict(agg({"test_loss": 3.0}), agg({"test_loss": 1.0})) == (False, pytest.approx(3.0, rel=1e-3))
+    assert test_loss_verdict(agg({}), agg({"test_loss": 1.0})) is None
+    assert test_loss_verdict(agg({"test_loss": 1.0}, diverged=1), agg({"test_loss": 1.0})) is None
 
 
 # --- specs, settings, timing ----------------------------------------------------------------------

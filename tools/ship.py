@@ -150,7 +150,7 @@ def generated_table(report: str) -> str:
     keep, out = False, []
     for line in report.splitlines():
         if line.startswith("## "):
-            keep = line.startswith("## Summary") or line.startswith("## Final loss")
+            keep = line.startswith(("## Summary", "## Final loss", "## Test loss"))
         if keep:
             out.append("#" + line if line.startswith("## ") else line)
     return "\n".join(out).strip() + "\n"

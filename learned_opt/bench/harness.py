@@ -209,6 +209,7 @@ def _bench_task(h: _Harness, bt: BenchTask, specs: list[OptimizerSpec], tune: bo
         rec["win_vs_tuned_adam"] = M.wins(agg, aggs[TUNED_ADAM])
         rec["win_vs_adam_1e-3"] = M.wins(agg, aggs[ADAM_1E3])
         rec["ratio_to_tuned_adam"] = M.normalised_ratio(agg, aggs[TUNED_ADAM])
+        rec["test_loss_vs_tuned_adam"] = M.test_loss_verdict(agg, aggs[TUNED_ADAM])
         if agg.diverged:
             rec["speedup"] = None
         else:
@@ -239,6 +240,7 @@ def _summary(tasks: list[dict[str, Any]], labels: list[str]) -> dict[str, dict[s
         med = M.median_speedup(speedups)
         ratios = [t.get("timing", {}).get(label, {}).get("ratio_to_adam") for t in tasks]
         ratios = [r for r in ratios if r is not None]
+        test = [r["test_loss_vs_tuned_adam"] for r in recs if r.get("test_loss_vs_tuned_adam") is not None]
         out[label] = {
             "tasks": len(recs),
             "wins_vs_tuned_adam": sum(r["win_vs_tuned_adam"] for r in recs),
@@ -249,6 +251,8 @@ def _summary(tasks: list[dict[str, Any]], labels: list[str]) -> dict[str, dict[s
             "diverged_runs": sum(r["n_diverged"] for r in recs),
             "diverged_tasks": sum(r["n_diverged"] > 0 for r in recs),
             "step_time_ratio_to_adam": M.geometric_mean(ratios),
+            "test_loss": {"tasks": len(test), "wins_vs_tuned_adam": sum(w for w, _ in test),
+                          "geomean_ratio_to_tuned_adam": M.geometric_mean([r for _, r in test])},
         }
     return out
 

@@ -11,6 +11,9 @@
   final loss, interpolated between evaluations) ÷ (this optimizer's steps). If Adam does not reach
   it within ``SPEEDUP_CAP`` × the horizon, the speedup is censored: reported as "> 10". No
   tolerance here: a tolerance would let Adam "reach" a better optimizer's loss early.
+- **Test loss** (tasks with a held-out split): the same win and ratio on the mean held-out loss at
+  the end of training, normalised by the task's initial *training* loss. Training loss alone rewards
+  a rule that keeps growing the weights once the data are fitted; the held-out loss shows the model.
 - Divergence is flagged and counted; diverged runs are never averaged into losses or ratios.
 """
 
@@ -93,6 +96,19 @@ def normalised_ratio(candidate: Aggregate, baseline: Aggregate, tolerance: float
     if candidate.diverged or baseline.diverged:
         return math.nan
     return (candidate.normalised_mean + tolerance) / (baseline.normalised_mean + tolerance)
+
+
+def test_loss_verdict(candidate: Aggregate, baseline: Aggregate,
+                      tolerance: float = WIN_TOLERANCE) -> tuple[bool, float] | None:
+    """(win, ratio) on the held-out loss, both normalised by the baseline's initial training loss;
+    None without a held-out loss or where either diverged."""
+    if candidate.diverged or baseline.diverged:
+        return None
+    a, b = candidate.test.get("test_loss"), baseline.test.get("test_loss")
+    if a is None or b is None:
+        return None
+    floor = tolerance * baseline.initial_mean
+    return a <= b + floor, (a + floor) / (b + floor)
 
 
 def mean_curve(runs: Sequence[RunResult]) -> tuple[list[int], list[float]]:

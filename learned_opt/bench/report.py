@@ -59,7 +59,8 @@ def render_report(results: dict[str, Any]) -> str:
         f"loss ÷ the optimizer's steps (\"> {SPEEDUP_CAP}\": not within {SPEEDUP_CAP}× the horizon). A run "
         "diverges when its loss is non-finite or above 10× the initial loss; diverged runs are counted, "
         "never averaged in. (Tuned Adam's speedup over itself is below 1 when its noisy mean curve touched "
-        "its final loss before the last step.)",
+        "its final loss before the last step.) Test loss (tasks with a held-out split): the same win and "
+        "ratio on the mean held-out loss after the last step, which shows the model, not just the fit.",
         "",
         "## Summary",
         "",
@@ -75,10 +76,12 @@ def render_report(results: dict[str, Any]) -> str:
             _num(s["geomean_ratio_to_tuned_adam"]),
             "—" if med is None else med["text"],
             f"{s['diverged_tasks']} ({s['diverged_runs']} runs)",
+            *_test_summary(s.get("test_loss")),
             _num(s["step_time_ratio_to_adam"], ".2f"),
         ])
     lines += _table(["optimizer", f"wins vs {TUNED_ADAM}", f"wins vs {ADAM_1E3}", "loss ratio to tuned Adam",
-                     "median speedup", "diverged tasks", "step time × Adam"], rows)
+                     "median speedup", "diverged tasks", "test-loss wins vs tuned Adam", "test-loss ratio",
+                     "step time × Adam"], rows)
     lines += _pairs_section(results)
     lines += ["", "## Final loss ÷ initial loss, per task (mean over seeds; lower is better)", ""]
     rows = []
@@ -89,6 +92,7 @@ def render_report(results: dict[str, Any]) -> str:
             row.append("diverged" if rec["n_diverged"] else _num(rec["normalised_mean"]))
         rows.append(row)
     lines += _table(["task", "steps", *labels], rows)
+    lines += _test_loss_section(tasks, labels)
     for label in labels:
         lines += ["", f"## {label}", ""]
         rows = []
@@ -96,19 +100,39 @@ def render_report(results: dict[str, Any]) -> str:
             rec = t["results"][label]
             timing = t.get("timing", {}).get(label)
             acc = rec["test"].get("test_accuracy") if rec["test"] else None
+            test_loss = rec["test"].get("test_loss") if rec["test"] else None
             rows.append([
                 t["label"], _lr(rec), _final(rec), _num(rec["ratio_to_tuned_adam"]),
                 "—" if rec["speedup"] is None else rec["speedup"]["text"],
                 _yes(rec["win_vs_tuned_adam"]), _yes(rec["win_vs_adam_1e-3"]),
-                _num(acc, ".3f"),
+                _num(test_loss), _num(acc, ".3f"),
                 "—" if timing is None else f"{timing['step_ms']:.3g} (×{_num(timing['ratio_to_adam'], '.2f')})",
                 "—" if timing is None else _num(timing["state_bytes_per_param"], ".3g"),
             ])
         lines += _table(["task", "lr", "final loss", "ratio to tuned Adam", "speedup", "win tuned Adam",
-                         "win Adam 1e-3", "test acc", "step ms (× Adam)", "state B/param"], rows)
+                         "win Adam 1e-3", "test loss", "test acc", "step ms (× Adam)", "state B/param"], rows)
     lines += _state_section(tasks, labels)
     lines += ["", "Plots: `plots/summary.png` and one `plots/<task>.png` per task (loss curves).", ""]
     return "\n".join(lines)
+
+
+def _test_loss_section(tasks: list[dict[str, Any]], labels: list[str]) -> list[str]:
+    """Mean held-out loss after the last step, per task with a held-out split."""
+    rows = [[t["label"], str(t["steps"]), *("diverged" if t["results"][lb]["n_diverged"] else
+                                             _num((t["results"][lb]["test"] or {}).get("test_loss"))
+                                             for lb in labels)]
+            for t in tasks if any((t["results"][lb]["test"] or {}).get("test_loss") is not None for lb in labels)]
+    if not rows:
+        return []
+    return ["", "## Test loss, per task (held-out split, mean over seeds; lower is better)", "",
+            *_table(["task", "steps", *labels], rows)]
+
+
+def _test_summary(test: dict[str, Any] | None) -> list[str]:
+    """The summary's two test-loss cells ("—" where no task has a held-out split)."""
+    if not test or not test["tasks"]:
+        return ["—", "—"]
+    return [f"{test['wins_vs_tuned_adam']}/{test['tasks']}", _num(test["geomean_ratio_to_tuned_adam"])]
 
 
 def _pairs_section(results: dict[str, Any]) -> list[str]:
