@@ -5,11 +5,12 @@ A 3-layer ReLU MLP (64-128-128-10) on sklearn's digits (70/30 split, inputs / 16
 ``step``). Each optimizer is reported by training loss, held-out loss and accuracy, and the weights'
 norm, which shows the growth that the training loss rewards and the held-out loss punishes.
 
-    python tools/user_trial.py --steps 3000 adamw default 'default+T' 'default@1e-3'
+    python tools/user_trial.py --steps 3000 adamw default 'default[horizon=true]' 'default[weight_decay=0.001]'
 
-An optimizer is ``adamw`` (torch's AdamW at lr 1e-3) or a shipped name or ``.safetensors`` path;
-``+T`` tells it the horizon (``total_steps``), ``@WD`` sets ``weight_decay``. docs/ablations.md
-("Held-out loss") reports its figures.
+An optimizer is a benchmark spec (:func:`learned_opt.bench.baselines.resolve_optimizer`): ``adamw``
+is torch's AdamW at its default lr 1e-3, a shipped name or ``.safetensors`` path runs untuned,
+``[horizon=true]`` tells it the run's length, other ``[key=value]`` pairs are constructor
+arguments. docs/ablations.md ("Held-out loss") reports its figures.
 """
 
 from __future__ import annotations
@@ -35,16 +36,11 @@ def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 
 
 def make_optimizer(spec: str, params: Any, steps: int) -> torch.optim.Optimizer:
-    """The optimizer a spec names (see the module docstring)."""
-    import learned_opt
+    """The optimizer a benchmark spec names, built as the benchmark builds it for a ``steps``-step run."""
+    from learned_opt.bench.baselines import resolve_optimizer
 
-    name, _, wd = spec.partition("@")
-    kwargs: dict[str, Any] = {"weight_decay": float(wd)} if wd else {}
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-3, **kwargs)
-    if name.endswith("+T"):
-        name, kwargs["total_steps"] = name[:-2], steps
-    return learned_opt.load_optimizer(name, params, **kwargs)
+    resolved = resolve_optimizer(spec)
+    return resolved.factory(resolved.fixed_lr, steps)(list(params))
 
 
 def trial(specs: Sequence[str], steps: int = 3000, seeds: Sequence[int] = (0, 1, 2)) -> list[dict[str, Any]]:
@@ -75,8 +71,9 @@ def trial(specs: Sequence[str], steps: int = 3000, seeds: Sequence[int] = (0, 1,
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="user_trial.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("optimizers", nargs="+", help="adamw, a shipped name or .safetensors path; +T: told the "
-                        "horizon; @WD: weight decay (e.g. 'default+T@1e-3')")
+    parser.add_argument("optimizers", nargs="+", help="benchmark specs: adamw, a shipped name or .safetensors path, "
+                        "with [horizon=true] to tell the run's length and [key=value] constructor arguments "
+                        "(e.g. 'default[horizon=true,weight_decay=0.001]')")
     parser.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     args = parser.parse_args(argv)

@@ -99,13 +99,11 @@ def render_report(results: dict[str, Any]) -> str:
         for t in tasks:
             rec = t["results"][label]
             timing = t.get("timing", {}).get(label)
-            acc = rec["test"].get("test_accuracy") if rec["test"] else None
-            test_loss = rec["test"].get("test_loss") if rec["test"] else None
             rows.append([
                 t["label"], _lr(rec), _final(rec), _num(rec["ratio_to_tuned_adam"]),
                 "—" if rec["speedup"] is None else rec["speedup"]["text"],
                 _yes(rec["win_vs_tuned_adam"]), _yes(rec["win_vs_adam_1e-3"]),
-                _num(test_loss), _num(acc, ".3f"),
+                _num(_held_out(rec, "test_loss")), _num(_held_out(rec, "test_accuracy"), ".3f"),
                 "—" if timing is None else f"{timing['step_ms']:.3g} (×{_num(timing['ratio_to_adam'], '.2f')})",
                 "—" if timing is None else _num(timing["state_bytes_per_param"], ".3g"),
             ])
@@ -116,12 +114,19 @@ def render_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _held_out(rec: dict[str, Any], key: str) -> float | None:
+    """A run record's mean held-out metric ``key`` (None without a held-out split)."""
+    return (rec["test"] or {}).get(key)
+
+
 def _test_loss_section(tasks: list[dict[str, Any]], labels: list[str]) -> list[str]:
     """Mean held-out loss after the last step, per task with a held-out split."""
-    rows = [[t["label"], str(t["steps"]), *("diverged" if t["results"][lb]["n_diverged"] else
-                                             _num((t["results"][lb]["test"] or {}).get("test_loss"))
-                                             for lb in labels)]
-            for t in tasks if any((t["results"][lb]["test"] or {}).get("test_loss") is not None for lb in labels)]
+    rows = []
+    for t in tasks:
+        values = [_held_out(t["results"][lb], "test_loss") for lb in labels]
+        if any(v is not None for v in values):
+            rows.append([t["label"], str(t["steps"]), *("diverged" if t["results"][lb]["n_diverged"] else _num(v)
+                                                        for lb, v in zip(labels, values))])
     if not rows:
         return []
     return ["", "## Test loss, per task (held-out split, mean over seeds; lower is better)", "",
