@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from tools.probe import apply_edits, parse_member, rule_table
+import argparse
+
+from tools.probe import apply_edits, parse_member, probe_config, rule_table
 
 
 def test_member_edits_set_and_shift_entries_and_elements():
@@ -29,3 +31,17 @@ def test_the_probed_rule_defaults_to_the_weights_card():
     assert table["name"] == "learned-relative-adam" and "init_final" in table
     assert rule_table('{"hidden": 0}', "learned_opt/pretrained/default.safetensors") == {"hidden": 0}
     assert rule_table(None, None) == {}
+
+
+def test_a_probe_takes_its_draws_and_weight_decay_from_a_recipe(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[population_es]\nval_tasks = 5\nhorizon = [20, 30]\npool = 64\nweight_decay = 0.01\n'
+                      'rule = { hidden = 0 }\n')
+    args = argparse.Namespace(recipe=str(recipe), rule=None, weights=None, weight_decay=None)
+    cfg = probe_config(args)
+    assert (cfg.val_tasks, cfg.horizon, cfg.pool, cfg.weight_decay, cfg.rule) == (5, (20, 30), 1, 0.01, {"hidden": 0})
+    args.weight_decay = 0.0
+    assert probe_config(args).weight_decay == 0.0
+    args.weight_decay = -1.0
+    with pytest.raises(ValueError, match="weight_decay"):
+        probe_config(args)

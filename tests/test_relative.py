@@ -308,6 +308,22 @@ def test_es_long_draws_come_from_their_labels_and_horizons(tmp_path, monkeypatch
         assert again[f"val_long_ratio_{mode}"] == pytest.approx(math.exp(sum(float(r[j]) for r in logs) / 3))
 
 
+def test_es_scores_runs_with_the_recipes_weight_decay(tmp_path):
+    """weight_decay reaches every member's steps as the optimizer's coupled decay does: a strong decay
+    pulls the quadratics' parameters towards 0, away from their minimum, so every score worsens."""
+    suite = _tiny_suite()
+    thetas = PopulationESTrainer(_cfg(), tmp_path / "a", suite=suite).theta.detach().unsqueeze(0).repeat(2, 1)
+
+    def logs(wd):
+        trainer = PopulationESTrainer(_cfg(weight_decay=wd), tmp_path / str(wd), suite=suite)
+        return torch.stack([r for _, r, _ in trainer.validation_runs(thetas, [True, False])])
+
+    plain, decayed = logs(0.0), logs(5.0)
+    assert bool((decayed > plain).all())
+    with pytest.raises(ValueError, match="weight_decay"):
+        ESConfig.from_table({"weight_decay": -1e-3})
+
+
 def test_es_long_settings_are_checked():
     with pytest.raises(ValueError, match="long_labels"):
         ESConfig.from_table({"long_val": 2})

@@ -100,6 +100,26 @@ def rule_table(rule: str | None, weights: str | None) -> dict[str, Any]:
     return {"name": card["rule"], **card.get("rule_config", {})}
 
 
+def probe_config(args: argparse.Namespace) -> ESConfig:
+    """The trainer settings of a probe: the recipe's table (its training pools shrunk to one draw),
+    else the command line's; ``--rule`` and ``--weight-decay`` override either."""
+    if args.recipe:
+        import tomllib
+
+        table = dict(tomllib.loads(Path(args.recipe).read_text())["population_es"])
+        table.update(pool=1, long_pool=min(table.get("long_pool", 0), 1), long_every=min(table.get("long_every", 0), 1))
+        if args.rule is not None or "rule" not in table:
+            table["rule"] = rule_table(args.rule, args.weights)
+        cfg = ESConfig.from_table(table, args.recipe)
+    else:
+        cfg = ESConfig(suite=args.suite, val_tasks=args.val_tasks, seed=args.seed, horizon=tuple(args.horizon),
+                       pool=1, rule=rule_table(args.rule, args.weights))
+    if args.weight_decay is not None:
+        cfg.weight_decay = args.weight_decay
+        cfg.validate("--weight-decay")
+    return cfg
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="probe.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,14 +138,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--refs", help="JSON cache of tuned-Adam references (read and written)")
     parser.add_argument("--modes", default="told,free", help="runs told the horizon, free of it, or both "
                         "(default: told,free)")
+    parser.add_argument("--recipe", help="a recipe TOML whose [population_es] table sets the validation draws, "
+                        "the rule and its weight decay (--val-tasks, --horizon, --seed and --suite are then ignored)")
+    parser.add_argument("--weight-decay", type=float, help="coupled weight decay of every member's runs "
+                        "(default: the recipe's, else 0)")
     parser.add_argument("--out", default="runs/probe", help="scratch directory of the trainer (default: runs/probe)")
     add_threads_flag(parser)
     args = parser.parse_args(argv)
     apply_threads(args.threads)
     try:
         members = [parse_member(m) for m in args.member]
-        cfg = ESConfig(suite=args.suite, val_tasks=args.val_tasks, seed=args.seed, horizon=tuple(args.horizon),
-                       pool=1, rule=rule_table(args.rule, args.weights))
+        cfg = probe_config(args)
         trainer = PopulationESTrainer(cfg, args.out)
         refs = Path(args.refs) if args.refs else None
         if refs is not None and refs.exists():

@@ -19,6 +19,10 @@ may add draws from ``long_labels`` with horizons in ``long_horizon``: one from a
 ``long_pool`` every ``long_every`` meta-steps, and ``long_val`` of them to the validation tasks
 (counted in the totals, and reported apart as ``val_long_ratio_*``).
 
+``weight_decay`` (0 by default) meta-trains and scores the rule with that coupled weight decay
+(the optimizer's ``weight_decay``: ``wd · p`` added to the gradient the rule reads), for weights
+meant to ship with it as their default.
+
 Every ``eval_every`` steps θ is scored on validation tasks (the suite's validation seeds) with and
 without the horizon, counted as the benchmark counts: wins against tuned Adam (final ≤ Adam's +
 1e-4 × initial) and the geometric-mean loss ratio. ``best`` is chosen on that summary.
@@ -83,6 +87,7 @@ class ESConfig:
     long_pool: int = 0
     long_every: int = 0
     long_val: int = 0
+    weight_decay: float = 0.0
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any], where: str = "[population_es]") -> ESConfig:
@@ -105,6 +110,9 @@ class ESConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{where}: {key} must be a number > 0, got {value!r}")
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or not (
+                math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"{where}: weight_decay must be a number >= 0, got {self.weight_decay!r}")
         for key in ("horizon_known", "augment"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -246,7 +254,9 @@ class PopulationESTrainer:
         def update(member: tuple[dict[str, Tensor], Tensor], grads: Any, params: Any, state: Any, *,
                    checked: bool = False) -> Any:
             theta, horizon = member  # through the optimizer's own step path (guard and bound included)
-            hparams = {"lr": 1.0, "total_steps": horizon} if self.horizon_aware else {"lr": 1.0}
+            hparams = {"lr": 1.0, "weight_decay": self.cfg.weight_decay}
+            if self.horizon_aware:
+                hparams["total_steps"] = horizon
             result = apply_update(self.rule.with_theta(theta), grads, params, state, hparams, checked=checked)
             return result.updates, result.state
 
