@@ -36,7 +36,7 @@ from learned_opt.rules.lstm import LSTMRule
 from learned_opt.rules.mlp import MLPRule
 from learned_opt.rules.relative import RelativeAdamRule
 from learned_opt.rules.transforms import bound_optimizer_gradients
-from learned_opt.weights import load_rule
+from learned_opt.weights import load_rule, weights_for_run
 
 class LSTMOptimizer(LearnedOptimizer):
     """The coordinate-wise LSTM optimizer (Andrychowicz et al. 2016) as a ``torch.optim.Optimizer``.
@@ -361,12 +361,16 @@ def load_optimizer(
     the learned rate times the ``lr`` given; any other rule (the shipped ``default``, a learned
     relative Adam) runs in :class:`LearnedOptimizer`, with its card as ``opt.card``. ``overrides``
     are constructor arguments that replace those defaults (e.g. ``lr=0.5``, ``weight_decay=1e-4``,
-    ``total_steps=N`` for a horizon-aware rule).
+    ``total_steps=N`` for a horizon-aware rule) and the card's ``defaults`` (``default`` ships with a
+    small ``weight_decay``). Weights whose card names ``untold_weights`` run those sibling weights when
+    not told ``total_steps`` (``default``: the schedule-free rule, whose ``eval()``/``train()``
+    matter), and ``opt.card`` is then theirs.
     A torch optimizer gets a step pre-hook that bounds its gradients as the learned optimizers'
     (:func:`~learned_opt.rules.transforms.bound_optimizer_gradients`), so a huge finite gradient
     cannot overflow its state either.
     """
-    rule, card = load_rule(name_or_path)
+    rule, card = load_rule(weights_for_run(name_or_path, overrides.get("total_steps")))
+    overrides = {**card.get("defaults", {}), **overrides}
     if isinstance(rule, LSTMRule):
         opt: Optimizer = LSTMOptimizer(params, weights=rule, **overrides)
     elif isinstance(rule, MLPRule):

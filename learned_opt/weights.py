@@ -11,6 +11,13 @@ The card records what the weights are and where they came from::
     meta_training   config, seed, steps, wall time, machine, command — whatever the trainer records
     metrics         figures, each with the command and results file that produced them
 
+and may add what the optimizer built from the weights runs with::
+
+    defaults        constructor defaults the weights were chosen with (``weight_decay``); a
+                    keyword given to :func:`learned_opt.load_optimizer` replaces them
+    untold_weights  the name of a sibling weights file (same folder, no path) that an optimizer
+                    not told ``total_steps`` runs instead (its own card, defaults included)
+
 Loading checks everything and names the file and the mismatch: a missing file, a card that is
 not JSON or lacks a field (or has one of the wrong type), a sha256 that does not match (tampered or
 truncated weights), weights that are not valid safetensors, and tensor names, shapes and dtypes
@@ -24,6 +31,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,6 +61,9 @@ CARD_TYPES: dict[str, type] = {
     "metrics": dict,
 }
 CARD_FIELDS = tuple(CARD_TYPES)
+CARD_OPTIONAL: dict[str, type] = {"defaults": dict, "untold_weights": str}
+CARD_DEFAULT_KEYS = ("weight_decay",)
+_SIBLING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # safetensors' dtype names of the floating dtypes: any of them loads into a floating parameter
 # (load_state_dict casts, as it does under torch.set_default_dtype); other dtypes must match exactly.
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -199,7 +211,53 @@ def read_card(weights_path: str | Path) -> dict[str, Any]:
             f"weights card {card_path} has format_version {card['format_version']!r}; "
             f"this learned_opt reads {FORMAT_VERSION}"
         )
+    _check_optional_fields(card, card_path)
     return card
+
+
+def _check_optional_fields(card: Mapping[str, Any], card_path: Path) -> None:
+    for key, kind in CARD_OPTIONAL.items():
+        if key in card and not isinstance(card[key], kind):
+            raise ValueError(f"weights card {card_path}: {key} must be a JSON {kind.__name__}, got {card[key]!r}")
+    defaults = card.get("defaults", {})
+    unknown = sorted(set(defaults) - set(CARD_DEFAULT_KEYS))
+    if unknown:
+        raise ValueError(f"weights card {card_path}: defaults may set {list(CARD_DEFAULT_KEYS)}, not {unknown}")
+    for key, value in defaults.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"weights card {card_path}: defaults {key} must be a number >= 0, got {value!r}")
+    sibling = card.get("untold_weights")
+    if sibling is not None and (not _SIBLING_NAME.fullmatch(sibling) or sibling.endswith(".safetensors")):
+        raise ValueError(f"weights card {card_path}: untold_weights must name a weights file in the same folder "
+                         f"(a name, no path or suffix), got {sibling!r}")
+
+
+def weights_for_run(name_or_path: str | Path, total_steps: Any = None) -> Path:
+    """The weights an optimizer runs: ``name_or_path``'s own, or, when it is not told ``total_steps``
+    and its card names ``untold_weights``, that sibling's (which may not name another)."""
+    path = resolve_weights(name_or_path)
+    if total_steps is not None or not path.exists():
+        return path
+    sibling = read_card(path).get("untold_weights")
+    if sibling is None:
+        return path
+    other = path.with_name(f"{sibling}.safetensors")
+    if read_card(other).get("untold_weights") is not None:
+        raise ValueError(f"weights card {_paths(other)[1]}: untold weights may not name untold weights of their own")
+    return other
+
+
+def run_settings(weights_path: str | Path) -> dict[str, Any]:
+    """What besides θ decides the runs of ``weights_path``'s optimizer (its card's defaults, and the
+    identity of its untold weights), for run caches; empty for weights with neither."""
+    card = read_card(weights_path)
+    out: dict[str, Any] = {"defaults": card["defaults"]} if card.get("defaults") else {}
+    if card.get("untold_weights") is not None:
+        other = weights_for_run(weights_path)
+        untold = read_card(other)
+        out["untold"] = {"sha256": untold["sha256"], "rule": untold["rule"], "rule_config": untold["rule_config"],
+                         **run_settings(other)}
+    return out
 
 
 def load_rule(name_or_path: str | Path) -> tuple[Rule, dict[str, Any]]:

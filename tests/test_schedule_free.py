@@ -89,9 +89,23 @@ def test_step_in_eval_mode_is_refused_and_eval_train_are_idempotent():
     opt.step()
 
 
+def test_untold_default_is_the_schedule_free_rule_with_its_eval_point():
+    params = _params()
+    opt = learned_opt.load_optimizer("default", params)
+    assert opt.rule.schedule_free and opt.card["name"] == "default-free"
+    for p, g in zip(params, _grads(1)[0]):
+        p.grad = g.clone()
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    opt.eval()
+    assert opt.evaluating and not all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    opt.train()
+    assert all(torch.allclose(p.detach(), b) for p, b in zip(params, before))
+
+
 def test_other_rules_eval_is_a_no_op():
     params = _params()
-    for opt in (learned_opt.RelativeAdam(params), learned_opt.load_optimizer("default", params),
+    for opt in (learned_opt.RelativeAdam(params), learned_opt.load_optimizer("default", params, total_steps=100),
                 learned_opt.LSTMOptimizer(params)):
         for p, g in zip(params, _grads(1)[0]):
             p.grad = g.clone()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from learned_opt.weights import file_sha256, load_rule
-from tools.ship import TABLE_END, TABLE_START, bench, load_recipe, main, train
+from tools.ship import TABLE_END, TABLE_START, bench, load_recipe, main, sync_card, train
 
 NAME = "tiny"
 SUITE = """
@@ -90,3 +90,23 @@ def test_the_script_runs_from_anywhere(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "--all" in out.stdout
+
+
+def test_the_recipes_card_keys_reach_the_card_and_bad_ones_leave_it_as_it_was(tmp_path):
+    from learned_opt.rules.relative import LearnedRelativeAdamRule
+    from learned_opt.weights import read_card, save_weights
+
+    meta = {"command": "pytest"}
+    main_w = save_weights(LearnedRelativeAdamRule(hidden=0), tmp_path / "main", name="main", meta_training=meta)
+    save_weights(LearnedRelativeAdamRule(hidden=0, schedule_free=True), tmp_path / "free", name="free",
+                 meta_training=meta)
+    ship = {"defaults": {"weight_decay": 1e-4}, "untold_weights": "free"}
+    sync_card(main_w, ship)
+    card = read_card(main_w)
+    assert card["defaults"] == {"weight_decay": 1e-4} and card["untold_weights"] == "free"
+    for bad in ({"defaults": {}, "untold_weights": "gone"}, {"defaults": {"lr": 1.0}, "untold_weights": None}):
+        with pytest.raises(ValueError, match=r"\[ship\] of 'main'"):
+            sync_card(main_w, bad)
+        assert read_card(main_w) == card
+    sync_card(main_w, {"defaults": {}, "untold_weights": None})  # keys the recipe dropped leave the card
+    assert "defaults" not in read_card(main_w) and "untold_weights" not in read_card(main_w)

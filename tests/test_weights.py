@@ -297,3 +297,66 @@ def test_no_text_says_shipped_weights_are_yet_to_ship() -> None:
         for path in texts:
             match = stale.search(" ".join(path.read_text(encoding="utf-8").split()))
             assert match is None, f"{path.relative_to(REPO)} says {match.group(0)!r} but {name!r} ships"
+
+
+def _relative_pair(tmp_path: Path) -> tuple[Path, Path]:
+    """A told and an untold weights file of the learned relative rule (the second schedule-free),
+    the first naming the second as its untold weights, with a weight-decay default."""
+    from learned_opt.rules.relative import LearnedRelativeAdamRule
+
+    told = save_weights(LearnedRelativeAdamRule(hidden=0), tmp_path / "main", name="main", meta_training=META)
+    untold = save_weights(LearnedRelativeAdamRule(hidden=0, schedule_free=True), tmp_path / "free", name="free",
+                          meta_training=META)
+    for path, extra in ((told, {"untold_weights": "free"}), (untold, {"defaults": {"weight_decay": 0.25}})):
+        card = json.loads(path.with_suffix(".json").read_text())
+        path.with_suffix(".json").write_text(json.dumps({**card, **extra}))
+    return told, untold
+
+
+def test_untold_runs_take_the_cards_untold_weights_and_their_defaults(tmp_path: Path) -> None:
+    told, untold = _relative_pair(tmp_path)
+    free = learned_opt.load_optimizer(told, [torch.nn.Parameter(torch.ones(3))])
+    assert free.rule.schedule_free and free.card["name"] == "free" and free.defaults["weight_decay"] == 0.25
+    given = learned_opt.load_optimizer(told, [torch.nn.Parameter(torch.ones(3))], weight_decay=0.0)
+    assert given.rule.schedule_free and given.defaults["weight_decay"] == 0.0  # a keyword replaces the card's
+    told_opt = learned_opt.load_optimizer(told, [torch.nn.Parameter(torch.ones(3))], total_steps=10)
+    assert not told_opt.rule.schedule_free and told_opt.card["name"] == "main"
+    assert told_opt.defaults["weight_decay"] == 0.0
+
+
+def test_the_benchmark_cache_key_holds_the_untold_weights(tmp_path: Path) -> None:
+    from learned_opt.bench.baselines import resolve_optimizer
+
+    told, untold = _relative_pair(tmp_path)
+    before = resolve_optimizer(str(told)).key
+    card = json.loads(untold.with_suffix(".json").read_text())
+    untold.with_suffix(".json").write_text(json.dumps({**card, "defaults": {"weight_decay": 0.5}}))
+    after = resolve_optimizer(str(told)).key
+    assert before != after and after["untold"]["defaults"] == {"weight_decay": 0.5}
+    assert set(resolve_optimizer(str(untold)).key) >= {"defaults"}
+    plain = save_weights(_perturbed_lstm(hidden_size=8), tmp_path / "plain", name="plain", meta_training=META)
+    assert "defaults" not in resolve_optimizer(str(plain)).key and "untold" not in resolve_optimizer(str(plain)).key
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"defaults": {"lr": 2.0}}, "defaults may set"),
+    ({"defaults": {"weight_decay": -1.0}}, "weight_decay must be a number"),
+    ({"defaults": [1]}, "defaults must be a JSON dict"),
+    ({"untold_weights": "../elsewhere"}, "untold_weights must name"),
+    ({"untold_weights": "free.safetensors"}, "untold_weights must name"),
+    ({"untold_weights": "missing"}, "missing"),
+])
+def test_bad_optional_card_fields_are_refused(tmp_path: Path, extra, message: str) -> None:
+    told, _ = _relative_pair(tmp_path)
+    card = json.loads(told.with_suffix(".json").read_text())
+    told.with_suffix(".json").write_text(json.dumps({**card, **extra}))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        learned_opt.load_optimizer(told, [torch.nn.Parameter(torch.ones(3))])
+
+
+def test_untold_weights_may_not_chain(tmp_path: Path) -> None:
+    told, untold = _relative_pair(tmp_path)
+    card = json.loads(untold.with_suffix(".json").read_text())
+    untold.with_suffix(".json").write_text(json.dumps({**card, "untold_weights": "main"}))
+    with pytest.raises(ValueError, match="may not name untold weights"):
+        learned_opt.load_optimizer(told, [torch.nn.Parameter(torch.ones(3))])

@@ -1,7 +1,8 @@
 """Regenerate the shipped pretrained weights: meta-train each recipe, export it, benchmark it.
 
 A recipe is ``tasks/pretrained/NAME.toml``: a ``[ship]`` table (which suite to meta-train on, which
-suite the card's figures come from) and an ordinary ``[meta_train]`` table. Shipping a name:
+suite the card's figures come from, and optionally the card's ``defaults`` and ``untold_weights``,
+see :mod:`learned_opt.weights`) and an ordinary ``[meta_train]`` table. Shipping a name:
 
 1. ``train``: meta-train the recipe into ``WORK/NAME`` (resumable: rerunning continues the run) and
    export its validation-selected ``best`` weights to ``learned_opt/pretrained/NAME.*``;
@@ -27,12 +28,16 @@ from learned_opt.cli import add_threads_flag, apply_threads
 from learned_opt.fileio import atomic_write_json, atomic_write_text
 from learned_opt.rules import RULES
 from learned_opt.suites import check_table, tomllib
-from learned_opt.weights import PRETRAINED_DIR, REPO, file_sha256, load_rule, read_card, repo_relative, save_weights
+from learned_opt.weights import (
+    PRETRAINED_DIR, REPO, file_sha256, load_rule, read_card, repo_relative, save_weights, weights_for_run,
+)
 
 RECIPE_DIR = REPO / "tasks" / "pretrained"
 RESULTS_DIR = REPO / "docs" / "results"
 README = REPO / "README.md"
-SHIP_DEFAULTS: dict[str, Any] = {"suite": "meta_train", "benchmark_suite": "heldout", "weights": "best"}
+SHIP_DEFAULTS: dict[str, Any] = {"suite": "meta_train", "benchmark_suite": "heldout", "weights": "best",
+                                 "defaults": {}, "untold_weights": None}
+CARD_KEYS = ("defaults", "untold_weights")  # [ship] keys copied into the card (learned_opt.weights)
 TABLE_START = "<!-- generated table: {suite} (tools/ship.py) start -->"
 TABLE_END = "<!-- generated table: {suite} (tools/ship.py) end -->"
 
@@ -92,7 +97,23 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
     meta["exported"] = f"{ship['weights']} (validation-selected)" if ship["weights"] == "best" else "final"
     meta["command"] = command
     meta["threads"] = threads
-    return save_weights(rule, pretrained_dir / name, name=name, meta_training=meta, metrics={})
+    weights = save_weights(rule, pretrained_dir / name, name=name, meta_training=meta, metrics={})
+    sync_card(weights, ship)
+    return weights
+
+
+def sync_card(weights: Path, ship: dict[str, Any]) -> None:
+    """Write the recipe's card keys (``CARD_KEYS``) into the shipped card, checked as a load checks them."""
+    before = read_card(weights)
+    card = {k: v for k, v in before.items() if k not in CARD_KEYS}
+    card.update({k: ship[k] for k in CARD_KEYS if ship[k]})
+    atomic_write_json(weights.with_suffix(".json"), card)
+    try:
+        read_card(weights)
+        weights_for_run(weights)
+    except (ValueError, FileNotFoundError) as exc:
+        atomic_write_json(weights.with_suffix(".json"), before)
+        raise ValueError(f"[ship] of {weights.stem!r}: {exc}") from exc
 
 
 def bench(suite: str, names: Sequence[str], work: str | Path, *, seeds: int | None = None, progress: bool = True,
@@ -193,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in names:
                 print(f"ship: meta-training {n}", flush=True)
                 train(n, args.work, progress=not args.no_progress, threads=args.threads)
+        for n, ship in recipes.items():  # the recipe's card keys, also on weights exported before
+            sync_card(PRETRAINED_DIR / f"{n}.safetensors", ship)
         if not args.skip_bench:
             by_suite: dict[str, list[str]] = {}
             for n, ship in recipes.items():

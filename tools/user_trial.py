@@ -10,7 +10,9 @@ norm, which shows the growth that the training loss rewards and the held-out los
 An optimizer is a benchmark spec (:func:`learned_opt.bench.baselines.resolve_optimizer`): ``adamw``
 is torch's AdamW at its default lr 1e-3, a shipped name or ``.safetensors`` path runs untuned,
 ``[horizon=true]`` tells it the run's length, other ``[key=value]`` pairs are constructor
-arguments. docs/ablations.md ("Held-out loss") reports its figures.
+arguments. Before the held-out evaluation each optimizer's ``eval()`` is called where it has one
+(a schedule-free rule's average, as the README's loop does). docs/ablations.md ("Held-out loss")
+reports its figures.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from learned_opt.bench.runner import set_eval_mode
 
 
 def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,6 +63,7 @@ def trial(specs: Sequence[str], steps: int = 3000, seeds: Sequence[int] = (0, 1,
                 opt.zero_grad()
                 F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
                 opt.step()
+            set_eval_mode(opt, True)  # as the README says: a schedule-free rule evaluates at its average
             with torch.no_grad():
                 out = model(xte)
                 rows.append({"optimizer": spec, "seed": seed, "steps": steps,

@@ -43,7 +43,7 @@ from torch import Tensor
 from learned_opt import optim
 from learned_opt.adapter import LOW_LR_WARNING
 from learned_opt.optim import load_optimizer
-from learned_opt.weights import file_sha256, list_pretrained, load_rule, read_card
+from learned_opt.weights import file_sha256, list_pretrained, load_rule, read_card, resolve_weights, run_settings
 
 # build(params, lr, **more) -> optimizer; lr None means "the optimizer's own default"; ``more`` holds
 # ``total_steps`` for horizon-aware specs.
@@ -303,7 +303,8 @@ def _learned_spec(label: str, name: str, fixed_lr: float | None, extra: dict[str
         return load_optimizer(source, params, **_with_lr(lr, extra), **more)
 
     # the card's rule settings are part of the optimizer: the same θ with another setting is another run
-    key = {"weights_sha256": sha, "rule": card.get("rule"), "rule_config": card.get("rule_config"), "kwargs": extra}
+    key = {"weights_sha256": sha, "rule": card.get("rule"), "rule_config": card.get("rule_config"), "kwargs": extra,
+           **run_settings(resolve_weights(source))}
     return OptimizerSpec(label, build, key, False, fixed_lr)
 
 
