@@ -292,9 +292,6 @@ class RelativeAdam(LearnedOptimizer):
     ``z`` along ``g/√v̂`` and the model is evaluated at the running average of ``z``): call
     ``optimizer.eval()`` before evaluating or saving the model and ``optimizer.train()`` before
     training again, as with ``schedulefree``'s optimizers (``betas[0]`` is the interpolation).
-    ``retract=True`` (schedule-free only): the part of a step orthogonal to ``z`` does not grow ‖z‖,
-    so the relative step cannot compound its own norm growth over a long run
-    (:func:`learned_opt.rules.schedule_free.retraction`).
     """
 
     def __init__(
@@ -312,13 +309,12 @@ class RelativeAdam(LearnedOptimizer):
         floor_vec: float | None = None,
         final: float = 0.0,
         schedule_free: bool = False,
-        retract: bool = False,
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
         super().__init__(
             params,
-            RelativeAdamRule(schedule_free, retract),
+            RelativeAdamRule(schedule_free),
             floor_vec=floor_vec,
             final=final,
             lr=lr,

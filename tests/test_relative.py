@@ -17,7 +17,6 @@ from learned_opt.meta.population import adam_sweep, run_population
 from learned_opt.optim import LearnedOptimizer
 from learned_opt.rules.relative import LearnedRelativeAdamRule, RelativeAdamRule, schedule
 from learned_opt.rules.transforms import apply_update, gradients_pass_guard
-from learned_opt.rules.schedule_free import retraction
 from learned_opt.suites import parse_suite
 from learned_opt.tasks import QuadraticFamily
 from learned_opt.tasks.families import MLPClassificationFamily
@@ -476,17 +475,15 @@ def test_learned_floor_vec_is_a_meta_parameter():
 
 
 @pytest.mark.parametrize("rule", [RelativeAdamRule(), None, "floor_vec", RelativeAdamRule(schedule_free=True), "sf",
-                                  RelativeAdamRule(schedule_free=True, retract=True), "sf-retract", "sf-anchor-told"],
-                         ids=["hand", "learned", "floor_vec", "hand-sf", "learned-sf", "hand-sf-retract",
-                              "learned-sf-retract", "learned-sf-anchor-told"])
+                                  "sf-anchor"],
+                         ids=["hand", "learned", "floor_vec", "hand-sf", "learned-sf", "learned-sf-anchor"])
 @pytest.mark.parametrize("total_steps", [None, 12])
 def test_inplace_foreach_step_matches_the_pure_update(rule, total_steps):
     """The optimizer's in-place foreach kernels and the pure (vmappable, differentiable) path agree bitwise."""
     if rule is None or isinstance(rule, str):
         rule = LearnedRelativeAdamRule(hidden=4, init_floor_vec=0.05 if rule == "floor_vec" else None,
-                                       schedule_free=str(rule).startswith("sf"), retract=rule == "sf-retract",
-                                       init_anchor=0.5 if rule == "sf-anchor-told" else None,
-                                       anchor_told=rule == "sf-anchor-told")
+                                       schedule_free=str(rule).startswith("sf"),
+                                       init_anchor=0.5 if rule == "sf-anchor" else None)
         with torch.no_grad():
             for p in rule.ctrl.parameters():
                 p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -611,74 +608,18 @@ def test_anchor_moves_the_relative_scale_towards_the_initial_one(schedule_free):
         assert torch.equal(a, p)
 
 
-def test_retraction_keeps_the_norm_of_an_orthogonal_step_and_the_radial_part_of_any():
-    z = torch.tensor([3.0, 4.0, 0.0])
-    for u, f in ((torch.tensor([0.0, 0.0, 2.0]), -0.5), (torch.tensor([1.0, -2.0, 5.0]), 0.3)):
-        rho = retraction(torch.linalg.vector_norm(z), torch.linalg.vector_norm(u), torch.dot(z, u), torch.tensor(f))
-        radial = torch.linalg.vector_norm(z) + f * torch.dot(z, u) / torch.linalg.vector_norm(z)
-        torch.testing.assert_close(torch.linalg.vector_norm(rho * (z + f * u)), radial.abs())
-    assert float(retraction(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.1))) == 1.0
-    huge = retraction(torch.tensor(1e12), torch.tensor(1e12), torch.tensor(0.0), torch.tensor(0.1))  # no overflow
-    torch.testing.assert_close(huge, torch.tensor(1 / math.sqrt(1.01)))
-
-
-def test_retracted_schedule_free_run_does_not_inflate_z_under_orthogonal_noise():
-    """Gradients of pure noise: without the retraction ‖z‖ compounds, with it ‖z‖ stays put."""
-    norms = {}
-    for retract in (False, True):
-        p = torch.nn.Parameter(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
-        start = float(p.detach().norm())
-        opt = learned_opt.RelativeAdam([p], alpha=0.1, schedule_free=True, retract=retract)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(300):
-            p.grad = torch.randn(p.shape, generator=g)
-            opt.step()
-        norms[retract] = float(opt.state[p]["z"].norm()) / start
-    assert norms[False] > 3.0 and 0.8 < norms[True] < 1.25, norms
-
-
-def test_retract_needs_the_schedule_free_form():
-    with pytest.raises(ValueError, match="retract"):
-        RelativeAdamRule(retract=True)
-    with pytest.raises(ValueError, match="retract"):
-        LearnedRelativeAdamRule(retract=True)
-    with pytest.raises(ValueError, match="retract"):
-        learned_opt.RelativeAdam(_params(), retract=1)
-    assert LearnedRelativeAdamRule(schedule_free=True, retract=True).config()["retract"] is True
-
-
 def test_benchmark_cache_tells_apart_the_same_theta_with_other_rule_settings(tmp_path):
-    """A weights file's cache identity holds its card's settings: ``retract`` switched on at export
-    must not reuse the runs of the same θ without it."""
+    """A weights file's cache identity holds its card's settings: the same θ exported with
+    ``schedule_free`` switched on must not reuse the runs of the plain rule."""
     from learned_opt.weights import save_weights
 
-    plain = LearnedRelativeAdamRule(hidden=0, schedule_free=True)
-    retracted = LearnedRelativeAdamRule(hidden=0, schedule_free=True, retract=True)
-    retracted.load_state_dict(plain.state_dict())
+    plain = LearnedRelativeAdamRule(hidden=0)
+    free = LearnedRelativeAdamRule(hidden=0, schedule_free=True)
+    free.load_state_dict(plain.state_dict())
     a = save_weights(plain, tmp_path / "a", name="a", meta_training={})
-    b = save_weights(retracted, tmp_path / "b", name="b", meta_training={})
+    b = save_weights(free, tmp_path / "b", name="b", meta_training={})
     key_a, key_b = resolve_optimizer(str(a)).key, resolve_optimizer(str(b)).key
     assert key_a["weights_sha256"] == key_b["weights_sha256"] and key_a != key_b
-
-
-def test_anchor_told_moves_told_steps_only_and_needs_an_anchor():
-    with pytest.raises(ValueError, match="anchor_told"):
-        LearnedRelativeAdamRule(schedule_free=True, anchor_told=True)
-
-    def last_updates(anchor_told, total_steps):
-        rule = LearnedRelativeAdamRule(hidden=0, schedule_free=True, init_anchor=0.5, anchor_told=anchor_told)
-        params = [p.detach() for p in _params()]
-        state = rule.init_state(params)
-        g = torch.Generator().manual_seed(3)
-        for _ in range(6):  # far enough from p0 for the anchor to matter
-            grads = [torch.randn(p.shape, generator=g) for p in params]
-            ups, state = rule.update(grads, params, state, {"lr": 1.0, "total_steps": total_steps})
-            params = [p + u for p, u in zip(params, ups)]
-        return ups
-
-    for a, b in zip(last_updates(False, None), last_updates(True, None)):
-        assert torch.equal(a, b)
-    assert not all(torch.equal(a, b) for a, b in zip(last_updates(False, 50), last_updates(True, 50)))
 
 
 def test_es_resumes_a_checkpoint_written_before_the_long_settings_existed(tmp_path):

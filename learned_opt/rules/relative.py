@@ -58,7 +58,7 @@ from learned_opt.rules.horizon import (  # noqa: F401  (schedule, HORIZON_FREE_S
 )
 from learned_opt.rules.relative_scale import anchor_factor, rms_scale
 from learned_opt.rules.schedule_free import (
-    check_retract, schedule_free_eval_point, schedule_free_train_point, sf_directions_inplace, sf_updates,
+    schedule_free_eval_point, schedule_free_train_point, sf_directions_inplace, sf_updates,
     sf_updates_inplace,
 )
 
@@ -80,23 +80,19 @@ def relative_update(
     final: Tensor | float = 0.0,
     schedule_free: bool = False,
     anchor: Tensor | float | None = None,
-    retract: bool = False,
-    anchor_told: bool = False,
 ) -> tuple[list[Tensor], RuleState]:
     """Additive updates and new state for one group (see the module docstring).
 
     ``final`` is where the told schedule's cosine ends, as a fraction of its peak (0: at 0).
     ``schedule_free``: the schedule-free form (state ``z``, ``sf_weight`` and no ``exp_avg``).
     ``anchor`` a (learned rule, untold runs): the scale is ``(RMS(p) + floor)^(1−a) · (RMS(p₀) + floor)^a``;
-    at a = 0 norm growth compounds over a long run with no cosine to end it. ``anchor_told``: told runs too.
-    ``retract`` (schedule-free only): steps orthogonal to ``z`` do not grow ‖z‖ (``schedule_free.retraction``).
+    at a = 0 norm growth compounds over a long run with no cosine to end it.
 
     ``total_steps``: None or 0 when unknown. ``controller`` is the θ dict holding ``ctrl.*`` entries,
     or None for the hand-set rule. Pure (never mutates) unless ``inplace``: then the caller gives
     ``state`` up and the per-coordinate work runs as in-place ``torch._foreach_*`` kernels over the
     group, as torch's Adam does (CPU optimizer path only: it reads per-tensor scalars on the host).
     """
-    check_retract(retract, schedule_free)
     group_state, per_param = state
     step = group_state["step"] + 1
     total_steps = horizon_tensor(total_steps, step)
@@ -127,15 +123,13 @@ def relative_update(
         mults = s * controller_step(controller, stats, scalars, per_param, new_per_param, numel, is_vector, step,
                                     total_steps, floor_t)
         if anchor is not None:
-            used = anchor if anchor_told else torch.where(total_steps > 0, 0.0, anchor)
+            used = torch.where(total_steps > 0, 0.0, anchor)
             scales = scales * anchor_factor(norms[:, 0], scalars[:, SCALARS.index("p0_norm")], numel, floor_t, used)
     factors = scales * mults * (-lr * alpha)  # one multiply per tensor: relative scale, schedule, controller
     if schedule_free and inplace:
-        updates = sf_updates_inplace(dirs, back, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0],
-                                     norms if retract else None)
+        updates = sf_updates_inplace(dirs, back, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0])
     elif schedule_free:
-        updates = sf_updates(dirs, params, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0],
-                             norms if retract else None)
+        updates = sf_updates(dirs, params, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0])
     elif inplace:
         torch._foreach_mul_(dirs, factors.tolist())
         updates = dirs
@@ -278,13 +272,12 @@ class RelativeAdamRule(_RelativeRule):
         "eps": 1e-8, "total_steps": None, "final": 0.0,
     }
 
-    def __init__(self, schedule_free: bool = False, retract: bool = False) -> None:
+    def __init__(self, schedule_free: bool = False) -> None:
         super().__init__()
         self.schedule_free = check_bool("schedule_free", schedule_free)
-        self.retract = check_retract(retract, self.schedule_free)
 
     def config(self) -> dict[str, Any]:
-        return {**({"schedule_free": True} if self.schedule_free else {}), **({"retract": True} if self.retract else {})}
+        return {"schedule_free": True} if self.schedule_free else {}
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
         return _step_counter(params), [self._moments_state(p) for p in params]
@@ -313,7 +306,7 @@ class RelativeAdamRule(_RelativeRule):
             grads, params, state, alpha=hparams["alpha"], warmup=hparams["warmup"], floor=hparams["floor"],
             betas=hparams["betas"], eps=hparams["eps"], lr=hparams["lr"], total_steps=hparams["total_steps"],
             inplace=inplace, floor_vec=hparams.get("floor_vec"), final=hparams.get("final", 0.0),
-            schedule_free=self.schedule_free, retract=self.retract,
+            schedule_free=self.schedule_free,
         )
 
 
@@ -340,13 +333,9 @@ class LearnedRelativeAdamRule(_RelativeRule):
     def __init__(self, init_alpha: float = 0.03, init_warmup: float = 0.05, init_floor: float = 1e-3,
                  hidden: int = 8, seed: int = 0, init_floor_vec: float | None = None,
                  init_final: float | None = None, told_time: bool = False, schedule_free: bool = False,
-                 init_anchor: float | None = None, retract: bool = False, anchor_told: bool = False) -> None:
+                 init_anchor: float | None = None) -> None:
         super().__init__()
         self.schedule_free = check_bool("schedule_free", schedule_free)
-        self.retract = check_retract(retract, self.schedule_free)
-        self.anchor_told = check_bool("anchor_told", anchor_told)
-        if anchor_told and init_anchor is None:
-            raise ValueError("invalid anchor_told: True needs init_anchor (the anchor it applies to told runs)")
         self.log_alpha = log_param(init_alpha, "init_alpha")
         self.logit_warmup = logit_param(init_warmup, "init_warmup")
         self.log_floor = log_param(init_floor, "init_floor")
@@ -373,8 +362,6 @@ class LearnedRelativeAdamRule(_RelativeRule):
             "seed": self.seed,
             **({"told_time": True} if self.told_time else {}),
             **({"schedule_free": True} if self.schedule_free else {}),
-            **({"retract": True} if self.retract else {}),
-            **({"anchor_told": True} if self.anchor_told else {}),
         }
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
@@ -399,21 +386,19 @@ class LearnedRelativeAdamRule(_RelativeRule):
         warn_past_horizon(self, state[0]["step"], hparams.get("total_steps"),
                           lambda: torch.sigmoid(self.logit_final.detach()) if hasattr(self, "logit_final") else 0.0)
         return self.update_with(theta, grads, params, state, hparams["lr"], hparams.get("total_steps"),
-                                inplace=inplace, schedule_free=self.schedule_free, retract=self.retract,
-                                anchor_told=self.anchor_told)
+                                inplace=inplace, schedule_free=self.schedule_free)
 
     def _beta1(self, hparams: Mapping[str, Any]) -> float:
         return float(self.betas[0])
 
     def with_theta(self, theta: Mapping[str, Tensor]) -> ThetaRule:
         """This rule with θ replaced by ``theta`` (one member of a batched population)."""
-        return ThetaRule(theta, self.schedule_free, self.retract, self.anchor_told)
+        return ThetaRule(theta, self.schedule_free)
 
     @classmethod
     def update_with(cls, theta: Mapping[str, Tensor], grads: Sequence[Tensor], params: Sequence[Tensor],
                     state: RuleState, lr: Tensor | float, total_steps: int | Tensor | None,
-                    *, inplace: bool = False, schedule_free: bool = False,
-                    retract: bool = False, anchor_told: bool = False) -> tuple[list[Tensor], RuleState]:
+                    *, inplace: bool = False, schedule_free: bool = False) -> tuple[list[Tensor], RuleState]:
         """:meth:`update` with θ passed in: a pure function of tensors, vmappable over θ (unless ``inplace``)."""
         return relative_update(
             grads, params, state, alpha=theta["log_alpha"].exp(), warmup=torch.sigmoid(theta["logit_warmup"]),
@@ -422,8 +407,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             floor_vec=theta["log_floor_vec"].exp() if "log_floor_vec" in theta else None,
             final=torch.sigmoid(theta["logit_final"]) if "logit_final" in theta else 0.0,
             schedule_free=schedule_free,
-            anchor=torch.sigmoid(theta["logit_anchor"]) if "logit_anchor" in theta else None, retract=retract,
-            anchor_told=anchor_told,
+            anchor=torch.sigmoid(theta["logit_anchor"]) if "logit_anchor" in theta else None,
         )
 
 
@@ -431,12 +415,10 @@ class ThetaRule:
     """A learned relative Adam whose θ is given (a vmapped population member), for
     :func:`learned_opt.rules.transforms.apply_update`: the engine's runs take the shipped step path."""
 
-    def __init__(self, theta: Mapping[str, Tensor], schedule_free: bool = False, retract: bool = False,
-                 anchor_told: bool = False) -> None:
-        self.theta, self.schedule_free, self.retract, self.anchor_told = theta, schedule_free, retract, anchor_told
+    def __init__(self, theta: Mapping[str, Tensor], schedule_free: bool = False) -> None:
+        self.theta, self.schedule_free = theta, schedule_free
 
     def update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
                hparams: Mapping[str, Any]) -> tuple[list[Tensor], RuleState]:
         return LearnedRelativeAdamRule.update_with(self.theta, grads, params, state, hparams["lr"],
-                                                   hparams.get("total_steps"), schedule_free=self.schedule_free,
-                                                   retract=self.retract, anchor_told=self.anchor_told)
+                                                   hparams.get("total_steps"), schedule_free=self.schedule_free)

@@ -12,16 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from learned_opt.rules.base import check_bool
 from learned_opt.rules.controller import controller_stats
-
-
-def check_retract(retract: object, schedule_free: bool) -> bool:
-    """``retract`` as a bool; ValueError unless a bool, or when set without the schedule-free form."""
-    check_bool("retract", retract)
-    if retract and not schedule_free:
-        raise ValueError("invalid retract: True needs schedule_free=True (the retraction acts on the base sequence z)")
-    return bool(retract)
 
 
 def _sf_coefficients(per_param: Sequence[Mapping[str, Tensor]], weights: Tensor,
@@ -32,45 +23,18 @@ def _sf_coefficients(per_param: Sequence[Mapping[str, Tensor]], weights: Tensor,
     return total, c, 1 - beta1 + c * beta1
 
 
-def retraction(z_norm: Tensor, u_norm: Tensor, dots: Tensor, factors: Tensor) -> Tensor:
-    """Per tensor, ρ such that ``ρ (z + f u)`` has the norm that the step's radial part alone gives,
-    ``|‖z‖ + f ⟨z, u⟩ / ‖z‖|``: the part of a step orthogonal to ``z`` no longer inflates ``‖z‖``.
-
-    A relative step of size η orthogonal to ``z`` multiplies ‖z‖ by √(1 + η²); with η ≈ 0.1 that
-    compounds to ×150 over 1000 steps, and since the next step is relative to ‖z‖ again, the run
-    ends at chance on deep ReLU networks (docs/ablations.md). ρ = 1 where ``z`` is zero."""
-    a2 = z_norm * z_norm
-    fd = factors * dots
-    n2 = a2 + 2 * fd + factors * factors * u_norm * u_norm
-    ok = (a2 > 0) & (n2 > 0)
-    rho = (a2 + fd).abs() / (z_norm * torch.sqrt(torch.where(ok, n2, torch.ones_like(n2))))
-    return torch.where(ok, rho, torch.ones_like(rho))
-
-
-def _retract_factors(dirs: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]], norms: Tensor,
-                     factors: Tensor) -> tuple[Tensor, Tensor]:
-    """``(ρ f, ρ − 1)`` per tensor: the step ``Δz = ρ f u + (ρ − 1) z`` lands on ``ρ (z + f u)``."""
-    dots = torch.stack([torch.dot(st["z"].reshape(-1), u.reshape(-1)) for u, st in zip(dirs, per_param)])
-    rho = retraction(norms[:, 0], norms[:, 1], dots, factors)
-    return rho * factors, rho - 1
-
-
 def sf_updates(dirs: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
                new_per_param: list[dict[str, Tensor]], factors: Tensor, weights: Tensor,
-               beta1: Tensor | float, norms: Tensor | None = None) -> list[Tensor]:
+               beta1: Tensor | float) -> list[Tensor]:
     """The schedule-free step: ``z' = z + Δz`` (``Δz = factor · u``), ``x' = x + c (z' − x)`` with
     ``c = w / Σw`` (``weights`` w per tensor), ``y' = (1 − β₁) z' + β₁ x'``; returns ``y' − y``,
     which with ``x = (y − (1 − β₁) z) / β₁`` is ``(1 − β₁ + c β₁) Δz + c (z − y)`` (no division).
-    Writes ``z`` and ``sf_weight`` (Σw) into ``new_per_param``. ``norms`` (``[n, 2]``, of ``(z, u)``)
-    given: the step is retracted (:func:`retraction`)."""
+    Writes ``z`` and ``sf_weight`` (Σw) into ``new_per_param``."""
     total, c, keep = _sf_coefficients(per_param, weights, beta1)
-    shrink = None
-    if norms is not None:
-        factors, shrink = _retract_factors(dirs, per_param, norms, factors)
     updates = []
     for i, (u, y, st) in enumerate(zip(dirs, params, per_param)):
         z = st["z"]
-        dz = u * factors[i] if shrink is None else u * factors[i] + z * shrink[i]
+        dz = u * factors[i]
         updates.append(dz * keep[i] + (z - y) * c[i])
         new_per_param[i].update(z=z + dz, sf_weight=total[i])
     return updates
@@ -78,18 +42,13 @@ def sf_updates(dirs: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequ
 
 def sf_updates_inplace(dirs: Sequence[Tensor], back: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
                        new_per_param: list[dict[str, Tensor]], factors: Tensor, weights: Tensor,
-                       beta1: Tensor | float, norms: Tensor | None = None) -> list[Tensor]:
+                       beta1: Tensor | float) -> list[Tensor]:
     """:func:`sf_updates` for the optimizer path: ``dirs`` (u) and ``back`` (``y − z``) are the
     caller's temporaries and become the updates; ``z`` is advanced in place. Bitwise the same values:
     ``(z − y) · c`` is ``(y − z) · (−c)`` exactly."""
     total, c, keep = _sf_coefficients(per_param, weights, beta1)
-    shrink = None
-    if norms is not None:
-        factors, shrink = _retract_factors(dirs, per_param, norms, factors)
     for i, (u, yz, st) in enumerate(zip(dirs, back, per_param)):
         u.mul_(factors[i])
-        if shrink is not None:
-            u.add_(st["z"] * shrink[i])
         st["z"].add_(u)
         u.mul_(keep[i]).add_(yz.mul_(-c[i]))
         new_per_param[i].update(z=st["z"], sf_weight=total[i])
