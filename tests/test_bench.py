@@ -383,6 +383,12 @@ pairs = [["HypergradientSGD", "sgd"]]
             t["results"]["HypergradientSGD"]["normalised_mean"] <= t["results"]["sgd"]["normalised_mean"] + 1e-4)
             for t in results["tasks"]]
     assert pair["wins"] == sum(wins) and "## Head to head" in report and "HypergradientSGD vs sgd" in report
+    seed_wins = [sum(not c["diverged"] and (b["diverged"] or c["losses"][-1] / c["losses"][0]
+                                            <= b["losses"][-1] / b["losses"][0] + 1e-4)
+                     for c, b in zip(t["results"]["HypergradientSGD"]["runs"], t["results"]["sgd"]["runs"]))
+                 for t in results["tasks"]]
+    assert [t["pairs"]["HypergradientSGD vs sgd"]["seed_wins"] for t in results["tasks"]] == seed_wins
+    assert pair["seed_wins"] == sum(seed_wins) and pair["seed_runs"] == 4 and f"{sum(seed_wins)}/4" in report
     for name in ("summary.png", "quad-4d.png", "quad-ill.png"):
         png = out / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -715,3 +721,17 @@ def test_report_counts_how_often_the_decay_branch_fired(tmp_path):
     assert "| always | 0.122 | 0.122 | 0.122 | 2 | 1/1 |" in res.report  # the final factor's spread
     assert "| never | 1 | 1 | 1 | 2 | 0/1 |" in res.report
     assert "state" not in runs["adam (tuned)"]["runs"][0]["extra"]
+
+
+def test_paired_seed_wins_apply_the_verdict_per_seed():
+    from learned_opt.bench.metrics import paired_seed_wins
+    from learned_opt.bench.runner import RunResult
+
+    def run(final, diverged=False):
+        return RunResult(seed=0, steps=[0, 1], losses=[1.0, final], diverged=diverged)
+
+    cand = [run(0.5), run(0.30005), run(0.1, diverged=True), run(0.9)]
+    base = [run(0.6), run(0.3), run(0.05), run(0.2, diverged=True)]
+    assert paired_seed_wins(cand, base) == 3  # within the tolerance wins; a diverged candidate loses
+    with pytest.raises(ValueError, match="equal seed counts"):
+        paired_seed_wins(cand, base[:2])

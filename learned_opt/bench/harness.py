@@ -215,7 +215,10 @@ def _bench_task(h: _Harness, bt: BenchTask, specs: list[OptimizerSpec], tune: bo
         else:
             sp = M.speedup(agg.final_mean, steps, curve[0], curve[1], adam["initial_loss"])
             rec["speedup"] = {"value": sp.value, "censored": sp.censored, "text": str(sp)}
-    head_to_head = {f"{c} vs {b}": {"win": M.wins(aggs[c], aggs[b]), "ratio": M.normalised_ratio(aggs[c], aggs[b])}
+    seed_runs = {label: [RunResult.from_json(r) for r in rec["runs"]] for label, rec in records.items()}
+    head_to_head = {f"{c} vs {b}": {"win": M.wins(aggs[c], aggs[b]), "ratio": M.normalised_ratio(aggs[c], aggs[b]),
+                                    "seed_wins": M.paired_seed_wins(seed_runs[c], seed_runs[b]),
+                                    "seeds": len(seed_runs[c])}
                     for c, b in pairs}
     return {"label": bt.label, "steps": steps, "eval_every": every, "initial_loss": adam["initial_loss"],
             "results": records, "adam_extended": extended, "pairs": head_to_head}
@@ -228,7 +231,8 @@ def _pair_summary(tasks: list[dict[str, Any]], pairs: Sequence[tuple[str, str]])
     for c, b in pairs:
         rows = [t["pairs"][f"{c} vs {b}"] for t in tasks]
         out.append({"candidate": c, "baseline": b, "tasks": len(rows), "wins": sum(r["win"] for r in rows),
-                    "geomean_ratio": M.geometric_mean([r["ratio"] for r in rows])})
+                    "geomean_ratio": M.geometric_mean([r["ratio"] for r in rows]),
+                    "seed_wins": sum(r["seed_wins"] for r in rows), "seed_runs": sum(r["seeds"] for r in rows)})
     return out
 
 

@@ -91,6 +91,17 @@ def wins(candidate: Aggregate, baseline: Aggregate, tolerance: float = WIN_TOLER
     return candidate.normalised_mean <= baseline.normalised_mean + tolerance
 
 
+def paired_seed_wins(candidate: Sequence[RunResult], baseline: Sequence[RunResult],
+                     tolerance: float = WIN_TOLERANCE) -> int:
+    """Seeds on which the candidate's run wins against the baseline's run of the same seed (same
+    initial parameters and batches): the verdict's rule per seed, which shows how much of a task's
+    mean verdict is noise. Runs pair up in seed order."""
+    if len(candidate) != len(baseline):
+        raise ValueError(f"paired runs need equal seed counts, got {len(candidate)} and {len(baseline)}")
+    return sum(not c.diverged and (b.diverged or c.final_loss / c.initial_loss <= b.final_loss / b.initial_loss
+                                    + tolerance) for c, b in zip(candidate, baseline))
+
+
 def normalised_ratio(candidate: Aggregate, baseline: Aggregate, tolerance: float = WIN_TOLERANCE) -> float:
     """(normalised loss + tol) / (baseline's + tol); nan when either diverged (never averaged)."""
     if candidate.diverged or baseline.diverged:

@@ -146,14 +146,23 @@ def _pairs_section(results: dict[str, Any]) -> list[str]:
     pairs = results.get("pairs") or []
     if not pairs:
         return []
-    rows = [[p["candidate"], p["baseline"], f"{p['wins']}/{p['tasks']}", _num(p["geomean_ratio"])] for p in pairs]
+    rows = [[p["candidate"], p["baseline"], f"{p['wins']}/{p['tasks']}", _num(p["geomean_ratio"]),
+             _seeds(p, "seed_runs")] for p in pairs]
     lines = ["", "## Head to head: each rule against the rule it decorates", "",
-             "Wins and loss ratio as above, with the second optimizer as the baseline.", "",
-             *_table(["optimizer", "against", "wins", "loss ratio"], rows), ""]
+             "Wins and loss ratio as above, with the second optimizer as the baseline. Seed wins: the same "
+             "rule applied seed by seed to runs that share initial parameters and batches; a task whose "
+             "seeds split is within the noise of its verdict.", "",
+             *_table(["optimizer", "against", "wins", "loss ratio", "seed wins"], rows), ""]
     names = [f"{p['candidate']} vs {p['baseline']}" for p in pairs]
-    per_task = [[t["label"], *(f"{_yes(t['pairs'][n]['win'])} {_num(t['pairs'][n]['ratio'])}" for n in names)]
+    per_task = [[t["label"], *(f"{_yes(t['pairs'][n]['win'])} {_num(t['pairs'][n]['ratio'])} "
+                               f"({_seeds(t['pairs'][n], 'seeds')})" for n in names)]
                 for t in results["tasks"]]
     return lines + _table(["task", *names], per_task)
+
+
+def _seeds(row: dict[str, Any], total: str) -> str:
+    """"k/n" seed wins, or "—" for results saved before they were counted."""
+    return f"{row['seed_wins']}/{row[total]}" if "seed_wins" in row else "—"
 
 
 STATE_COLUMNS = {"decay_count": "decay fired (steps)", "first_decay_step": "first firing (step)",
