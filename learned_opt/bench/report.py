@@ -147,7 +147,7 @@ def _pairs_section(results: dict[str, Any]) -> list[str]:
     if not pairs:
         return []
     rows = [[p["candidate"], p["baseline"], f"{p['wins']}/{p['tasks']}", _num(p["geomean_ratio"]),
-             _seeds(p, "seed_runs")] for p in pairs]
+             _seed_wins_cell(p, "seed_runs")] for p in pairs]
     lines = ["", "## Head to head: each rule against the rule it decorates", "",
              "Wins and loss ratio as above, with the second optimizer as the baseline. Seed wins: the same "
              "rule applied seed by seed to runs that share initial parameters and batches; a task whose "
@@ -155,12 +155,12 @@ def _pairs_section(results: dict[str, Any]) -> list[str]:
              *_table(["optimizer", "against", "wins", "loss ratio", "seed wins"], rows), ""]
     names = [f"{p['candidate']} vs {p['baseline']}" for p in pairs]
     per_task = [[t["label"], *(f"{_yes(t['pairs'][n]['win'])} {_num(t['pairs'][n]['ratio'])} "
-                               f"({_seeds(t['pairs'][n], 'seeds')})" for n in names)]
+                               f"({_seed_wins_cell(t['pairs'][n], 'seeds')})" for n in names)]
                 for t in results["tasks"]]
     return lines + _table(["task", *names], per_task)
 
 
-def _seeds(row: dict[str, Any], total: str) -> str:
+def _seed_wins_cell(row: dict[str, Any], total: str) -> str:
     """"k/n" seed wins, or "—" for results saved before they were counted."""
     return f"{row['seed_wins']}/{row[total]}" if "seed_wins" in row else "—"
 
