@@ -328,7 +328,16 @@ class LearnedOptimizer(Optimizer):
         if saved_rule is not None and saved_rule != self.rule.name:
             raise ValueError(f"state_dict is for rule {saved_rule!r}, this optimizer runs {self.rule.name!r}")
         torch_state = {k: v for k, v in state_dict.items() if k != "learned_opt"}
-        self._check_loadable(torch_state)
+        try:
+            self._check_loadable(torch_state)
+        except ValueError as exc:
+            if saved_sha is None or saved_sha == self.weights_sha256:
+                raise
+            raise ValueError(
+                f"{exc}; the state was saved with other weights (sha256 {saved_sha[:12]}…, these "
+                f"{str(self.weights_sha256)[:12]}…): a shipped name whose card names untold_weights, such as "
+                "'default', runs other weights told and untold, so build it with the total_steps the state "
+                "was saved with") from exc
         if isinstance(torch_state.get("param_groups"), list):  # keys added since the state was saved
             defaults = {k: v for k, v in self.rule.hyperparameters.items() if k in self.rule.added_keys}
             torch_state["param_groups"] = [{**defaults, **g} for g in torch_state["param_groups"]]

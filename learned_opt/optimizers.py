@@ -357,15 +357,24 @@ def load_optimizer(
     the learned rate times the ``lr`` given; any other rule (the shipped ``default``, a learned
     relative Adam) runs in :class:`LearnedOptimizer`, with its card as ``opt.card``. ``overrides``
     are constructor arguments that replace those defaults (e.g. ``lr=0.5``, ``weight_decay=1e-4``,
-    ``total_steps=N`` for a horizon-aware rule) and the card's ``defaults`` (``default`` ships with a
-    small ``weight_decay``). Weights whose card names ``untold_weights`` run those sibling weights when
-    not told ``total_steps`` (``default``: the schedule-free rule, whose ``eval()``/``train()``
-    matter), and ``opt.card`` is then theirs.
+    ``total_steps=N`` for a horizon-aware rule) and the card's ``defaults`` (``default``'s untold
+    weights ship with ``weight_decay=1e-4``, coupled; with ``decoupled_weight_decay=True`` the same
+    value becomes AdamW's per-step ``lr·wd``). Weights whose card names ``untold_weights`` run those
+    sibling weights when not told ``total_steps`` (neither as a keyword nor in any param group;
+    ``default``: the schedule-free rule, whose ``eval()``/``train()`` matter), and ``opt.card`` is
+    then theirs. Card defaults and untold weights apply here only, not to ``LSTMOptimizer(weights=...)``
+    or ``MLPOptimizer(weights=...)``.
     A torch optimizer gets a step pre-hook that bounds its gradients as the learned optimizers'
     (:func:`~learned_opt.rules.transforms.bound_optimizer_gradients`), so a huge finite gradient
     cannot overflow its state either.
     """
-    rule, card = load_rule(weights_for_run(name_or_path, overrides.get("total_steps")))
+    if isinstance(name_or_path, Rule):
+        raise TypeError("load_optimizer takes a shipped name or a .safetensors path; "
+                        "for a Rule instance use LearnedOptimizer(params, rule)")
+    params = list(params)
+    told = overrides.get("total_steps") is not None or any(
+        isinstance(g, dict) and g.get("total_steps") is not None for g in params)
+    rule, card = load_rule(weights_for_run(name_or_path, 1 if told else None))
     overrides = {**card.get("defaults", {}), **overrides}
     if isinstance(rule, LSTMRule):
         opt: Optimizer = LSTMOptimizer(params, weights=rule, **overrides)

@@ -211,11 +211,12 @@ def read_card(weights_path: str | Path) -> dict[str, Any]:
             f"weights card {card_path} has format_version {card['format_version']!r}; "
             f"this learned_opt reads {FORMAT_VERSION}"
         )
-    _check_optional_fields(card, card_path)
+    check_optional_fields(card, card_path)
     return card
 
 
-def _check_optional_fields(card: Mapping[str, Any], card_path: Path) -> None:
+def check_optional_fields(card: Mapping[str, Any], card_path: str | Path) -> None:
+    """ValueError naming ``card_path`` unless the card's optional fields (``CARD_OPTIONAL``) are valid."""
     for key, kind in CARD_OPTIONAL.items():
         if key in card and not isinstance(card[key], kind):
             raise ValueError(f"weights card {card_path}: {key} must be a JSON {kind.__name__}, got {card[key]!r}")

@@ -733,5 +733,7 @@ def test_paired_seed_wins_apply_the_verdict_per_seed():
     cand = [run(0.5), run(0.30005), run(0.1, diverged=True), run(0.9)]
     base = [run(0.6), run(0.3), run(0.05), run(0.2, diverged=True)]
     assert paired_seed_wins(cand, base) == 3  # within the tolerance wins; a diverged candidate loses
-    with pytest.raises(ValueError, match="equal seed counts"):
+    with pytest.raises(ValueError, match="the same seeds"):
         paired_seed_wins(cand, base[:2])
+    with pytest.raises(ValueError, match="the same seeds"):
+        paired_seed_wins([run(0.5)], [RunResult(seed=1, steps=[0, 1], losses=[1.0, 0.5])])

@@ -35,13 +35,22 @@ def test_the_probed_rule_defaults_to_the_weights_card():
 
 def test_a_probe_takes_its_draws_and_weight_decay_from_a_recipe(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[population_es]\nval_tasks = 5\nhorizon = [20, 30]\npool = 64\nweight_decay = 0.01\n'
-                      'rule = { hidden = 0 }\n')
+    recipe.write_text('[ship]\nsuite = "quickstart"\ndefaults = { weight_decay = 0.01 }\n[population_es]\n'
+                      'val_tasks = 5\nhorizon = [20, 30]\npool = 64\nweight_decay = 0.01\nrule = { hidden = 0 }\n')
     args = argparse.Namespace(recipe=str(recipe), rule=None, weights=None, weight_decay=None)
     cfg = probe_config(args)
     assert (cfg.val_tasks, cfg.horizon, cfg.pool, cfg.weight_decay, cfg.rule) == (5, (20, 30), 1, 0.01, {"hidden": 0})
+    assert cfg.suite == "quickstart"
     args.weight_decay = 0.0
     assert probe_config(args).weight_decay == 0.0
     args.weight_decay = -1.0
     with pytest.raises(ValueError, match="weight_decay"):
         probe_config(args)
+
+
+def test_a_probe_runs_shipped_weights_with_their_cards_weight_decay():
+    args = argparse.Namespace(recipe=None, rule=None, weights="learned_opt/pretrained/default-free.safetensors",
+                              weight_decay=None, suite="meta_train_general", val_tasks=4, seed=0, horizon=(50, 60))
+    assert probe_config(args).weight_decay == 1e-4
+    args.weight_decay = 0.0
+    assert probe_config(args).weight_decay == 0.0

@@ -81,6 +81,9 @@ def test_bad_recipes_are_rejected_with_the_file_named(tmp_path):
         load_recipe("y", tmp_path)
     with pytest.raises(ValueError, match="no recipe"):
         load_recipe("nope", tmp_path)
+    (tmp_path / "w.toml").write_text('[ship]\nsuite = "meta_train"\n[population_es]\nweight_decay = 0.001\n')
+    with pytest.raises(ValueError, match=r"w\.toml.*must ship it too"):
+        load_recipe("w", tmp_path)
     assert main(["nope-such-recipe", "--skip-bench"]) == 2
 
 
@@ -104,9 +107,12 @@ def test_the_recipes_card_keys_reach_the_card_and_bad_ones_leave_it_as_it_was(tm
     sync_card(main_w, ship)
     card = read_card(main_w)
     assert card["defaults"] == {"weight_decay": 1e-4} and card["untold_weights"] == "free"
-    for bad in ({"defaults": {}, "untold_weights": "gone"}, {"defaults": {"lr": 1.0}, "untold_weights": None}):
+    for bad in ({"defaults": {}, "untold_weights": "gone"}, {"defaults": {"lr": 1.0}, "untold_weights": None},
+                {"defaults": {}, "untold_weights": "../main"}):
         with pytest.raises(ValueError, match=r"\[ship\] of 'main'"):
             sync_card(main_w, bad)
         assert read_card(main_w) == card
     sync_card(main_w, {"defaults": {}, "untold_weights": None})  # keys the recipe dropped leave the card
     assert "defaults" not in read_card(main_w) and "untold_weights" not in read_card(main_w)
+    with pytest.raises(ValueError, match="meta-train the recipe first"):
+        sync_card(tmp_path / "absent.safetensors", ship)

@@ -305,8 +305,8 @@ def _relative_pair(tmp_path: Path) -> tuple[Path, Path]:
     from learned_opt.rules.relative import LearnedRelativeAdamRule
 
     told = save_weights(LearnedRelativeAdamRule(hidden=0), tmp_path / "main", name="main", meta_training=META)
-    untold = save_weights(LearnedRelativeAdamRule(hidden=0, schedule_free=True), tmp_path / "free", name="free",
-                          meta_training=META)
+    untold = save_weights(LearnedRelativeAdamRule(hidden=0, schedule_free=True, init_alpha=0.1), tmp_path / "free",
+                          name="free", meta_training=META)
     for path, extra in ((told, {"untold_weights": "free"}), (untold, {"defaults": {"weight_decay": 0.25}})):
         card = json.loads(path.with_suffix(".json").read_text())
         path.with_suffix(".json").write_text(json.dumps({**card, **extra}))
@@ -360,3 +360,32 @@ def test_untold_weights_may_not_chain(tmp_path: Path) -> None:
     untold.with_suffix(".json").write_text(json.dumps({**card, "untold_weights": "main"}))
     with pytest.raises(ValueError, match="may not name untold weights"):
         learned_opt.load_optimizer(told, [torch.nn.Parameter(torch.ones(3))])
+
+
+def test_a_param_group_told_its_horizon_runs_the_told_weights(tmp_path: Path) -> None:
+    told, _ = _relative_pair(tmp_path)
+    opt = learned_opt.load_optimizer(told, [{"params": [torch.nn.Parameter(torch.ones(3))], "total_steps": 20}])
+    assert not opt.rule.schedule_free and opt.card["name"] == "main"
+    gen = (p for p in [torch.nn.Parameter(torch.ones(3))])  # a generator, as model.parameters() gives
+    assert learned_opt.load_optimizer(told, gen).rule.schedule_free
+
+
+def test_a_state_saved_in_the_other_mode_is_refused_with_the_reason(tmp_path: Path) -> None:
+    told, _ = _relative_pair(tmp_path)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = learned_opt.load_optimizer(told, [p], total_steps=10)
+    p.grad = torch.ones(3)
+    opt.step()
+    untold = learned_opt.load_optimizer(told, [p])
+    with pytest.raises(ValueError, match="runs other weights told and untold"):
+        untold.load_state_dict(opt.state_dict())
+    with pytest.raises(TypeError, match="LearnedOptimizer"):
+        learned_opt.load_optimizer(untold.rule, [p])
+
+
+def test_told_runs_keep_the_untold_weights_out_of_their_cache_key(tmp_path: Path) -> None:
+    from learned_opt.bench.baselines import resolve_optimizer
+
+    told, _ = _relative_pair(tmp_path)
+    assert "untold" in resolve_optimizer(str(told)).key
+    assert "untold" not in resolve_optimizer(f"{told}[horizon=true]").key

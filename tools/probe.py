@@ -104,9 +104,13 @@ def probe_config(args: argparse.Namespace) -> ESConfig:
     """The trainer settings of a probe: the recipe's table (its training pools shrunk to one draw),
     else the command line's; ``--rule`` and ``--weight-decay`` override either."""
     if args.recipe:
-        import tomllib
+        from tools.ship import load_recipe
 
-        table = dict(tomllib.loads(Path(args.recipe).read_text())["population_es"])
+        recipe = Path(args.recipe)
+        ship, tables, _ = load_recipe(recipe.stem, recipe.parent)
+        if "population_es" not in tables:
+            raise ValueError(f"{recipe}: a probe needs a [population_es] recipe (its validation draws)")
+        table = {"suite": ship["suite"], **tables["population_es"]}
         table.update(pool=1, long_pool=min(table.get("long_pool", 0), 1), long_every=min(table.get("long_every", 0), 1))
         if args.rule is not None or "rule" not in table:
             table["rule"] = rule_table(args.rule, args.weights)
@@ -114,8 +118,13 @@ def probe_config(args: argparse.Namespace) -> ESConfig:
     else:
         cfg = ESConfig(suite=args.suite, val_tasks=args.val_tasks, seed=args.seed, horizon=tuple(args.horizon),
                        pool=1, rule=rule_table(args.rule, args.weights))
-    if args.weight_decay is not None:
-        cfg.weight_decay = args.weight_decay
+    weight_decay = args.weight_decay
+    if weight_decay is None and args.weights:  # the weights run with their card's default, as shipped
+        from learned_opt.weights import read_card
+
+        weight_decay = read_card(args.weights).get("defaults", {}).get("weight_decay")
+    if weight_decay is not None:
+        cfg.weight_decay = weight_decay
         cfg.validate("--weight-decay")
     return cfg
 
@@ -138,10 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--refs", help="JSON cache of tuned-Adam references (read and written)")
     parser.add_argument("--modes", default="told,free", help="runs told the horizon, free of it, or both "
                         "(default: told,free)")
-    parser.add_argument("--recipe", help="a recipe TOML whose [population_es] table sets the validation draws, "
-                        "the rule and its weight decay (--val-tasks, --horizon, --seed and --suite are then ignored)")
+    parser.add_argument("--recipe", help="a recipe TOML whose [ship] suite and [population_es] table set the "
+                        "validation draws, the rule and its weight decay (--val-tasks, --horizon, --seed and --suite "
+                        "are then ignored)")
     parser.add_argument("--weight-decay", type=float, help="coupled weight decay of every member's runs "
-                        "(default: the recipe's, else 0)")
+                        "(default: the --weights card's default, else the recipe's, else 0)")
     parser.add_argument("--out", default="runs/probe", help="scratch directory of the trainer (default: runs/probe)")
     add_threads_flag(parser)
     args = parser.parse_args(argv)

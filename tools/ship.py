@@ -29,7 +29,7 @@ from learned_opt.fileio import atomic_write_json, atomic_write_text
 from learned_opt.rules import RULES
 from learned_opt.suites import check_table, tomllib
 from learned_opt.weights import (
-    PRETRAINED_DIR, REPO, file_sha256, load_rule, read_card, repo_relative, save_weights, weights_for_run,
+    PRETRAINED_DIR, REPO, check_optional_fields, file_sha256, load_rule, read_card, repo_relative, save_weights,
 )
 
 RECIPE_DIR = REPO / "tasks" / "pretrained"
@@ -61,6 +61,12 @@ def load_recipe(name: str, recipe_dir: Path = RECIPE_DIR) -> tuple[dict[str, Any
         raise ValueError(f"{path}: [ship] weights must be 'best' or 'final', got {ship['weights']!r}")
     if ("meta_train" in data) == ("population_es" in data):
         raise ValueError(f"{path}: a recipe needs exactly one of a [meta_train] or a [population_es] table")
+    trained_wd = data.get("population_es", {}).get("weight_decay", 0.0)
+    if not isinstance(ship["defaults"], dict):
+        raise ValueError(f"{path}: [ship] defaults must be a table, got {ship['defaults']!r}")
+    if trained_wd and ship["defaults"].get("weight_decay") != trained_wd:
+        raise ValueError(f"{path}: [population_es] weight_decay = {trained_wd} trains the rule with it, so "
+                         f"[ship] defaults must ship it too (defaults = {{ weight_decay = {trained_wd} }})")
     if "population_es" in data:
         return ship, {"population_es": dict(data["population_es"])}, path
     return ship, dict(data["meta_train"]), path
@@ -97,23 +103,29 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
     meta["exported"] = f"{ship['weights']} (validation-selected)" if ship["weights"] == "best" else "final"
     meta["command"] = command
     meta["threads"] = threads
-    weights = save_weights(rule, pretrained_dir / name, name=name, meta_training=meta, metrics={})
-    sync_card(weights, ship)
-    return weights
+    return save_weights(rule, pretrained_dir / name, name=name, meta_training=meta, metrics={})
 
 
 def sync_card(weights: Path, ship: dict[str, Any]) -> None:
-    """Write the recipe's card keys (``CARD_KEYS``) into the shipped card, checked as a load checks them."""
-    before = read_card(weights)
-    card = {k: v for k, v in before.items() if k not in CARD_KEYS}
+    """Write the recipe's card keys (``CARD_KEYS``) into the shipped card, checked before it is
+    written: valid fields, and untold weights that exist and name none of their own. Run after
+    every recipe is trained (a name's untold weights may be another recipe's output)."""
+    if not weights.exists():
+        raise ValueError(f"[ship] of {weights.stem!r}: {weights} does not exist; meta-train the recipe first")
+    card = {k: v for k, v in read_card(weights).items() if k not in CARD_KEYS}
     card.update({k: ship[k] for k in CARD_KEYS if ship[k]})
-    atomic_write_json(weights.with_suffix(".json"), card)
     try:
-        read_card(weights)
-        weights_for_run(weights)
+        check_optional_fields(card, weights.with_suffix(".json"))
+        sibling = card.get("untold_weights")
+        if sibling is not None:
+            untold = weights.with_name(f"{sibling}.safetensors")
+            if not untold.exists():
+                raise ValueError(f"untold_weights {sibling!r}: {untold} does not exist")
+            if read_card(untold).get("untold_weights") is not None:
+                raise ValueError(f"untold_weights {sibling!r} names untold weights of its own")
     except (ValueError, FileNotFoundError) as exc:
-        atomic_write_json(weights.with_suffix(".json"), before)
         raise ValueError(f"[ship] of {weights.stem!r}: {exc}") from exc
+    atomic_write_json(weights.with_suffix(".json"), card)
 
 
 def bench(suite: str, names: Sequence[str], work: str | Path, *, seeds: int | None = None, progress: bool = True,

@@ -199,8 +199,9 @@ def resolve_optimizer(spec: str | OptimizerSpec) -> OptimizerSpec:
         raise ValueError(f"optimizer spec {spec!r}: name must be non-empty text (quote it: name='...'), "
                          f"got {label!r}")
     resolved = _resolve_named(label.strip(), name, *_split_lr(spec, kwargs))
-    if horizon:
-        resolved = replace(resolved, horizon=True, key={**resolved.key, "horizon": True})
+    if horizon:  # told runs never load untold weights: their identity stays out of the key
+        resolved = replace(resolved, horizon=True,
+                           key={**{k: v for k, v in resolved.key.items() if k != "untold"}, "horizon": True})
     return resolved if tune is None else replace(resolved, tunable=tune)
 
 

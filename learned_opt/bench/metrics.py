@@ -95,9 +95,10 @@ def paired_seed_wins(candidate: Sequence[RunResult], baseline: Sequence[RunResul
                      tolerance: float = WIN_TOLERANCE) -> int:
     """Seeds on which the candidate's run wins against the baseline's run of the same seed (same
     initial parameters and batches): the verdict's rule per seed, which shows how much of a task's
-    mean verdict is noise. Runs pair up in seed order."""
-    if len(candidate) != len(baseline):
-        raise ValueError(f"paired runs need equal seed counts, got {len(candidate)} and {len(baseline)}")
+    mean verdict is noise. Both lists must hold runs of the same seeds in the same order."""
+    if [r.seed for r in candidate] != [r.seed for r in baseline]:
+        raise ValueError(f"paired runs need the same seeds, got {[r.seed for r in candidate]} and "
+                         f"{[r.seed for r in baseline]}")
     return sum(not c.diverged and (b.diverged or c.final_loss / c.initial_loss <= b.final_loss / b.initial_loss
                                     + tolerance) for c, b in zip(candidate, baseline))
 
