@@ -45,11 +45,15 @@ def test_non_editable_install_finds_suites_by_name(tmp_path):
         "import learned_opt, learned_opt.suites as s\n"
         "suite = s.load_suite('heldout')\n"
         "print(learned_opt.__file__); print(suite.path); print(len(suite.entries)); print(sorted(s.list_suites()))\n"
+        "import torch; p = [torch.nn.Parameter(torch.ones(2))]\n"  # default's two weight sets ship together
+        "print(learned_opt.load_optimizer('default', p).card['name'], "
+        "learned_opt.load_optimizer('default', p, total_steps=5).card['name'])\n"
     )
     # the installed copy comes first on sys.path; its dependencies (torch, ...) come from this environment
     out = subprocess.run([sys.executable, "-c", probe], check=True, cwd=tmp_path, env={**env, "PYTHONPATH": str(site)},
                          capture_output=True, text=True).stdout.splitlines()
-    module_file, suite_path, n_entries, names = out
+    module_file, suite_path, n_entries, names, default_names = out
+    assert default_names == "default-free default"
     assert Path(module_file).is_relative_to(site), module_file
     assert Path(suite_path).is_relative_to(site) and Path(suite_path).parent.name == "suite_files"
     assert int(n_entries) >= 12
