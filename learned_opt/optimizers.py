@@ -374,7 +374,7 @@ def load_optimizer(
     params = list(params)
     told = overrides.get("total_steps") is not None or any(
         isinstance(g, dict) and g.get("total_steps") is not None for g in params)
-    rule, card = load_rule(weights_for_run(name_or_path, 1 if told else None))
+    rule, card = load_rule(weights_for_run(name_or_path, told))
     overrides = {**card.get("defaults", {}), **overrides}
     if isinstance(rule, LSTMRule):
         opt: Optimizer = LSTMOptimizer(params, weights=rule, **overrides)

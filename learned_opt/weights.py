@@ -233,31 +233,38 @@ def check_optional_fields(card: Mapping[str, Any], card_path: str | Path) -> Non
                          f"(a name, no path or suffix), got {sibling!r}")
 
 
-def weights_for_run(name_or_path: str | Path, total_steps: Any = None) -> Path:
-    """The weights an optimizer runs: ``name_or_path``'s own, or, when it is not told ``total_steps``
-    and its card names ``untold_weights``, that sibling's (which may not name another)."""
-    path = resolve_weights(name_or_path)
-    if total_steps is not None or not path.exists():
-        return path
-    sibling = read_card(path).get("untold_weights")
+def untold_weights_path(weights_path: Path, card: Mapping[str, Any]) -> Path | None:
+    """The sibling weights ``card`` names as ``untold_weights`` (None if it names none); ValueError
+    if those name untold weights of their own, FileNotFoundError if they are missing."""
+    sibling = card.get("untold_weights")
     if sibling is None:
-        return path
-    other = path.with_name(f"{sibling}.safetensors")
+        return None
+    other = weights_path.with_name(f"{sibling}.safetensors")
     if read_card(other).get("untold_weights") is not None:
         raise ValueError(f"weights card {_paths(other)[1]}: untold weights may not name untold weights of their own")
     return other
 
 
-def run_settings(weights_path: str | Path) -> dict[str, Any]:
-    """What besides θ decides the runs of ``weights_path``'s optimizer (its card's defaults, and the
-    identity of its untold weights), for run caches; empty for weights with neither."""
-    card = read_card(weights_path)
+def weights_for_run(name_or_path: str | Path, told: bool = False) -> Path:
+    """The weights an optimizer runs: ``name_or_path``'s own, or, when it is not told its horizon and
+    its card names ``untold_weights``, that sibling's."""
+    path = resolve_weights(name_or_path)
+    if told or not path.exists():
+        return path
+    return untold_weights_path(path, read_card(path)) or path
+
+
+def run_settings(weights_path: Path, card: Mapping[str, Any]) -> dict[str, Any]:
+    """What besides θ decides the runs of the optimizer built from ``weights_path`` (whose card is
+    ``card``): the card's defaults and the identity of its untold weights, for run caches; empty for
+    weights with neither."""
     out: dict[str, Any] = {"defaults": card["defaults"]} if card.get("defaults") else {}
-    if card.get("untold_weights") is not None:
-        other = weights_for_run(weights_path)
+    other = untold_weights_path(weights_path, card)
+    if other is not None:
         untold = read_card(other)
-        out["untold"] = {"sha256": untold["sha256"], "rule": untold["rule"], "rule_config": untold["rule_config"],
-                         **run_settings(other)}
+        out["untold"] = {k: untold[k] for k in ("sha256", "rule", "rule_config")}
+        if untold.get("defaults"):
+            out["untold"]["defaults"] = untold["defaults"]
     return out
 
 

@@ -30,6 +30,7 @@ from learned_opt.rules import RULES
 from learned_opt.suites import check_table, tomllib
 from learned_opt.weights import (
     PRETRAINED_DIR, REPO, check_optional_fields, file_sha256, load_rule, read_card, repo_relative, save_weights,
+    untold_weights_path,
 )
 
 RECIPE_DIR = REPO / "tasks" / "pretrained"
@@ -116,13 +117,7 @@ def sync_card(weights: Path, ship: dict[str, Any]) -> None:
     card.update({k: ship[k] for k in CARD_KEYS if ship[k]})
     try:
         check_optional_fields(card, weights.with_suffix(".json"))
-        sibling = card.get("untold_weights")
-        if sibling is not None:
-            untold = weights.with_name(f"{sibling}.safetensors")
-            if not untold.exists():
-                raise ValueError(f"untold_weights {sibling!r}: {untold} does not exist")
-            if read_card(untold).get("untold_weights") is not None:
-                raise ValueError(f"untold_weights {sibling!r} names untold weights of its own")
+        untold_weights_path(weights, card)
     except (ValueError, FileNotFoundError) as exc:
         raise ValueError(f"[ship] of {weights.stem!r}: {exc}") from exc
     atomic_write_json(weights.with_suffix(".json"), card)

@@ -298,14 +298,14 @@ def _learned_spec(label: str, name: str, fixed_lr: float | None, extra: dict[str
         card = read_card(path)
     else:
         _, card = load_rule(name)
-        sha, source = str(card["sha256"]), name
+        sha, source, path = str(card["sha256"]), name, resolve_weights(name)
 
     def build(params: list[Tensor], lr: float | None, **more: Any) -> torch.optim.Optimizer:
         return load_optimizer(source, params, **_with_lr(lr, extra), **more)
 
     # the card's rule settings are part of the optimizer: the same θ with another setting is another run
     key = {"weights_sha256": sha, "rule": card.get("rule"), "rule_config": card.get("rule_config"), "kwargs": extra,
-           **run_settings(resolve_weights(source))}
+           **run_settings(path, card)}
     return OptimizerSpec(label, build, key, False, fixed_lr)
 
 
