@@ -235,17 +235,18 @@ class LearnedOptimizer(Optimizer):
         grads = [p.grad.to(w.dtype) for p, w in zip(params, work)]
         self._ensure_state(group, params, work)
         result = apply_update(self.rule, grads, work, self._rule_state(params, work), self._step_hparams(group),
-                              inplace=True)
+                              inplace=True, move=True)
         skips = self.state[params[0]][NONFINITE_KEY]
         if result.skipped:
             self._write_group_state(group, {NONFINITE_KEY: skips + 1})
             return True
         new_group, new_per_param = result.state
-        for p, w, u, ps in zip(params, work, result.updates, new_per_param):
-            if w is p:
-                p.add_(u)
-            else:
-                p.copy_(w.add_(u))  # rounded once into the low-precision parameter
+        updates = result.updates if result.updates is not None else [None] * len(params)
+        for p, w, u, ps in zip(params, work, updates, new_per_param):
+            if u is not None:
+                w.add_(u)
+            if w is not p:
+                p.copy_(w)  # rounded once into the low-precision parameter
             self._store_param_state(p, ps)
         if result.skipped is None:  # masked on the device: count without reading the verdict
             new_group = {**new_group, NONFINITE_KEY: skips + (~result.finite).to(skips.dtype)}

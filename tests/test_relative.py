@@ -474,32 +474,89 @@ def test_learned_floor_vec_is_a_meta_parameter():
         torch.testing.assert_close(u, w, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("rule", [RelativeAdamRule(), None, "floor_vec", RelativeAdamRule(schedule_free=True), "sf",
-                                  "sf-anchor"],
-                         ids=["hand", "learned", "floor_vec", "hand-sf", "learned-sf", "learned-sf-anchor"])
+def _fused_rule(kind: str):
+    """A relative rule of each kind, a learned one with a controller that does something."""
+    if kind.startswith("hand"):
+        return RelativeAdamRule(schedule_free=kind == "hand-sf")
+    rule = LearnedRelativeAdamRule(hidden=4, init_floor_vec=0.05 if kind == "floor_vec" else None,
+                                   schedule_free=kind.startswith("sf"), init_anchor=0.5 if kind == "sf-anchor" else None)
+    with torch.no_grad():
+        for p in rule.ctrl.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return rule
+
+
+FUSED_TRANSFORMS = {"plain": {}, "coupled": {"weight_decay": 0.05}, "maximize": {"maximize": True},
+                    "decoupled": {"weight_decay": 0.05, "decoupled_weight_decay": True, "lr": 0.7}}
+
+
+@pytest.mark.parametrize("transform", sorted(FUSED_TRANSFORMS))
+@pytest.mark.parametrize("kind", ["hand", "learned", "floor_vec", "hand-sf", "sf", "sf-anchor"])
 @pytest.mark.parametrize("total_steps", [None, 12])
-def test_inplace_foreach_step_matches_the_pure_update(rule, total_steps):
-    """The optimizer's in-place foreach kernels and the pure (vmappable, differentiable) path agree bitwise."""
-    if rule is None or isinstance(rule, str):
-        rule = LearnedRelativeAdamRule(hidden=4, init_floor_vec=0.05 if rule == "floor_vec" else None,
-                                       schedule_free=str(rule).startswith("sf"),
-                                       init_anchor=0.5 if rule == "sf-anchor" else None)
-        with torch.no_grad():
-            for p in rule.ctrl.parameters():
-                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    hparams = {**rule.hyperparameters, "total_steps": total_steps}
+def test_fused_step_matches_the_pure_update(monkeypatch, kind, total_steps, transform):
+    """The optimizer's fused step (parameters and state moved in place, large tensors in slices,
+    small ones batched) follows the pure (vmappable, differentiable) path that meta-training runs,
+    to float32 rounding, under every step transform."""
+    from learned_opt.rules import relative_fused
+
+    monkeypatch.setattr(relative_fused, "SLAB", 8)  # the 5×4 matrix is large: three slices, the last short
+    monkeypatch.setattr(relative_fused, "SMALL_BATCH", 5)  # the small tensors in two batches
+    rule = _fused_rule(kind)
+    hparams = {**rule.hyperparameters, "total_steps": total_steps, **FUSED_TRANSFORMS[transform]}
     g = torch.Generator().manual_seed(4)
-    params = [torch.randn(5, 4, generator=g), torch.zeros(4), torch.randn(3, generator=g)]
+    params = [torch.randn(5, 4, generator=g), torch.zeros(4), torch.randn(3, generator=g), torch.randn(2, generator=g)]
     pure_p, fast_p = [p.clone() for p in params], [p.clone() for p in params]
     pure_s, fast_s = rule.init_state(pure_p), rule.init_state(fast_p)
     for _ in range(12):
         grads = [torch.randn(p.shape, generator=g) for p in params]
-        up, pure_s = rule.update(grads, pure_p, pure_s, hparams)
-        uf, fast_s = rule.update_inplace([x.clone() for x in grads], fast_p, fast_s, hparams)
-        for u, w in zip(up, uf):
-            assert torch.equal(w, u)
-        pure_p = [p + u for p, u in zip(pure_p, up)]
-        fast_p = [p + u for p, u in zip(fast_p, uf)]
+        pure = apply_update(rule, grads, pure_p, pure_s, hparams)
+        fast = apply_update(rule, [x.clone() for x in grads], fast_p, fast_s, hparams, inplace=True, move=True)
+        assert fast.updates is None and not fast.skipped  # the fused path was taken
+        pure_p, pure_s, fast_s = [p + u for p, u in zip(pure_p, pure.updates)], pure.state, fast.state
+        for want, got in zip(pure_p, fast_p):
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+    for want, got in zip(pure_s[1], fast_s[1]):
+        assert want.keys() == got.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1e12])
+def test_fused_step_declines_gradients_the_guard_must_handle(bad):
+    """A non-finite gradient, or one above the guard's norm bound, leaves the fused path having
+    changed nothing: the guarded path then skips or rescales the step as for any rule."""
+    rule = _fused_rule("sf")
+    params = [torch.randn(6, 3), torch.randn(3)]
+    state = rule.init_state(params)
+    good = [torch.randn(p.shape) for p in params]
+    state = apply_update(rule, good, params, state, {**rule.hyperparameters}, inplace=True, move=True).state
+    before = ([p.clone() for p in params], [{k: v.clone() for k, v in st.items()} for st in state[1]])
+    grads = [g.clone() for g in good]
+    grads[0][1, 2] = bad
+    settings = {"sign": 1.0, "coupled": 0.0, "decoupled": 0.0, "bound": 2.0**30}
+    assert rule.move_inplace(grads, params, state, {**rule.hyperparameters}, settings) is None
+    for p, q in zip(params, before[0]):
+        assert torch.equal(p, q)
+    for st, old in zip(state[1], before[1]):
+        assert all(torch.equal(st[k], old[k]) for k in old)
+    moved = apply_update(rule, grads, params, state, {**rule.hyperparameters}, inplace=True, move=True)
+    pure = apply_update(rule, grads, before[0], state, {**rule.hyperparameters})
+    assert moved.skipped == pure.skipped == (bad != bad)
+    for u, w in zip(moved.updates, pure.updates):
+        torch.testing.assert_close(u, w)
+
+
+def test_fused_step_falls_back_for_tensors_it_cannot_slice():
+    """A non-contiguous parameter (or a float16 one) takes the ordinary path, with the same result."""
+    rule = _fused_rule("learned")
+    base = torch.randn(4, 6)
+    params = [base.t(), torch.randn(3)]
+    state = rule.init_state(params)
+    grads = [torch.randn(p.shape) for p in params]
+    assert rule.move_inplace(grads, params, state, {**rule.hyperparameters},
+                             {"sign": 1.0, "coupled": 0.0, "decoupled": 0.0, "bound": 2.0**30}) is None
+    result = apply_update(rule, grads, params, state, {**rule.hyperparameters}, inplace=True, move=True)
+    assert result.updates is not None
 
 
 ES_HPARAM_TABLES = {

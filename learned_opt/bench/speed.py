@@ -66,6 +66,7 @@ BATCH = 128
 IN_FEATURES = 64
 CLASSES = 10
 BASELINE = "adam"
+TOLD_STEPS = 1_000_000  # the horizon told to ``default (told)``: far beyond the steps a measurement takes
 LARGE = 5_000_000  # sizes from here on use ``large_repeats`` timed steps
 
 
@@ -99,6 +100,7 @@ def default_optimizers() -> list[SpeedSpec]:
     specs.append(SpeedSpec("learned-relative-sf", _learned_relative_sf))
     if "default" in list_pretrained():
         specs.append(SpeedSpec("default", functools.partial(load_optimizer, "default")))
+        specs.append(SpeedSpec("default (told)", functools.partial(load_optimizer, "default", total_steps=TOLD_STEPS)))
     return specs
 
 

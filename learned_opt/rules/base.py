@@ -81,6 +81,16 @@ class Rule(nn.Module):
         with large state override it to save the allocation; by default it is :meth:`update`."""
         return self.update(grads, params, state, hparams)
 
+    def move_inplace(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
+                     hparams: Mapping[str, Tensor | float], settings: Mapping[str, float]) -> RuleState | None:
+        """One step for the optimizer on the CPU that moves ``params`` (its own tensors) in place and
+        returns the new state, for rules with a fused path; None (nothing changed) where a rule has
+        none or declines, and the caller takes :meth:`update_inplace`. ``settings`` holds the step
+        transforms as numbers: ``sign`` (-1 when maximizing), ``coupled`` (L2 decay added to the
+        gradient), ``decoupled`` (the AdamW shrink of the parameters) and ``bound`` (the guard's
+        norm bound: a rule declines a gradient, decay included, above it or not finite)."""
+        return None
+
     def validate_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Raise ValueError naming any hyperparameter value this rule cannot use.
 

@@ -56,11 +56,12 @@ from learned_opt.rules.hparam_base import check_betas, log_param, logit_param
 from learned_opt.rules.horizon import (  # noqa: F401  (schedule, HORIZON_FREE_STEPS: public here too)
     HORIZON_FREE_STEPS, check_total_steps, horizon_tensor, schedule, warn_past_horizon,
 )
+from learned_opt.rules.relative_fused import can_fuse, fused_apply, fused_constants, fused_statistics
 from learned_opt.rules.relative_scale import anchor_factor, rms_scale
 from learned_opt.rules.schedule_free import (
-    schedule_free_eval_point, schedule_free_train_point, sf_directions_inplace, sf_updates,
-    sf_updates_inplace,
+    schedule_free_eval_point, schedule_free_train_point, sf_coefficients, sf_updates,
 )
+
 
 def relative_update(
     grads: Sequence[Tensor],
@@ -75,13 +76,12 @@ def relative_update(
     lr: Tensor | float,
     total_steps: int | Tensor | None,
     controller: Mapping[str, Tensor] | None = None,
-    inplace: bool = False,
     floor_vec: Tensor | float | None = None,
     final: Tensor | float = 0.0,
     schedule_free: bool = False,
     anchor: Tensor | float | None = None,
 ) -> tuple[list[Tensor], RuleState]:
-    """Additive updates and new state for one group (see the module docstring).
+    """Additive updates and new state for one group (see the module docstring). Pure.
 
     ``final`` is where the told schedule's cosine ends, as a fraction of its peak (0: at 0).
     ``schedule_free``: the schedule-free form (state ``z``, ``sf_weight`` and no ``exp_avg``).
@@ -89,35 +89,78 @@ def relative_update(
     at a = 0 norm growth compounds over a long run with no cosine to end it.
 
     ``total_steps``: None or 0 when unknown. ``controller`` is the θ dict holding ``ctrl.*`` entries,
-    or None for the hand-set rule. Pure (never mutates) unless ``inplace``: then the caller gives
-    ``state`` up and the per-coordinate work runs as in-place ``torch._foreach_*`` kernels over the
-    group, as torch's Adam does (CPU optimizer path only: it reads per-tensor scalars on the host).
+    or None for the hand-set rule. The optimizer on the CPU takes :func:`relative_move` instead.
     """
     group_state, per_param = state
     step = group_state["step"] + 1
-    total_steps = horizon_tensor(total_steps, step)
-    s = schedule(step, total_steps, warmup, final)
-    if schedule_free and inplace:
-        dirs, back, stats, norms = sf_directions_inplace(grads, params, per_param, step, betas, eps,
-                                                         controller is not None)
-        new_per_param = [{"exp_avg_sq": st["exp_avg_sq"]} for st in per_param]
-    elif schedule_free:
-        dirs, moments, stats, norms = _directions(grads, params, per_param, step, betas, eps,
-                                                  controller is not None, schedule_free=True)
+    dirs, moments, stats, norms = _directions(grads, params, per_param, step, betas, eps, controller is not None,
+                                              schedule_free=schedule_free)
+    if schedule_free:
         new_per_param = [{"exp_avg_sq": v} for _, v in moments]
     else:
-        directions = _directions_foreach if inplace else _directions
-        dirs, moments, stats, norms = directions(grads, params, per_param, step, betas, eps, controller is not None)
         new_per_param = [{"exp_avg": m, "exp_avg_sq": v} for m, v in moments]
     if not dirs:
         return [], ({**group_state, "step": step}, new_per_param)
+    factors, mults = _step_factors(params, per_param, new_per_param, stats, norms, step, total_steps, alpha=alpha,
+                                   warmup=warmup, floor=floor, lr=lr, controller=controller, floor_vec=floor_vec,
+                                   final=final, anchor=anchor)
+    if schedule_free:
+        updates = sf_updates(dirs, params, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0])
+    else:
+        updates = [d * f for d, f in zip(dirs, factors.unbind(0))]
+    return updates, ({**group_state, "step": step}, new_per_param)
+
+
+def relative_move(grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
+                  settings: Mapping[str, float], **kwargs: Any) -> RuleState | None:
+    """:func:`relative_update` for the optimizer on the CPU: ``params`` (its own tensors) and the
+    state move in place (:mod:`learned_opt.rules.relative_fused`), and the new state is returned.
+    ``settings`` holds the step transforms as numbers (see :meth:`Rule.move_inplace`); ``kwargs``
+    are ``relative_update``'s. None, with nothing changed, when the tensors cannot be sliced as
+    views or the gradient fails the guard."""
+    group_state, per_param = state
+    if not can_fuse(grads, params, per_param):
+        return None
+    step = group_state["step"] + 1
+    schedule_free, controller, betas = kwargs.get("schedule_free", False), kwargs.get("controller"), kwargs["betas"]
+    consts = fused_constants(sign=settings["sign"], coupled=settings["coupled"], decoupled=settings["decoupled"],
+                             betas=betas, eps=kwargs["eps"], step=float(step), schedule_free=schedule_free)
+    found = fused_statistics(grads, params, per_param, consts, controller is not None, settings["bound"])
+    if found is None:
+        return None
+    keys = ("exp_avg_sq", "z", "sf_weight") if schedule_free else ("exp_avg", "exp_avg_sq")
+    new_per_param = [{k: st[k] for k in keys} for st in per_param]
+    stats, norms, kept = found
+    factors, mults = _step_factors(params, per_param, new_per_param, stats, norms, step, kwargs["total_steps"],
+                                   **{k: v for k, v in kwargs.items() if k not in ("betas", "eps", "schedule_free",
+                                                                                   "total_steps")})
+    lerps = keeps = None
+    if schedule_free:
+        total, lerp, keep = sf_coefficients(per_param, (kwargs["lr"] * mults) ** 2, betas[0])
+        for new_st, weight in zip(new_per_param, total.unbind(0)):
+            new_st["sf_weight"] = weight
+        lerps, keeps = lerp.tolist(), keep.tolist()
+    fused_apply(grads, params, per_param, consts, kept, factors.tolist(), lerps, keeps)
+    return {**group_state, "step": step}, new_per_param
+
+
+def _step_factors(params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
+                  new_per_param: list[dict[str, Tensor]], stats: Tensor | None, norms: Tensor, step: Tensor,
+                  total_steps: int | Tensor | None, *, alpha: Tensor | float, warmup: Tensor | float,
+                  floor: Tensor | float, lr: Tensor | float, controller: Mapping[str, Tensor] | None = None,
+                  floor_vec: Tensor | float | None = None, final: Tensor | float = 0.0,
+                  anchor: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    """Per tensor: the factor ``−lr·α·s(t)·exp(c)·scale`` of its direction and the multiplier
+    ``s(t)·exp(c)``; writes the controller's state into ``new_per_param``."""
+    total_steps = horizon_tensor(total_steps, step)
+    s = schedule(step, total_steps, warmup, final)
     numel = torch.tensor([float(max(p.numel(), 1)) for p in params], dtype=step.dtype, device=step.device)
     is_vector = torch.tensor([float(p.dim() <= 1) for p in params], dtype=step.dtype, device=step.device)
     floor_t = floor if floor_vec is None else torch.where(is_vector > 0, scalar_like(floor_vec, step),
                                                           scalar_like(floor, step))
     scales = rms_scale(norms, numel, floor_t)
     if controller is None:
-        mults = s.expand(len(dirs))
+        mults = s.expand(len(params))
     else:
         scalars = torch.stack([st["controller"] for st in per_param])
         mults = s * controller_step(controller, stats, scalars, per_param, new_per_param, numel, is_vector, step,
@@ -125,17 +168,7 @@ def relative_update(
         if anchor is not None:
             used = torch.where(total_steps > 0, 0.0, anchor)
             scales = scales * anchor_factor(norms[:, 0], scalars[:, SCALARS.index("p0_norm")], numel, floor_t, used)
-    factors = scales * mults * (-lr * alpha)  # one multiply per tensor: relative scale, schedule, controller
-    if schedule_free and inplace:
-        updates = sf_updates_inplace(dirs, back, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0])
-    elif schedule_free:
-        updates = sf_updates(dirs, params, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0])
-    elif inplace:
-        torch._foreach_mul_(dirs, factors.tolist())
-        updates = dirs
-    else:
-        updates = [d * f for d, f in zip(dirs, factors.unbind(0))]
-    return updates, ({**group_state, "step": step}, new_per_param)
+    return scales * mults * (-lr * alpha), mults  # one multiply per tensor: relative scale, schedule, controller
 
 
 Directions = tuple[list[Tensor], list[tuple[Tensor, Tensor]], Tensor | None, Tensor | None]
@@ -172,50 +205,14 @@ def _directions(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Se
     return dirs, moments, torch.stack(stats) if stats else None, torch.stack(norms)
 
 
-def _directions_foreach(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
-                        step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float,
-                        with_stats: bool) -> Directions:
-    """:func:`_directions` with the moments updated in place by ``torch._foreach_*`` kernels (fewer
-    passes over memory). The operations and their order are the pure path's, so the results are
-    bitwise the same. One temporary per tensor (as torch's foreach Adam): ``p - p0``, then
-    ``√v + eps``, then ``u`` share it, since fresh large buffers cost page faults on every step."""
-    grads, params = list(grads), list(params)
-    if not grads:
-        return [], [], None, None
-    ms, vs = [st["exp_avg"] for st in per_param], [st["exp_avg_sq"] for st in per_param]
-    stats = None
-    if with_stats:  # before the moments move: the statistics read m_{t-1}
-        work = torch._foreach_sub(params, [st["p0"] for st in per_param])
-        travelled = torch._foreach_norm(work)
-        dots = [torch.dot(g.reshape(-1), m.reshape(-1)) for g, m in zip(grads, ms)]
-        stats = torch.stack([torch.stack(x) for x in (torch._foreach_norm(grads), torch._foreach_norm(ms),
-                                                      dots, travelled)], dim=-1)
-    beta1, beta2 = betas
-    bias2_sqrt = float((1 - beta2**step).sqrt())
-    torch._foreach_lerp_(ms, grads, float(1 - beta1))
-    torch._foreach_mul_(vs, float(beta2))
-    torch._foreach_addcmul_(vs, grads, grads, value=float(1 - beta2))
-    if with_stats:
-        torch._foreach_copy_(work, vs)
-        torch._foreach_sqrt_(work)
-    else:
-        work = torch._foreach_sqrt(vs)
-    torch._foreach_add_(work, float(eps) * bias2_sqrt)
-    for m, w in zip(ms, work):  # no foreach kernel divides into its divisor
-        torch.div(m, w, out=w)
-    dirs = work
-    norms = torch.stack([torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(dirs))], dim=-1)
-    return dirs, list(zip(ms, vs)), stats, norms
-
-
 def _step_counter(params: Sequence[Tensor]) -> dict[str, Tensor]:
     like = params[0] if params else torch.zeros(())
     return {"step": torch.zeros((), dtype=like.dtype, device=like.device)}
 
 
 class _RelativeRule(Rule):
-    """``update`` (pure) and ``update_inplace`` (the optimizer's foreach kernels, no graph) of both
-    relative rules, through their ``_update``, and the schedule-free form's two points."""
+    """``update`` (pure) and ``move_inplace`` (the optimizer's fused CPU step) of both relative
+    rules, through their ``_kwargs``, and the schedule-free form's two points."""
 
     schedule_free: bool = False
 
@@ -251,15 +248,15 @@ class _RelativeRule(Rule):
         state: RuleState,
         hparams: Mapping[str, Tensor | float],
     ) -> tuple[list[Tensor], RuleState]:
-        return self._update(grads, params, state, hparams, inplace=False)
+        return relative_update(grads, params, state, **self._kwargs(grads, state, hparams))
 
-    def update_inplace(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
-                       hparams: Mapping[str, Tensor | float]) -> tuple[list[Tensor], RuleState]:
+    def move_inplace(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
+                     hparams: Mapping[str, Tensor | float], settings: Mapping[str, float]) -> RuleState | None:
         with torch.no_grad():
-            return self._update(grads, params, state, hparams, inplace=True)
+            return relative_move(grads, params, state, settings, **self._kwargs(grads, state, hparams))
 
-    def _update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
-                hparams: Mapping[str, Tensor | float], *, inplace: bool) -> tuple[list[Tensor], RuleState]:
+    def _kwargs(self, grads: Sequence[Tensor], state: RuleState, hparams: Mapping[str, Tensor | float]) -> dict[str, Any]:
+        """:func:`relative_update`'s keyword arguments for this rule and step (warns past the horizon)."""
         raise NotImplementedError
 
 
@@ -299,15 +296,12 @@ class RelativeAdamRule(_RelativeRule):
         if "betas" in hparams:
             check_betas(hparams["betas"])
 
-    def _update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
-                hparams: Mapping[str, Tensor | float], *, inplace: bool) -> tuple[list[Tensor], RuleState]:
+    def _kwargs(self, grads: Sequence[Tensor], state: RuleState, hparams: Mapping[str, Tensor | float]) -> dict[str, Any]:
         warn_past_horizon(self, state[0]["step"], hparams["total_steps"], lambda: hparams.get("final", 0.0))
-        return relative_update(
-            grads, params, state, alpha=hparams["alpha"], warmup=hparams["warmup"], floor=hparams["floor"],
-            betas=hparams["betas"], eps=hparams["eps"], lr=hparams["lr"], total_steps=hparams["total_steps"],
-            inplace=inplace, floor_vec=hparams.get("floor_vec"), final=hparams.get("final", 0.0),
-            schedule_free=self.schedule_free,
-        )
+        return dict(alpha=hparams["alpha"], warmup=hparams["warmup"], floor=hparams["floor"], betas=hparams["betas"],
+                    eps=hparams["eps"], lr=hparams["lr"], total_steps=hparams["total_steps"],
+                    floor_vec=hparams.get("floor_vec"), final=hparams.get("final", 0.0),
+                    schedule_free=self.schedule_free)
 
 
 class LearnedRelativeAdamRule(_RelativeRule):
@@ -377,16 +371,14 @@ class LearnedRelativeAdamRule(_RelativeRule):
         check_total_steps(hparams.get("total_steps"))
 
     def theta(self) -> dict[str, Tensor]:
-        """θ by name: what :func:`update_with` takes (the batched engine passes stacked copies)."""
+        """θ by name: what :meth:`theta_kwargs` takes (the batched engine passes stacked copies)."""
         return dict(self.named_parameters())
 
-    def _update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
-                hparams: Mapping[str, Tensor | float], *, inplace: bool) -> tuple[list[Tensor], RuleState]:
+    def _kwargs(self, grads: Sequence[Tensor], state: RuleState, hparams: Mapping[str, Tensor | float]) -> dict[str, Any]:
         theta = {k: v.to(grads[0].dtype) for k, v in self.theta().items()} if grads else self.theta()
         warn_past_horizon(self, state[0]["step"], hparams.get("total_steps"),
                           lambda: torch.sigmoid(self.logit_final.detach()) if hasattr(self, "logit_final") else 0.0)
-        return self.update_with(theta, grads, params, state, hparams["lr"], hparams.get("total_steps"),
-                                inplace=inplace, schedule_free=self.schedule_free)
+        return self.theta_kwargs(theta, hparams["lr"], hparams.get("total_steps"), self.schedule_free)
 
     def _beta1(self, hparams: Mapping[str, Any]) -> float:
         return float(self.betas[0])
@@ -396,15 +388,13 @@ class LearnedRelativeAdamRule(_RelativeRule):
         return ThetaRule(theta, self.schedule_free)
 
     @classmethod
-    def update_with(cls, theta: Mapping[str, Tensor], grads: Sequence[Tensor], params: Sequence[Tensor],
-                    state: RuleState, lr: Tensor | float, total_steps: int | Tensor | None,
-                    *, inplace: bool = False, schedule_free: bool = False) -> tuple[list[Tensor], RuleState]:
-        """:meth:`update` with θ passed in: a pure function of tensors, vmappable over θ (unless ``inplace``)."""
-        return relative_update(
-            grads, params, state, alpha=theta["log_alpha"].exp(), warmup=torch.sigmoid(theta["logit_warmup"]),
+    def theta_kwargs(cls, theta: Mapping[str, Tensor], lr: Tensor | float, total_steps: int | Tensor | None,
+                     schedule_free: bool = False) -> dict[str, Any]:
+        """:func:`relative_update`'s keyword arguments with θ passed in (tensors: vmappable over θ)."""
+        return dict(
+            alpha=theta["log_alpha"].exp(), warmup=torch.sigmoid(theta["logit_warmup"]),
             floor=theta["log_floor"].exp(), betas=cls.betas, eps=cls.eps, lr=lr, total_steps=total_steps,
-            controller=theta, inplace=inplace,
-            floor_vec=theta["log_floor_vec"].exp() if "log_floor_vec" in theta else None,
+            controller=theta, floor_vec=theta["log_floor_vec"].exp() if "log_floor_vec" in theta else None,
             final=torch.sigmoid(theta["logit_final"]) if "logit_final" in theta else 0.0,
             schedule_free=schedule_free,
             anchor=torch.sigmoid(theta["logit_anchor"]) if "logit_anchor" in theta else None,
@@ -420,5 +410,5 @@ class ThetaRule:
 
     def update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
                hparams: Mapping[str, Any]) -> tuple[list[Tensor], RuleState]:
-        return LearnedRelativeAdamRule.update_with(self.theta, grads, params, state, hparams["lr"],
-                                                   hparams.get("total_steps"), schedule_free=self.schedule_free)
+        return relative_update(grads, params, state, **LearnedRelativeAdamRule.theta_kwargs(
+            self.theta, hparams["lr"], hparams.get("total_steps"), self.schedule_free))

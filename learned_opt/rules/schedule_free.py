@@ -12,10 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from learned_opt.rules.controller import controller_stats
-
-
-def _sf_coefficients(per_param: Sequence[Mapping[str, Tensor]], weights: Tensor,
+def sf_coefficients(per_param: Sequence[Mapping[str, Tensor]], weights: Tensor,
                      beta1: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
     """``(Σw after this step, c = w / Σw, 1 − β₁ + c β₁)`` per tensor."""
     total = torch.stack([st["sf_weight"] for st in per_param]) + weights
@@ -30,7 +27,7 @@ def sf_updates(dirs: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequ
     ``c = w / Σw`` (``weights`` w per tensor), ``y' = (1 − β₁) z' + β₁ x'``; returns ``y' − y``,
     which with ``x = (y − (1 − β₁) z) / β₁`` is ``(1 − β₁ + c β₁) Δz + c (z − y)`` (no division).
     Writes ``z`` and ``sf_weight`` (Σw) into ``new_per_param``."""
-    total, c, keep = _sf_coefficients(per_param, weights, beta1)
+    total, c, keep = sf_coefficients(per_param, weights, beta1)
     updates = []
     for i, (u, y, st) in enumerate(zip(dirs, params, per_param)):
         z = st["z"]
@@ -38,50 +35,6 @@ def sf_updates(dirs: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequ
         updates.append(dz * keep[i] + (z - y) * c[i])
         new_per_param[i].update(z=z + dz, sf_weight=total[i])
     return updates
-
-
-def sf_updates_inplace(dirs: Sequence[Tensor], back: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
-                       new_per_param: list[dict[str, Tensor]], factors: Tensor, weights: Tensor,
-                       beta1: Tensor | float) -> list[Tensor]:
-    """:func:`sf_updates` for the optimizer path: ``dirs`` (u) and ``back`` (``y − z``) are the
-    caller's temporaries and become the updates; ``z`` is advanced in place. Bitwise the same values:
-    ``(z − y) · c`` is ``(y − z) · (−c)`` exactly."""
-    total, c, keep = _sf_coefficients(per_param, weights, beta1)
-    for i, (u, yz, st) in enumerate(zip(dirs, back, per_param)):
-        u.mul_(factors[i])
-        st["z"].add_(u)
-        u.mul_(keep[i]).add_(yz.mul_(-c[i]))
-        new_per_param[i].update(z=st["z"], sf_weight=total[i])
-    return list(dirs)
-
-
-def sf_directions_inplace(grads: Sequence[Tensor], params: Sequence[Tensor],
-                          per_param: Sequence[Mapping[str, Tensor]], step: Tensor,
-                          betas: Sequence[Tensor | float], eps: Tensor | float,
-                          with_stats: bool) -> tuple[list[Tensor], list[Tensor], Tensor | None, Tensor | None]:
-    """The relative rule's directions (``learned_opt.rules.relative._directions`` with
-    ``schedule_free``) for the optimizer path: ``v`` moves in place and each
-    tensor gets two temporaries, ``y − z`` (returned, for :func:`sf_updates_inplace`) and one work
-    buffer that holds ``p − p₀`` and then ``√v + eps`` and ``u``; large fresh buffers cost page faults
-    on every step. The same operations in the same order as the pure path, so bitwise its results."""
-    if not grads:
-        return [], [], None, None
-    beta2 = betas[1]
-    eps_t = eps * (1 - beta2**step).sqrt()
-    dirs, back, stats, norms = [], [], [], []
-    for g, p, st in zip(grads, params, per_param):
-        yz = p - st["z"]
-        work = None
-        if with_stats:
-            work = torch.sub(p, st["p0"])
-            stats.append(controller_stats(g, yz, work))
-        v = st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        work = torch.sqrt(v, out=work) if work is not None else v.sqrt()
-        u = torch.div(g, work.add_(eps_t), out=work)
-        norms.append(torch.stack([torch.linalg.vector_norm(st["z"]), torch.linalg.vector_norm(u)]))
-        dirs.append(u)
-        back.append(yz)
-    return dirs, back, torch.stack(stats) if stats else None, torch.stack(norms)
 
 
 def schedule_free_eval_point(params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],

@@ -55,7 +55,7 @@ class StepResult(NamedTuple):
     verdict when it was read on the host, None when the step was masked on the device.
     """
 
-    updates: list[Tensor]
+    updates: list[Tensor] | None  # None: the rule moved the parameters in place
     state: RuleState
     finite: Tensor
     skipped: bool | None
@@ -227,6 +227,7 @@ def apply_update(
     *,
     inplace: bool = False,
     checked: bool = False,
+    move: bool = False,
 ) -> StepResult:
     """One step of ``rule`` for a group, through every transform (see the module docstring).
 
@@ -236,9 +237,15 @@ def apply_update(
     :func:`gradients_pass_guard` that the guard leaves these gradients as they are, so the step
     takes the host branch without checking (inside ``vmap`` too, where the guard would otherwise
     mask every update and state tensor); gradients that a transform changes (``maximize``, coupled
-    weight decay) are checked all the same. Never mutates ``grads`` or ``params``.
+    weight decay) are checked all the same. Never mutates ``grads``; never mutates ``params``
+    unless ``move``: the caller (the optimizer on the CPU) lets a rule with a fused path move them
+    in place (:meth:`Rule.move_inplace`), and then ``updates`` is None.
     """
     given = list(grads)
+    if move and host_read_is_free(given):
+        moved = rule.move_inplace(given, params, state, rule_hparams(hparams), move_settings(hparams, given))
+        if moved is not None:
+            return StepResult(None, moved, torch.ones((), dtype=torch.bool), False)
     grads = prepare_gradients(given, params, hparams)
     checked = checked and all(a is b for a, b in zip(grads, given))  # a transform's output is checked anew
     check = (GradientCheck(torch.ones((), dtype=torch.bool), None, True) if checked
@@ -251,6 +258,15 @@ def apply_update(
     if check.on_host:
         return StepResult(updates, new_state, check.finite, False)
     return StepResult(_masked(check.finite, updates), _kept(check.finite, new_state, state), check.finite, None)
+
+
+def move_settings(hparams: Mapping[str, Any], grads: Sequence[Tensor]) -> dict[str, float]:
+    """The step transforms as numbers for :meth:`Rule.move_inplace` (see there)."""
+    wd = float(hparams.get("weight_decay", 0.0))
+    decoupled = bool(hparams.get("decoupled_weight_decay", False))
+    return {"sign": -1.0 if hparams.get("maximize", False) else 1.0, "coupled": 0.0 if decoupled else wd,
+            "decoupled": float(absolute_rate(hparams)) * wd if decoupled else 0.0,
+            "bound": norm_bound({g.dtype for g in grads})}
 
 
 def _masked(finite: Tensor, updates: list[Tensor]) -> list[Tensor]:
