@@ -302,6 +302,24 @@ def load_rule(name_or_path: str | Path) -> tuple[Rule, dict[str, Any]]:
     return rule, card
 
 
+def copy_weights(rule: Rule, name_or_path: str | Path) -> None:
+    """Set ``rule``'s θ to the weights of a shipped name or path (verified as :func:`load_rule`
+    does), which must be of the same rule with the same tensors: a search warm-started from them."""
+    loaded, card = load_rule(name_or_path)
+    theirs, ours = dict(loaded.named_parameters()), dict(rule.named_parameters())
+
+    def form(r: Rule, params: Mapping[str, torch.Tensor]) -> tuple[Any, ...]:  # all but the starting values
+        return r.name, {k: v for k, v in r.config().items() if not k.startswith("init_")}, \
+            {k: v.shape for k, v in params.items()}
+
+    if form(loaded, theirs) != form(rule, ours):
+        raise ValueError(f"weights {name_or_path!r} ({card['rule']}: {sorted(theirs)}) do not fit rule "
+                         f"{rule.name!r} ({sorted(ours)}); init_weights needs the same rule and architecture")
+    with torch.no_grad():
+        for key, param in ours.items():
+            param.copy_(theirs[key])
+
+
 def _build(weights_path: Path, card: Mapping[str, Any]) -> Rule:
     """The card's rule; ValueError naming the card if its rule or config cannot be built."""
     try:

@@ -266,6 +266,25 @@ def test_es_resumes_bitwise(tmp_path):
     assert isinstance(opt.rule, LearnedRelativeAdamRule)
 
 
+def test_es_warm_starts_from_given_weights(tmp_path):
+    """``init_weights`` starts θ at a weight file's values (a search continued from shipped
+    weights); weights of another architecture or form are refused, naming init_weights."""
+    suite = _tiny_suite()
+    rule = {"hidden": 0, "init_floor_vec": 0.1}
+    first = PopulationESTrainer(_cfg(meta_steps=2, rule=rule), tmp_path / "first", suite=suite)
+    first.run(progress=False)
+    start = tmp_path / "first" / "best.safetensors"
+    warm = PopulationESTrainer(_cfg(meta_steps=2, rule=rule, init_weights=str(start)), tmp_path / "warm", suite=suite)
+    assert torch.equal(warm.theta.detach(), first.best_theta)
+    assert not torch.equal(warm.theta.detach(), PopulationESTrainer(_cfg(rule=rule), tmp_path / "cold",
+                                                                    suite=suite).theta.detach())
+    for other in ({"hidden": 2, "init_floor_vec": 0.1}, {**rule, "schedule_free": True}):
+        with pytest.raises(ValueError, match="init_weights"):
+            PopulationESTrainer(_cfg(rule=other, init_weights=str(start)), tmp_path / "bad", suite=suite)
+    with pytest.raises(ValueError, match="init_weights"):
+        ESConfig.from_table({"init_weights": 3})
+
+
 def test_es_refuses_changed_settings_on_resume(tmp_path):
     suite = _tiny_suite()
     PopulationESTrainer(_cfg(meta_steps=1), tmp_path, suite=suite).run(progress=False)

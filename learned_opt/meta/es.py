@@ -56,7 +56,7 @@ from learned_opt.rules.base import Rule, build_rule
 from learned_opt.rules.relative import LearnedRelativeAdamRule
 from learned_opt.rules.transforms import apply_update
 from learned_opt.suites import Suite, load_suite
-from learned_opt.weights import save_weights
+from learned_opt.weights import copy_weights, save_weights
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -88,6 +88,7 @@ class ESConfig:
     long_every: int = 0
     long_val: int = 0
     weight_decay: float = 0.0
+    init_weights: str = ""  # a shipped name or .safetensors path whose θ starts the search ("" : the rule's init_*)
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any], where: str = "[population_es]") -> ESConfig:
@@ -113,6 +114,8 @@ class ESConfig:
         if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or not (
                 math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"{where}: weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.init_weights, str):
+            raise ValueError(f"{where}: init_weights must be a shipped name or a weights path, got {self.init_weights!r}")
         for key in ("horizon_known", "augment"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -196,6 +199,8 @@ class PopulationESTrainer:
         self.cfg, self.out, self.command = cfg, Path(out), command
         self.suite = suite if suite is not None else load_suite(cfg.suite)
         self.rule = es_rule(cfg.rule)
+        if cfg.init_weights:
+            copy_weights(self.rule, cfg.init_weights)
         self.theta = torch.nn.utils.parameters_to_vector(self.rule.parameters()).detach().clone().requires_grad_(True)
         self.meta_opt = torch.optim.Adam([self.theta], lr=cfg.meta_lr)
         pool_rng = np.random.default_rng([cfg.seed, 0x9001])
