@@ -519,6 +519,7 @@ def test_fused_step_matches_the_pure_update(monkeypatch, kind, total_steps, tran
     from learned_opt.rules import relative_fused
 
     monkeypatch.setattr(relative_fused, "SLAB", 8)  # the 5×4 matrix is large: three slices, the last short
+    monkeypatch.setattr(relative_fused, "SLICED_FROM", 8)
     monkeypatch.setattr(relative_fused, "SMALL_BATCH", 5)  # the small tensors in two batches
     rule = _fused_rule(kind)
     hparams = {**rule.hyperparameters, "total_steps": total_steps, **FUSED_TRANSFORMS[transform]}
@@ -538,6 +539,30 @@ def test_fused_step_matches_the_pure_update(monkeypatch, kind, total_steps, tran
         assert want.keys() == got.keys()
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=2e-5, atol=1e-6)
+
+
+def test_fused_scratch_follows_the_slice_size(monkeypatch):
+    """The scratch kept between steps is rebuilt when the slice size is not the one it was made
+    for (a test that shrank it ran first in this thread), so large tensors still step correctly."""
+    from learned_opt.rules import relative_fused
+
+    rule = _fused_rule("sf")
+    with monkeypatch.context() as patch:
+        patch.setattr(relative_fused, "SLAB", 8)
+        patch.setattr(relative_fused, "SLICED_FROM", 8)
+        small = [torch.randn(5, 4)]
+        apply_update(rule, [torch.randn(5, 4)], small, rule.init_state(small), {**rule.hyperparameters},
+                     inplace=True, move=True)
+    params = [torch.randn(relative_fused.SLICED_FROM + 3)]
+    grads = [torch.randn(params[0].shape)]
+    pure = apply_update(rule, grads, params, rule.init_state(params), {**rule.hyperparameters})
+    fast_p = [params[0].clone()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an out= buffer too small is resized with a warning
+        fast = apply_update(rule, grads, fast_p, rule.init_state(fast_p), {**rule.hyperparameters}, inplace=True,
+                            move=True)
+    assert fast.updates is None
+    torch.testing.assert_close(fast_p[0], params[0] + pure.updates[0], rtol=2e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), 1e12])

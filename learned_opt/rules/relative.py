@@ -34,8 +34,10 @@ accumulated log multiplier (state ``ctrl``) and a bounded direct offset. Its las
 zero, so an untrained controller is exactly the hand-set rule. Its cost is per tensor
 (a few reductions and one small matmul over the group's tensors), so a step stays close to Adam's.
 
-:func:`relative_update` is the one home of this math; both rules, the optimizer and the batched
-meta-training engine (``learned_opt.meta.population``, through ``torch.func.vmap``) call it.
+:func:`relative_update` is the one home of this math; both rules, the batched meta-training
+engine (``learned_opt.meta.population``, through ``torch.func.vmap``) and the optimizer off the CPU
+call it. On the CPU the optimizer runs :func:`relative_move`: the same steps fused in place over
+the parameters (:mod:`learned_opt.rules.relative_fused`), tested against it to float32 rounding.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ The pure path (:func:`learned_opt.rules.relative.relative_update`) builds each i
 (``g + wd·p``, ``y − z``, ``p − p₀``, ``u``) as a whole tensor and returns updates for the caller
 to add. On the CPU every fresh large buffer costs page faults on every step (each about as much
 as five passes over it), and each intermediate one more pass over memory. Here, tensors of at
-least :data:`SLAB` elements are worked on in slices of that size whose scratch is kept between
-steps and stays in cache; smaller ones together, by ``torch._foreach_*`` kernels (a model of many
-small tensors then costs a few dispatches, not a few per tensor). Two passes:
+least :data:`SLICED_FROM` elements are worked on in slices of :data:`SLAB` elements whose scratch
+is kept between steps and stays in cache; smaller ones together, by ``torch._foreach_*`` kernels
+(a model of many small tensors then costs a few dispatches, not a few per tensor; temporaries
+under a MB come from the allocator's heap without page faults). Two passes:
 
 1. :func:`fused_statistics` reads (the controller's statistics and the norms of the relative
    scale) and writes nothing, so gradients that fail the guard leave everything as it was;
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 SLAB = 1 << 16  # elements per slice of a large tensor: its streams and scratch fit a core's L2 cache
+SLICED_FROM = 1 << 18  # tensors this large are sliced; smaller ones' temporaries come from the heap
 SMALL_BATCH = 1 << 20  # elements of small tensors stepped together by foreach kernels (bounds their temporaries)
 
 
@@ -82,17 +84,17 @@ def _scratch(dtype: torch.dtype) -> Tensor:
     """``[3, SLAB]`` scratch, kept between steps per thread and dtype: a fresh buffer this large
     would be page-faulted in on every step."""
     cache = _SCRATCH.__dict__.setdefault("buffers", {})
-    if dtype not in cache:
+    if dtype not in cache or cache[dtype].shape[1] != SLAB:
         cache[dtype] = torch.empty((3, SLAB), dtype=dtype)
     return cache[dtype]
 
 
 def _groups(params: Sequence[Tensor]) -> tuple[list[int], list[list[int]]]:
-    """Indices of the large tensors, and the small ones in batches of at most :data:`SMALL_BATCH` elements."""
+    """Indices of the tensors to slice, and the others in batches of at most :data:`SMALL_BATCH` elements."""
     large, batches, size = [], [[]], 0
     for i, p in enumerate(params):
         n = p.numel()
-        if n >= SLAB:
+        if n >= SLICED_FROM:
             large.append(i)
             continue
         if size + n > SMALL_BATCH:
