@@ -69,9 +69,11 @@ def can_fuse(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Seque
 
 @dataclass(frozen=True)
 class Kept:
-    """A batch of small tensors' new ``v``, ``m`` (None: schedule-free) and direction ``u``."""
+    """A batch of small tensors' six sums (see :func:`fused_statistics`), new ``v``, ``m`` (None:
+    schedule-free) and direction ``u``."""
 
     batch: list[int]
+    sums: Tensor
     v: list[Tensor]
     m: list[Tensor] | None
     u: list[Tensor]
@@ -126,8 +128,8 @@ def fused_statistics(grads: Sequence[Tensor], params: Sequence[Tensor], per_para
     coupled decay applied) has a norm above ``bound`` or is not finite: the caller then takes the
     guarded path."""
     large, batches = _groups(params)
-    sums = torch.zeros((len(params), 6), dtype=torch.float64)  # ||g||², ||prev||², g·prev, ||p−p₀||², ||s||², ||u||²
     work = _scratch(params[0].dtype)
+    rows = []  # per tensor: ||g||², ||prev||², g·prev, ||p − p₀||², ||scaled||², ||u||²
     for i in large:
         st = per_param[i]
         row = [0.0] * 6
@@ -145,11 +147,12 @@ def fused_statistics(grads: Sequence[Tensor], params: Sequence[Tensor], per_para
             num = gg if c.schedule_free else torch.lerp(prev, gg, 1 - c.betas[0], out=a)
             v2 = torch.mul(v, c.betas[1], out=s).addcmul_(gg, gg, value=1 - c.betas[1])
             row[5] += float(_square(torch.div(num, v2.sqrt_().add_(c.eps_t), out=s)))
-        sums[i] = torch.tensor(row, dtype=torch.float64)
-    kept = []
-    for batch in batches:
-        sums[batch], new = _batch_statistics(batch, grads, params, per_param, c, with_stats)
-        kept.append(new)
+        rows.append(torch.tensor([row], dtype=torch.float64))
+    kept = [_batch_statistics(batch, grads, params, per_param, c, with_stats) for batch in batches]
+    order = large + [i for batch in batches for i in batch]
+    sums = torch.cat(rows + [new.sums for new in kept])
+    if order != list(range(len(params))):
+        sums = sums[torch.tensor(order).argsort()]
     if not float(sums[:, 0].sum()) <= bound * bound:  # NaN fails too
         return None
     roots = sums.clamp_min(0.0).sqrt().to(params[0].dtype)
@@ -162,7 +165,7 @@ def _square(x: Tensor) -> Tensor:
 
 
 def _batch_statistics(batch: list[int], grads: Sequence[Tensor], params: Sequence[Tensor],
-                      per_param: Sequence[Mapping[str, Tensor]], c: Fused, with_stats: bool) -> tuple[Tensor, Kept]:
+                      per_param: Sequence[Mapping[str, Tensor]], c: Fused, with_stats: bool) -> Kept:
     """:func:`fused_statistics`' six sums ``[len(batch), 6]`` of a batch of small tensors, and
     their new moments and directions (small: kept for :func:`fused_apply` rather than recomputed)."""
     g, p = [grads[i] for i in batch], [params[i] for i in batch]
@@ -182,7 +185,8 @@ def _batch_statistics(batch: list[int], grads: Sequence[Tensor], params: Sequenc
     u = torch._foreach_div(gg if m is None else m, denom)
     cols.append(_norms(u))
     sums = torch.stack(cols, dim=-1).to(torch.float64)
-    return torch.cat([sums[:, :2].square(), sums[:, 2:3], sums[:, 3:].square()], dim=-1), Kept(batch, v, m, u)
+    sums[:, [0, 1, 3, 4, 5]] = sums[:, [0, 1, 3, 4, 5]].square()
+    return Kept(batch, sums, v, m, u)
 
 
 def _norms(xs: Sequence[Tensor]) -> Tensor:
