@@ -172,25 +172,24 @@ def _batch_statistics(batch: list[int], grads: Sequence[Tensor], params: Sequenc
     other = [_moving(per_param[i], c) for i in batch]
     gg = _batch_gradient(g, p, c)
     prev = torch._foreach_sub(p, other) if c.schedule_free else other
-    zeros = torch.zeros(len(batch), dtype=p[0].dtype)
-    cols = [_norms(gg), _norms(prev) if with_stats else zeros,
-            torch.stack([torch.dot(x.view(-1), y.view(-1)) for x, y in zip(gg, prev)]) if with_stats else zeros,
-            _norms(torch._foreach_sub(p, [per_param[i]["p0"] for i in batch])) if with_stats else zeros,
-            _norms(other if c.schedule_free else p)]
     v = torch._foreach_mul([per_param[i]["exp_avg_sq"] for i in batch], c.betas[1])
     torch._foreach_addcmul_(v, gg, gg, value=1 - c.betas[1])
     denom = torch._foreach_sqrt(v)
     torch._foreach_add_(denom, c.eps_t)
     m = None if c.schedule_free else torch._foreach_lerp(prev, gg, 1 - c.betas[0])
     u = torch._foreach_div(gg if m is None else m, denom)
-    cols.append(_norms(u))
-    sums = torch.stack(cols, dim=-1).to(torch.float64)
-    sums[:, [0, 1, 3, 4, 5]] = sums[:, [0, 1, 3, 4, 5]].square()
+    n = len(batch)
+    normed = [gg, *([prev, torch._foreach_sub(p, [per_param[i]["p0"] for i in batch])] if with_stats else []),
+              other if c.schedule_free else p, u]
+    norms = torch.stack(torch._foreach_norm([x for xs in normed for x in xs])).view(len(normed), n).double()
+    squares = norms.square()
+    if with_stats:
+        dots = torch.stack([torch.dot(x.view(-1), y.view(-1)) for x, y in zip(gg, prev)]).double()
+        sums = torch.stack([squares[0], squares[1], dots, *squares[2:]], dim=-1)
+    else:
+        zeros = torch.zeros(n, dtype=torch.float64)
+        sums = torch.stack([squares[0], zeros, zeros, zeros, *squares[1:]], dim=-1)
     return Kept(batch, sums, v, m, u)
-
-
-def _norms(xs: Sequence[Tensor]) -> Tensor:
-    return torch.stack(torch._foreach_norm(xs))
 
 
 def _gradient(g: Tensor, p: Tensor, out: Tensor, c: Fused) -> Tensor:
