@@ -509,36 +509,47 @@ FUSED_TRANSFORMS = {"plain": {}, "coupled": {"weight_decay": 0.05}, "maximize": 
                     "decoupled": {"weight_decay": 0.05, "decoupled_weight_decay": True, "lr": 0.7}}
 
 
+def _like(p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random values laid out as ``p`` (a channels-last parameter's gradient is channels-last)."""
+    return torch.empty_like(p).copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
 @pytest.mark.parametrize("transform", sorted(FUSED_TRANSFORMS))
 @pytest.mark.parametrize("kind", ["hand", "learned", "floor_vec", "hand-sf", "sf", "sf-anchor"])
 @pytest.mark.parametrize("total_steps", [None, 12])
-def test_fused_step_matches_the_pure_update(monkeypatch, kind, total_steps, transform):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_step_matches_the_pure_update(monkeypatch, kind, total_steps, transform, dtype):
     """The optimizer's fused step (parameters and state moved in place, large tensors in slices,
     small ones batched) follows the pure (vmappable, differentiable) path that meta-training runs,
-    to float32 rounding, under every step transform."""
+    to rounding, under every step transform; channels-last, empty and 0-dim tensors included."""
     from learned_opt.rules import relative_fused
 
     monkeypatch.setattr(relative_fused, "SLAB", 8)  # the 5×4 matrix is large: three slices, the last short
     monkeypatch.setattr(relative_fused, "SLICED_FROM", 8)
     monkeypatch.setattr(relative_fused, "SMALL_BATCH", 5)  # the small tensors in two batches
-    rule = _fused_rule(kind)
+    rule = _fused_rule(kind).to(dtype)
     hparams = {**rule.hyperparameters, "total_steps": total_steps, **FUSED_TRANSFORMS[transform]}
     g = torch.Generator().manual_seed(4)
-    params = [torch.randn(5, 4, generator=g), torch.zeros(4), torch.randn(3, generator=g), torch.randn(2, generator=g)]
+    params = [torch.randn(5, 4, generator=g), torch.zeros(4), torch.randn(3, generator=g), torch.randn(2, generator=g),
+              torch.randn(3, 2, 2, 2, generator=g).to(memory_format=torch.channels_last), torch.zeros(0),
+              torch.tensor(0.5)]
+    params = [p.to(dtype) for p in params]
     pure_p, fast_p = [p.clone() for p in params], [p.clone() for p in params]
     pure_s, fast_s = rule.init_state(pure_p), rule.init_state(fast_p)
+    tol = {"rtol": 2e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
     for _ in range(12):
-        grads = [torch.randn(p.shape, generator=g) for p in params]
+        grads = [_like(p, g) for p in params]
         pure = apply_update(rule, grads, pure_p, pure_s, hparams)
         fast = apply_update(rule, [x.clone() for x in grads], fast_p, fast_s, hparams, inplace=True, move=True)
         assert fast.updates is None and not fast.skipped  # the fused path was taken
         pure_p, pure_s, fast_s = [p + u for p, u in zip(pure_p, pure.updates)], pure.state, fast.state
         for want, got in zip(pure_p, fast_p):
-            torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+            torch.testing.assert_close(got, want, **tol)
+    assert torch.equal(fast_s[0]["step"], pure_s[0]["step"])
     for want, got in zip(pure_s[1], fast_s[1]):
         assert want.keys() == got.keys()
         for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=2e-5, atol=1e-6)
+            torch.testing.assert_close(got[key], want[key], **tol)
 
 
 def test_fused_scratch_follows_the_slice_size(monkeypatch):
@@ -591,16 +602,19 @@ def test_fused_step_declines_gradients_the_guard_must_handle(bad):
 
 
 def test_fused_step_falls_back_for_tensors_it_cannot_slice():
-    """A non-contiguous parameter (or a float16 one) takes the ordinary path, with the same result."""
+    """A parameter that is neither contiguous nor channels-last (a transposed view), or a gradient
+    laid out unlike its parameter, takes the ordinary path, with the pure path's result."""
     rule = _fused_rule("learned")
-    base = torch.randn(4, 6)
-    params = [base.t(), torch.randn(3)]
-    state = rule.init_state(params)
-    grads = [torch.randn(p.shape) for p in params]
-    assert rule.move_inplace(grads, params, state, {**rule.hyperparameters},
-                             {"sign": 1.0, "coupled": 0.0, "decoupled": 0.0, "bound": 2.0**30}) is None
-    result = apply_update(rule, grads, params, state, {**rule.hyperparameters}, inplace=True, move=True)
-    assert result.updates is not None
+    settings = {"sign": 1.0, "coupled": 0.0, "decoupled": 0.0, "bound": 2.0**30}
+    for params, grads in (([torch.randn(4, 6).t(), torch.randn(3)], [torch.randn(6, 4), torch.randn(3)]),
+                          ([torch.randn(6, 4), torch.randn(3)], [torch.randn(4, 6).t(), torch.randn(3)])):
+        state = rule.init_state(params)
+        assert rule.move_inplace(grads, params, state, {**rule.hyperparameters}, settings) is None
+        result = apply_update(rule, grads, params, state, {**rule.hyperparameters}, inplace=True, move=True)
+        pure = apply_update(rule, grads, params, rule.init_state(params), {**rule.hyperparameters})
+        assert result.updates is not None
+        for u, w in zip(result.updates, pure.updates):
+            torch.testing.assert_close(u, w)
 
 
 ES_HPARAM_TABLES = {

@@ -7,7 +7,8 @@ as five passes over it), and each intermediate one more pass over memory. Here, 
 least :data:`SLICED_FROM` elements are worked on in slices of :data:`SLAB` elements whose scratch
 is kept between steps and stays in cache; smaller ones together, by ``torch._foreach_*`` kernels
 (a model of many small tensors then costs a few dispatches, not a few per tensor; temporaries
-under a MB come from the allocator's heap without page faults). Two passes:
+of under 2^18 elements come from the allocator's heap without page faults; three of them per
+small tensor, its new ``v`` and ``m`` and its direction, are kept between the passes). Two passes:
 
 1. :func:`fused_statistics` reads (the controller's statistics and the norms of the relative
    scale) and writes nothing, so gradients that fail the guard leave everything as it was;
@@ -30,7 +31,7 @@ from torch import Tensor
 
 SLAB = 1 << 16  # elements per slice of a large tensor: its streams and scratch fit a core's L2 cache
 SLICED_FROM = 1 << 18  # tensors this large are sliced; smaller ones' temporaries come from the heap
-SMALL_BATCH = 1 << 20  # elements of small tensors stepped together by foreach kernels (bounds their temporaries)
+SMALL_BATCH = 1 << 20  # elements of small tensors per group of foreach calls
 
 
 @dataclass(frozen=True)
@@ -59,18 +60,39 @@ def fused_constants(*, sign: float, coupled: float, decoupled: float, betas: Seq
 
 
 def can_fuse(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]]) -> bool:
-    """Whether every tensor is a contiguous CPU float32/float64 tensor of one dtype (slices are views)."""
+    """Whether every tensor is a CPU float32/float64 tensor of one dtype, each parameter dense in
+    memory (contiguous or channels-last) and its gradient and state laid out as it is: the
+    elements are then worked on in memory order, as flat views."""
     if not params or params[0].dtype not in (torch.float32, torch.float64):
         return False
     dtype = params[0].dtype
-    tensors = itertools.chain(grads, params, *(st.values() for st in per_param))
-    return all(t.is_cpu and t.dtype == dtype and t.is_contiguous() for t in tensors)
+    for g, p, st in zip(grads, params, per_param):
+        if not _dense(p):
+            return False
+        for t in itertools.chain((g, p), (t for t in st.values() if t.dim())):
+            if not t.is_cpu or t.dtype != dtype:
+                return False
+            if t.shape == p.shape and t.stride() != p.stride():  # per-coordinate state (not the scalars)
+                return False
+        if g.shape != p.shape:
+            return False
+    return True
+
+
+def _dense(t: Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) or (
+        t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+def _memory_order(t: Tensor) -> Tensor:
+    """``t``'s elements in memory order as a 1-D view (``t`` dense, see :func:`can_fuse`)."""
+    return t.view(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
 @dataclass(frozen=True)
 class Kept:
     """A batch of small tensors' six sums (see :func:`fused_statistics`), new ``v``, ``m`` (None:
-    schedule-free) and direction ``u``."""
+    schedule-free) and direction ``u`` (fresh tensors; :func:`fused_apply` scales ``u`` in place)."""
 
     batch: list[int]
     sums: Tensor
@@ -109,7 +131,7 @@ def _groups(params: Sequence[Tensor]) -> tuple[list[int], list[list[int]]]:
 
 def _slices(tensors: Sequence[Tensor], numel: int) -> Iterator[list[Tensor]]:
     """Aligned slices of :data:`SLAB` elements of the flattened ``tensors``."""
-    flat = [t.view(-1) for t in tensors]
+    flat = [_memory_order(t) for t in tensors]
     for start in range(0, numel, SLAB):
         yield [t[start:start + SLAB] for t in flat]
 
@@ -184,7 +206,7 @@ def _batch_statistics(batch: list[int], grads: Sequence[Tensor], params: Sequenc
     norms = torch.stack(torch._foreach_norm([x for xs in normed for x in xs])).view(len(normed), n).double()
     squares = norms.square()
     if with_stats:
-        dots = torch.stack([torch.dot(x.view(-1), y.view(-1)) for x, y in zip(gg, prev)]).double()
+        dots = torch.stack([torch.dot(_memory_order(x), _memory_order(y)) for x, y in zip(gg, prev)]).double()
         sums = torch.stack([squares[0], squares[1], dots, *squares[2:]], dim=-1)
     else:
         zeros = torch.zeros(n, dtype=torch.float64)

@@ -19,7 +19,9 @@ the update that ships. In the spirit of optax's ``chain``, one step is small com
 
 Where the verdict can be read for free (every gradient on the CPU, not under ``torch.compile``)
 the step branches on it: a skipped step never calls the rule, and a rule may write its state in
-place. Elsewhere (GPUs) nothing is read on the host: the rule sees the group's gradients zeroed
+place. There, too, a rule with a fused step (:meth:`Rule.move_inplace`, the relative rules) may
+take all of the above in one go and move the optimizer's parameters itself (``move=True``); it
+declines, changing nothing, where the guard would have to act. Elsewhere (GPUs) nothing is read on the host: the rule sees the group's gradients zeroed
 when one is non-finite, and its updates and state are selected with ``torch.where``, so a step
 never waits for the device. A rule that can write its state in place (the LSTM) then writes a new
 one, since a masked-out step must leave the old state intact. The two give the same results.
@@ -242,7 +244,8 @@ def apply_update(
     in place (:meth:`Rule.move_inplace`), and then ``updates`` is None.
     """
     given = list(grads)
-    if move and host_read_is_free(given):
+    if move and getattr(type(rule), "move_inplace", Rule.move_inplace) is not Rule.move_inplace \
+            and host_read_is_free(given):
         moved = rule.move_inplace(given, params, state, rule_hparams(hparams), move_settings(hparams, given))
         if moved is not None:
             return StepResult(None, moved, torch.ones((), dtype=torch.bool), False)
