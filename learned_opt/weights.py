@@ -254,12 +254,12 @@ def weights_for_run(name_or_path: str | Path, told: bool = False) -> Path:
     return untold_weights_path(path, read_card(path)) or path
 
 
-def run_settings(weights_path: Path, card: Mapping[str, Any]) -> dict[str, Any]:
+def run_settings(weights_path: Path, card: Mapping[str, Any], told: bool = False) -> dict[str, Any]:
     """What besides θ decides the runs of the optimizer built from ``weights_path`` (whose card is
-    ``card``): the card's defaults and the identity of its untold weights, for run caches; empty for
-    weights with neither."""
+    ``card``): the card's defaults and, unless the runs are ``told`` their horizon (which never
+    load them), the identity of its untold weights, for run caches; empty for weights with neither."""
     out: dict[str, Any] = {"defaults": card["defaults"]} if card.get("defaults") else {}
-    other = untold_weights_path(weights_path, card)
+    other = None if told else untold_weights_path(weights_path, card)
     if other is not None:
         untold = read_card(other)
         out["untold"] = {k: untold[k] for k in ("sha256", "rule", "rule_config")}

@@ -328,11 +328,13 @@ def test_the_benchmark_cache_key_holds_the_untold_weights(tmp_path: Path) -> Non
     from learned_opt.bench.baselines import resolve_optimizer
 
     told, untold = _relative_pair(tmp_path)
-    before = resolve_optimizer(str(told)).key
+    before, told_before = resolve_optimizer(str(told)).key, resolve_optimizer(f"{told}[horizon=true]").key
     card = json.loads(untold.with_suffix(".json").read_text())
     untold.with_suffix(".json").write_text(json.dumps({**card, "defaults": {"weight_decay": 0.5}}))
     after = resolve_optimizer(str(told)).key
     assert before != after and after["untold"]["defaults"] == {"weight_decay": 0.5}
+    # runs told their horizon never load the untold weights: those stay out of their key
+    assert resolve_optimizer(f"{told}[horizon=true]").key == told_before and "untold" not in told_before
     assert set(resolve_optimizer(str(untold)).key) >= {"defaults"}
     plain = save_weights(_perturbed_lstm(hidden_size=8), tmp_path / "plain", name="plain", meta_training=META)
     assert "defaults" not in resolve_optimizer(str(plain)).key and "untold" not in resolve_optimizer(str(plain)).key

@@ -198,14 +198,14 @@ def resolve_optimizer(spec: str | OptimizerSpec) -> OptimizerSpec:
     if not isinstance(label, str) or not label.strip():
         raise ValueError(f"optimizer spec {spec!r}: name must be non-empty text (quote it: name='...'), "
                          f"got {label!r}")
-    resolved = _resolve_named(label.strip(), name, *_split_lr(spec, kwargs))
-    if horizon:  # told runs never load untold weights: their identity stays out of the key
-        resolved = replace(resolved, horizon=True,
-                           key={**{k: v for k, v in resolved.key.items() if k != "untold"}, "horizon": True})
+    resolved = _resolve_named(label.strip(), name, *_split_lr(spec, kwargs), told=bool(horizon))
+    if horizon:
+        resolved = replace(resolved, horizon=True, key={**resolved.key, "horizon": True})
     return resolved if tune is None else replace(resolved, tunable=tune)
 
 
-def _resolve_named(label: str, name: str, fixed_lr: float | None, extra: dict[str, Any]) -> OptimizerSpec:
+def _resolve_named(label: str, name: str, fixed_lr: float | None, extra: dict[str, Any], *,
+                   told: bool = False) -> OptimizerSpec:
     lowered = name.lower()
     cosine = lowered.endswith("-cosine") and lowered[: -len("-cosine")] in TORCH_BASELINES
     if lowered in TORCH_BASELINES or cosine:
@@ -225,7 +225,7 @@ def _resolve_named(label: str, name: str, fixed_lr: float | None, extra: dict[st
     if lowered in OPTIONAL_PACKAGES:
         return _optional_spec(label, lowered, fixed_lr, extra)
     if name.endswith(".safetensors") or name in list_pretrained():
-        return _learned_spec(label, name, fixed_lr, extra)
+        return _learned_spec(label, name, fixed_lr, extra, told)
     if ":" in name:
         return _factory_spec(label, name, fixed_lr, extra)
     raise ValueError(
@@ -288,7 +288,9 @@ def _optional_spec(label: str, name: str, fixed_lr: float | None, extra: dict[st
     return OptimizerSpec(label, build_sf, key, tunable=True, fixed_lr=fixed_lr)
 
 
-def _learned_spec(label: str, name: str, fixed_lr: float | None, extra: dict[str, Any]) -> OptimizerSpec:
+def _learned_spec(label: str, name: str, fixed_lr: float | None, extra: dict[str, Any],
+                  told: bool = False) -> OptimizerSpec:
+    """A shipped name or weights path, run untuned (``told``: every run is given its horizon)."""
     if name.endswith(".safetensors"):
         path = Path(name).expanduser()
         if not path.is_file():
@@ -305,7 +307,7 @@ def _learned_spec(label: str, name: str, fixed_lr: float | None, extra: dict[str
 
     # the card's rule settings are part of the optimizer: the same θ with another setting is another run
     key = {"weights_sha256": sha, "rule": card.get("rule"), "rule_config": card.get("rule_config"), "kwargs": extra,
-           **run_settings(path, card)}
+           **run_settings(path, card, told)}
     return OptimizerSpec(label, build, key, False, fixed_lr)
 
 
