@@ -222,7 +222,9 @@ class HypergradientSGD(LearnedOptimizer):
     default 1e-3, in the loss's units). A scheduler scales ``lr``; when it lowers ``lr`` by a ratio
     r the factor becomes ``lr_factor^r``, so the adaptation fades with the decay and the rate follows
     the schedule (see :mod:`learned_opt.rules.hypergradient`). ``weight_decay`` is coupled unless
-    ``decoupled_weight_decay=True`` (``p -= lr·init_lr·wd·p``, not the adapted rate).
+    ``decoupled_weight_decay=True`` (``p -= lr·init_lr·wd·p``, not the adapted rate). ``blowup`` κ > 1
+    (default 0, off) also multiplies ``lr_factor`` by ``blowup_decay`` at each step whose gradient norm
+    exceeds κ × its running average (``smoothing`` β), a guard against a run that starts to diverge.
     """
 
     def __init__(
@@ -237,18 +239,23 @@ class HypergradientSGD(LearnedOptimizer):
         normalized: bool = True,
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
+        blowup: float = 0.0,
+        smoothing: float = 0.0,
+        blowup_decay: float = 0.5,
     ) -> None:
         beta = _hyper_lr(hyper_lr, normalized, "sgd")
         super().__init__(params, HypergradientSGDRule(), lr=lr, init_lr=init_lr, hyper_lr=beta, momentum=momentum,
                          weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-                         normalized=normalized, maximize=maximize)
+                         normalized=normalized, maximize=maximize, blowup=blowup, smoothing=smoothing,
+                         blowup_decay=blowup_decay)
 
 
 class HypergradientAdam(LearnedOptimizer):
     """Adam-HD (Baydin et al. 2018): Adam whose rate adapts online, as :class:`HypergradientSGD`
     (``lr`` a multiplier of ``init_lr``, default ``normalized=True``; the paper's form with
     ``normalized=False``, ``hyper_lr`` default 1e-7). ``decoupled_weight_decay=True`` makes
-    ``weight_decay`` AdamW's (``p -= lr·init_lr·wd·p``) instead of Adam's L2.
+    ``weight_decay`` AdamW's (``p -= lr·init_lr·wd·p``) instead of Adam's L2; ``blowup``,
+    ``smoothing`` and ``blowup_decay`` are :class:`HypergradientSGD`'s guard.
     """
 
     def __init__(
@@ -264,11 +271,15 @@ class HypergradientAdam(LearnedOptimizer):
         normalized: bool = True,
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
+        blowup: float = 0.0,
+        smoothing: float = 0.0,
+        blowup_decay: float = 0.5,
     ) -> None:
         beta = _hyper_lr(hyper_lr, normalized, "adam")
         super().__init__(params, HypergradientAdamRule(), lr=lr, init_lr=init_lr, hyper_lr=beta, betas=_pair(betas),
                          eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-                         normalized=normalized, maximize=maximize)
+                         normalized=normalized, maximize=maximize, blowup=blowup, smoothing=smoothing,
+                         blowup_decay=blowup_decay)
 
 
 def _hyper_lr(hyper_lr: float | None, normalized: Any, direction: str) -> float:

@@ -246,3 +246,47 @@ def test_bad_decay_settings(kwargs: dict, message: str) -> None:
     for cls in (GradNormDecaySGD, GradNormDecayAdam):
         with pytest.raises(ValueError, match=message):
             cls([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+# --- the hypergradient rules' blow-up guard ------------------------------------------------------
+@pytest.mark.parametrize("cls", [HypergradientSGD, HypergradientAdam])
+def test_hypergradient_guard_cuts_the_factor_at_each_blowup(cls: type) -> None:
+    """blowup 3, smoothing 0.5, as the decay rule's trigger: norms 1, 1, 2.9, 10, 100 spike at steps
+    4 and 5, so the factor ends at a quarter of the unguarded one's; a jump to a level that holds
+    (1, 1, 5, 5, 5, 5) spikes once."""
+    def factor(norms: list[float], **guard: float) -> float:
+        return float(_norm_run(lambda ps: cls(ps, **guard), norms).group_state(0)["lr_factor"])
+
+    for norms, spikes in (([1.0, 1.0, 2.9, 10.0, 100.0], 2), ([1.0, 1.0, 5.0, 5.0, 5.0, 5.0], 1)):
+        guarded = factor(norms, blowup=3.0, smoothing=0.5)
+        assert guarded == pytest.approx(factor(norms) * 0.5**spikes, rel=1e-6)
+    st = _norm_run(lambda ps: cls(ps, blowup=3.0, smoothing=0.5, blowup_decay=0.25), [1.0, 1.0, 2.9, 10.0])
+    assert float(st.group_state(0)["norm_avg"]) == pytest.approx(0.5 * (0.5 * 1.0 + 0.5 * 2.9) + 5.0)
+    assert float(st.group_state(0)["lr_factor"]) == pytest.approx(factor([1.0, 1.0, 2.9, 10.0]) * 0.25, rel=1e-6)
+
+
+def test_hypergradient_guard_stops_a_divergence() -> None:
+    """SGD at rate 2.5 on ||x||²/2 multiplies x by -1.5 per step; the hypergradient (β 1e-6) is too slow
+    to save it, the guard halves the rate at the first growing step and the run converges."""
+    def final(**guard: float) -> float:
+        x = torch.nn.Parameter(torch.ones(3))
+        opt = HypergradientSGD([x], init_lr=2.5, hyper_lr=1e-6, **guard)
+        for _ in range(60):
+            opt.zero_grad()
+            (0.5 * (x * x).sum()).backward()
+            opt.step()
+        return float(x.detach().norm())
+
+    assert final() > 1e6
+    assert final(blowup=1.2) < 1e-6
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"blowup": 0.5}, "invalid blowup"), ({"blowup": float("nan")}, "invalid blowup"),
+    ({"smoothing": 1.0}, "invalid smoothing"), ({"blowup_decay": 0.0}, "invalid blowup_decay"),
+    ({"blowup_decay": 1.5}, "invalid blowup_decay"),
+])
+def test_bad_guard_settings(kwargs: dict, message: str) -> None:
+    for cls in (HypergradientSGD, HypergradientAdam):
+        with pytest.raises(ValueError, match=message):
+            cls([torch.nn.Parameter(torch.zeros(2))], **kwargs)

@@ -182,6 +182,28 @@ def test_card_survives_deepcopy_and_pickle(tmp_path: Path, via: str) -> None:
         _stepped(other, 1)
 
 
+def test_a_hypergradient_state_saved_before_the_guard_loads_and_steps_as_then():
+    """A HypergradientSGD state saved before the blow-up guard's settings and ``norm_avg`` existed
+    loads with the guard off (the earlier rule) and continues exactly as the optimizer that saved it."""
+    params = _params((3,), (2,))
+    opt = HypergradientSGD(params, momentum=0.5)
+    _stepped(opt, 3)
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        for key in ("blowup", "smoothing", "blowup_decay"):
+            del group[key]
+    for st in sd["state"].values():
+        del st["norm_avg"]
+    resumed_params = [p.detach().clone().requires_grad_(True) for p in params]
+    resumed = HypergradientSGD(resumed_params, momentum=0.5)
+    resumed.load_state_dict(sd)
+    assert resumed.param_groups[0]["blowup"] == 0.0
+    _stepped(opt, 3)
+    _stepped(resumed, 3)
+    for a, b in zip(params, resumed_params):
+        assert torch.equal(a, b)
+
+
 def test_a_decay_state_saved_before_the_trigger_settings_loads_and_steps_as_then():
     """A GradNormDecaySGD state saved before ``reference``/``smoothing``/``blowup`` and the
     ``norm_avg`` state existed loads (those take the defaults, the earlier rule) and continues

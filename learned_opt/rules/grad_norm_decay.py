@@ -56,7 +56,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from learned_opt.rules.base import RuleState, check_bool, check_in_range, check_nonnegative, check_number, scalar_like
+from learned_opt.rules.base import RuleState, check_bool, check_nonnegative, check_number, scalar_like
+from learned_opt.rules.blowup import check_blowup, norm_average, spike
 from learned_opt.rules.directions import adam_direction, group_norm, momentum_direction
 from learned_opt.rules.hparam_base import HyperparameterRule, log_param, logit_param
 from learned_opt.rules.transforms import absolute_rate
@@ -85,10 +86,8 @@ def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str
     step = group_state["step"] + 1
     first = step == 1
     prev_avg = group_state.get("norm_avg", norm)
-    beta = float(hparams.get("smoothing", 0.0))
-    avg = norm if beta == 0 else torch.where(first, norm, beta * prev_avg + (1 - beta) * norm)
-    blowup = float(hparams.get("blowup", 0.0))
-    spike = ~first & (norm > blowup * prev_avg) if blowup > 0 else None
+    avg = norm_average(norm, prev_avg, first, float(hparams.get("smoothing", 0.0)))
+    spiked = spike(norm, prev_avg, first, float(hparams.get("blowup", 0.0)))
     ref = torch.where(first, avg.detach(), group_state["ref_norm"])
     if hparams.get("reference", "first") == "peak":
         ref = torch.maximum(ref, avg.detach())
@@ -104,9 +103,9 @@ def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str
     weight = torch.where(ready, test, 0.0)
     below = torch.where(test.detach() > 0.5, group_state["below"] + 1, 0.0)
     new_ref = ref + weight * (avg - ref)
-    if spike is not None:  # a blow-up fires, and leaves the reference as it was
-        weight = torch.where(spike, 1.0, weight)
-        new_ref = torch.where(spike, ref, new_ref)
+    if spiked is not None:  # a blow-up fires, and leaves the reference as it was
+        weight = torch.where(spiked, 1.0, weight)
+        new_ref = torch.where(spiked, ref, new_ref)
     fired = weight.detach() > 0.5
     cooldown = scalar_like(float(hparams.get("cooldown", 0)), norm)
     new_state = {
@@ -189,10 +188,7 @@ class GradNormDecayRule(HyperparameterRule):
         check_count("cooldown", hparams.get("cooldown", 0), 0)
         if hparams.get("reference", "first") not in REFERENCES:
             raise ValueError(f"invalid reference: {hparams['reference']!r} (must be one of {REFERENCES})")
-        check_in_range("smoothing", hparams.get("smoothing", 0.0), 0.0, 1.0)
-        blowup = check_number("blowup", hparams.get("blowup", 0.0))
-        if not (blowup == 0 or (math.isfinite(blowup) and blowup > 1)):
-            raise ValueError(f"invalid blowup: {hparams['blowup']!r} (must be 0 (off) or > 1)")
+        check_blowup(hparams)
         if hparams.get("reference") == "peak" and hparams.get("relative") is False:
             raise ValueError("invalid reference: 'peak' (needs relative=True: the absolute rule has no reference)")
 

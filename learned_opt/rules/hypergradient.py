@@ -22,6 +22,13 @@ near the end of a decay-to-zero schedule ``f`` is within ``e^β`` per step of 1 
 schedule's (tested: within 2× over the last tenth of a cosine schedule). ``lr = 0`` freezes the
 parameters and the factor.
 
+Blow-up guard (``blowup`` κ > 1; 0 = off, the rule above): at a step whose gradient norm is above κ ×
+its running average (:mod:`learned_opt.rules.blowup`, ``smoothing`` β), the factor is also
+multiplied by ``blowup_decay``. The hypergradient lowers a rate at most e^{-β} per step, too slowly
+to stop momentum SGD's blow-up once a classifier's logits grow (docs/ablations.md); the guard cuts
+it at each step the norm outgrows its own average. Group state ``norm_avg`` (0 before the first
+step).
+
 Rule defaults (a card without ``normalized`` was trained in the paper's form): ``normalized=False``
 with the paper's β = 1e-3 (SGD-HD) and 1e-7 (Adam-HD); the public optimizers default to
 ``normalized=True`` with :data:`NORMALIZED_HYPER_LR`.
@@ -35,8 +42,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from learned_opt.rules.base import RuleState, check_bool, check_in_range, scalar_like
-from learned_opt.rules.directions import adam_direction, group_dot, momentum_direction
+from learned_opt.rules.base import RuleState, check_bool, check_in_range, check_number, scalar_like
+from learned_opt.rules.blowup import check_blowup, norm_average, spike
+from learned_opt.rules.directions import adam_direction, group_dot, group_norm, momentum_direction
 from learned_opt.rules.hparam_base import HyperparameterRule, check_betas, log_param, logit_param
 from learned_opt.rules.transforms import absolute_rate
 
@@ -46,6 +54,9 @@ from learned_opt.rules.transforms import absolute_rate
 NORMALIZED_HYPER_LR = 0.05
 # The paper's β (Baydin et al. 2018): the rules' defaults, in the loss's units.
 PAPER_HYPER_LR = {"sgd": 1e-3, "adam": 1e-7}
+# The blow-up guard's settings and their defaults (off: the rule as older cards ran it).
+GUARD_DEFAULTS: dict[str, float] = {"blowup": 0.0, "smoothing": 0.0, "blowup_decay": 0.5}
+GUARD_KEYS = frozenset({*GUARD_DEFAULTS, "norm_avg"})
 
 
 def schedule_ratio(lr: Tensor | float, prev_lr: Tensor) -> tuple[Tensor, Tensor]:
@@ -93,13 +104,43 @@ def adapted_rate(
     ratio, lr = schedule_ratio(hparams.get("lr", 1.0), group_state["prev_lr"])
     factor = hypergradient_factor(group_state["lr_factor"], grads, prev_dirs, rate, hparams["hyper_lr"],
                                   bool(hparams.get("normalized", False)), ratio)
-    return rate * factor, {"lr_factor": factor, "prev_lr": lr}
+    new = {"prev_lr": lr}
+    blowup = float(hparams.get("blowup", 0.0))
+    if blowup > 0:
+        factor, new["norm_avg"] = _guarded(factor, group_norm(grads), group_state, rate, hparams)
+    return rate * factor, {**new, "lr_factor": factor}
+
+
+def _guarded(factor: Tensor, norm: Tensor, group_state: Mapping[str, Tensor], rate: Tensor | float,
+             hparams: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    """``(factor, norm_avg)`` after the blow-up guard (module docstring); ``rate = 0`` keeps the factor."""
+    prev_avg = group_state.get("norm_avg", torch.zeros_like(norm))
+    first = prev_avg <= 0
+    spiked = spike(norm, prev_avg, first, float(hparams["blowup"]))
+    cut = spiked & (scalar_like(rate, factor) > 0)
+    factor = torch.where(cut, factor * hparams.get("blowup_decay", GUARD_DEFAULTS["blowup_decay"]), factor)
+    return factor, norm_average(norm, prev_avg, first, float(hparams.get("smoothing", 0.0)))
+
+
+def check_guard(hparams: Mapping[str, Any]) -> None:
+    """ValueError unless the blow-up guard's settings are valid (``blowup_decay`` in (0, 1])."""
+    check_blowup(hparams)
+    decay = check_number("blowup_decay", hparams.get("blowup_decay", GUARD_DEFAULTS["blowup_decay"]))
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"invalid blowup_decay: {hparams['blowup_decay']!r} (must be in (0, 1])")
+
+
+def _guard_config(blowup: float, smoothing: float, blowup_decay: float) -> dict[str, float]:
+    """The blow-up guard's fixed config (not θ), validated."""
+    guard = {"blowup": float(blowup), "smoothing": float(smoothing), "blowup_decay": float(blowup_decay)}
+    check_guard(guard)
+    return guard
 
 
 def _group_init(params: Sequence[Tensor], with_step: bool) -> dict[str, Tensor]:
     like = params[0] if params else torch.zeros(())
     zero = torch.zeros((), dtype=like.dtype, device=like.device)
-    state = {"lr_factor": zero + 1, "prev_lr": zero.clone()}
+    state = {"lr_factor": zero + 1, "prev_lr": zero.clone(), "norm_avg": zero.clone()}
     if with_step:
         state["step"] = zero.clone()
     return state
@@ -114,16 +155,19 @@ class HypergradientSGDRule(HyperparameterRule):
 
     name: ClassVar[str] = "hypergradient-sgd"
     hyperparameters: ClassVar[dict[str, Any]] = {"lr": 1.0, "init_lr": 0.01, "hyper_lr": PAPER_HYPER_LR["sgd"],
-                                                 "momentum": 0.0, "normalized": False}
+                                                 "momentum": 0.0, "normalized": False, **GUARD_DEFAULTS}
+    added_keys: ClassVar[frozenset[str]] = GUARD_KEYS
 
     def __init__(self, init_lr: float = 0.01, init_hyper_lr: float = PAPER_HYPER_LR["sgd"], momentum: float = 0.0,
-                 normalized: bool = False) -> None:
+                 normalized: bool = False, blowup: float = 0.0, smoothing: float = 0.0,
+                 blowup_decay: float = GUARD_DEFAULTS["blowup_decay"]) -> None:
         super().__init__()
         check_in_range("momentum", momentum, 0.0, 1.0)
         self.log_lr = log_param(init_lr, "init_lr")
         self.log_hyper_lr = log_param(init_hyper_lr, "init_hyper_lr")
         self.momentum = float(momentum)
         self.normalized = check_bool("normalized", normalized)
+        self.guard = _guard_config(blowup, smoothing, blowup_decay)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -131,11 +175,16 @@ class HypergradientSGDRule(HyperparameterRule):
             "init_hyper_lr": float(self.log_hyper_lr.detach().exp()),
             "momentum": self.momentum,
             "normalized": self.normalized,
+            **self.guard,
         }
 
     def meta_hparams(self) -> dict[str, Tensor | float]:
         return {"init_lr": self.log_lr.exp(), "hyper_lr": self.log_hyper_lr.exp(), "momentum": self.momentum,
-                "normalized": self.normalized}
+                "normalized": self.normalized, **self.guard}
+
+    def validate_hparams(self, hparams: Mapping[str, Any]) -> None:
+        super().validate_hparams(hparams)
+        check_guard(hparams)
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
         return _group_init(params, with_step=False), [{"prev_dir": torch.zeros_like(p)} for p in params]
@@ -169,7 +218,9 @@ class HypergradientAdamRule(HyperparameterRule):
 
     name: ClassVar[str] = "hypergradient-adam"
     hyperparameters: ClassVar[dict[str, Any]] = {"lr": 1.0, "init_lr": 1e-3, "hyper_lr": PAPER_HYPER_LR["adam"],
-                                                 "betas": (0.9, 0.999), "eps": 1e-8, "normalized": False}
+                                                 "betas": (0.9, 0.999), "eps": 1e-8, "normalized": False,
+                                                 **GUARD_DEFAULTS}
+    added_keys: ClassVar[frozenset[str]] = GUARD_KEYS
 
     def __init__(
         self,
@@ -178,9 +229,13 @@ class HypergradientAdamRule(HyperparameterRule):
         init_betas: tuple[float, float] = (0.9, 0.999),
         init_eps: float = 1e-8,
         normalized: bool = False,
+        blowup: float = 0.0,
+        smoothing: float = 0.0,
+        blowup_decay: float = GUARD_DEFAULTS["blowup_decay"],
     ) -> None:
         super().__init__()
         self.normalized = check_bool("normalized", normalized)
+        self.guard = _guard_config(blowup, smoothing, blowup_decay)
         check_betas(init_betas)
         self.log_lr = log_param(init_lr, "init_lr")
         self.log_hyper_lr = log_param(init_hyper_lr, "init_hyper_lr")
@@ -196,6 +251,7 @@ class HypergradientAdamRule(HyperparameterRule):
             "init_betas": list(hp["betas"]),
             "init_eps": hp["eps"],
             "normalized": self.normalized,
+            **self.guard,
         }
 
     def meta_hparams(self) -> dict[str, Tensor | float]:
@@ -205,7 +261,12 @@ class HypergradientAdamRule(HyperparameterRule):
             "betas": (torch.sigmoid(self.logit_beta1), torch.sigmoid(self.logit_beta2)),
             "eps": self.log_eps.exp(),
             "normalized": self.normalized,
+            **self.guard,
         }
+
+    def validate_hparams(self, hparams: Mapping[str, Any]) -> None:
+        super().validate_hparams(hparams)
+        check_guard(hparams)
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
         per_param = [
