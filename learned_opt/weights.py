@@ -13,8 +13,9 @@ The card records what the weights are and where they came from::
 
 and may add what the optimizer built from the weights runs with::
 
-    defaults        constructor defaults the weights were chosen with (``weight_decay``); a
-                    keyword given to :func:`learned_opt.load_optimizer` replaces them
+    defaults        constructor defaults the weights were chosen with (``weight_decay``; a
+                    hypergradient rule's blow-up guard); a keyword given to
+                    :func:`learned_opt.load_optimizer` replaces them
     untold_weights  the name of a sibling weights file (same folder, no path) that an optimizer
                     not told ``total_steps`` runs instead (its own card, defaults included)
 
@@ -62,7 +63,8 @@ CARD_TYPES: dict[str, type] = {
 }
 CARD_FIELDS = tuple(CARD_TYPES)
 CARD_OPTIONAL: dict[str, type] = {"defaults": dict, "untold_weights": str}
-CARD_DEFAULT_KEYS = ("weight_decay",)
+# Settings chosen on validation after meta-training (numbers >= 0; the optimizer checks the rest).
+CARD_DEFAULT_KEYS = ("weight_decay", "blowup", "smoothing", "blowup_decay")
 _SIBLING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # safetensors' dtype names of the floating dtypes: any of them loads into a floating parameter
 # (load_state_dict casts, as it does under torch.set_default_dtype); other dtypes must match exactly.

@@ -313,6 +313,21 @@ def _relative_pair(tmp_path: Path) -> tuple[Path, Path]:
     return told, untold
 
 
+def test_a_cards_guard_defaults_reach_the_hypergradient_optimizer(tmp_path: Path) -> None:
+    """A card's ``defaults`` may set a hypergradient rule's blow-up guard (chosen after training, as
+    the shipped ``hypergradient-sgd``'s); a keyword replaces them."""
+    path = save_weights(HypergradientSGDRule(init_lr=0.05, momentum=0.9, normalized=True), tmp_path / "g", name="g",
+                        meta_training=META)
+    card = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps({**card, "defaults": {"blowup": 3.0, "smoothing": 0.5}}))
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = learned_opt.load_optimizer(path, [p])
+    assert opt.defaults["blowup"] == 3.0 and opt.defaults["smoothing"] == 0.5
+    assert learned_opt.load_optimizer(path, [p], blowup=0.0).defaults["blowup"] == 0.0
+    shipped = learned_opt.load_optimizer("hypergradient-sgd", [p])
+    assert shipped.defaults["blowup"] > 1 and shipped.card["defaults"]["blowup"] == shipped.defaults["blowup"]
+
+
 def test_untold_runs_take_the_cards_untold_weights_and_their_defaults(tmp_path: Path) -> None:
     told, untold = _relative_pair(tmp_path)
     free = learned_opt.load_optimizer(told, [torch.nn.Parameter(torch.ones(3))])
