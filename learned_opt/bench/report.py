@@ -141,14 +141,17 @@ def _test_summary(test: dict[str, Any] | None) -> list[str]:
 
 
 def _pairs_section(results: dict[str, Any]) -> list[str]:
-    """Head-to-head rows of the suite's ``pairs`` (an adaptive rule against the rule it decorates):
-    wins and loss ratio of the candidate against that baseline, then per task."""
+    """Head-to-head rows of the suite's ``pairs`` (an adaptive rule against the rule it decorates, a
+    shipped optimizer against another baseline): wins and loss ratio of the candidate against that
+    baseline, then per task."""
     pairs = results.get("pairs") or []
     if not pairs:
         return []
     rows = [[p["candidate"], p["baseline"], f"{p['wins']}/{p['tasks']}", _num(p["geomean_ratio"]),
              _seed_wins_cell(p, "seed_runs")] for p in pairs]
-    lines = ["", "## Head to head: each rule against the rule it decorates", "",
+    lines = ["", "## Head to head: the suite's pairs", "",
+             "Each candidate against the baseline the suite pairs it with (an adaptive rule against the rule "
+             "it decorates; a shipped optimizer against another strong baseline). "
              "Wins and loss ratio as above, with the second optimizer as the baseline. Seed wins: the same "
              "rule applied seed by seed to runs that share initial parameters and batches; a task whose "
              "seeds split is within the noise of its verdict.", "",
