@@ -265,6 +265,20 @@ def test_hypergradient_guard_cuts_the_factor_at_each_blowup(cls: type) -> None:
     assert float(st.group_state(0)["lr_factor"]) == pytest.approx(factor([1.0, 1.0, 2.9, 10.0]) * 0.25, rel=1e-6)
 
 
+@pytest.mark.parametrize("cls", [HypergradientSGD, HypergradientAdam])
+def test_hypergradient_guard_gives_cuts_back_after_an_isolated_spike(cls: type) -> None:
+    """recovery 1.1: one spike (norms 1, 1, 10, then 1s) halves the factor, each spike-free step gives
+    back 1.1x of it until the cut is repaid, never more; recovery 1 keeps the cut."""
+    def ratio(tail: int, **guard: float) -> float:
+        norms = [1.0, 1.0, 10.0] + [1.0] * tail
+        run = lambda **kw: float(_norm_run(lambda ps: cls(ps, **kw), norms).group_state(0)["lr_factor"])  # noqa: E731
+        return run(blowup=3.0, smoothing=0.5, **guard) / run()
+
+    assert ratio(3, blowup_recovery=1.1) == pytest.approx(0.5 * 1.1**3, rel=1e-5)
+    assert ratio(10, blowup_recovery=1.1) == pytest.approx(1.0, rel=1e-5)
+    assert ratio(10) == pytest.approx(0.5, rel=1e-5)
+
+
 def test_hypergradient_guard_stops_a_divergence() -> None:
     """SGD at rate 2.5 on ||x||²/2 multiplies x by -1.5 per step; the hypergradient (β 1e-6) is too slow
     to save it, the guard halves the rate at the first growing step and the run converges."""
@@ -284,7 +298,8 @@ def test_hypergradient_guard_stops_a_divergence() -> None:
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"blowup": 0.5}, "invalid blowup"), ({"blowup": float("nan")}, "invalid blowup"),
     ({"smoothing": 1.0}, "invalid smoothing"), ({"blowup_decay": 0.0}, "invalid blowup_decay"),
-    ({"blowup_decay": 1.5}, "invalid blowup_decay"),
+    ({"blowup_decay": 1.5}, "invalid blowup_decay"), ({"blowup_recovery": 0.9}, "invalid blowup_recovery"),
+    ({"blowup_recovery": float("inf")}, "invalid blowup_recovery"),
 ])
 def test_bad_guard_settings(kwargs: dict, message: str) -> None:
     for cls in (HypergradientSGD, HypergradientAdam):

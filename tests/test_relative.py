@@ -624,7 +624,7 @@ ES_HPARAM_TABLES = {
                          "blowup": 1.5, "momentum": 0.9, "patience": 1, "cooldown": 3, "init_lr": 0.05,
                          "init_threshold": 0.7},
     "HypergradientSGD": {"name": "hypergradient-sgd", "normalized": True, "momentum": 0.9, "init_lr": 0.05,
-                         "init_hyper_lr": 0.05, "blowup": 1.5, "smoothing": 0.9},
+                         "init_hyper_lr": 0.05, "blowup": 1.5, "smoothing": 0.9, "blowup_recovery": 1.1},
     "SGD": {"name": "learnable-sgd", "init_lr": 0.05},
 }
 

@@ -190,10 +190,10 @@ def test_a_hypergradient_state_saved_before_the_guard_loads_and_steps_as_then():
     _stepped(opt, 3)
     sd = copy.deepcopy(opt.state_dict())
     for group in sd["param_groups"]:
-        for key in ("blowup", "smoothing", "blowup_decay"):
+        for key in ("blowup", "smoothing", "blowup_decay", "blowup_recovery"):
             del group[key]
     for st in sd["state"].values():
-        del st["norm_avg"]
+        del st["norm_avg"], st["guard_debt"]
     resumed_params = [p.detach().clone().requires_grad_(True) for p in params]
     resumed = HypergradientSGD(resumed_params, momentum=0.5)
     resumed.load_state_dict(sd)

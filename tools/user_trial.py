@@ -3,7 +3,8 @@
 A 3-layer ReLU MLP (64-128-128-10) on sklearn's digits (70/30 split, inputs / 16), minibatches of
 64 drawn with replacement, trained the way a user's loop would (``zero_grad``, ``backward``,
 ``step``). Each optimizer is reported by training loss, held-out loss and accuracy, and the weights'
-norm, which shows the growth that the training loss rewards and the held-out loss punishes.
+norm, which shows the growth that the training loss rewards and the held-out loss punishes; for
+an optimizer that adapts its rate, the final ``lr_factor``.
 
     python tools/user_trial.py --steps 3000 adamw default 'default[horizon=true]' 'default[weight_decay=0.001]'
 
@@ -70,8 +71,15 @@ def trial(specs: Sequence[str], steps: int = 3000, seeds: Sequence[int] = (0, 1,
                              "train_loss": float(F.cross_entropy(model(xtr), ytr)),
                              "test_loss": float(F.cross_entropy(out, yte)),
                              "test_accuracy": float((out.argmax(1) == yte).float().mean()),
-                             "weight_norm": float(torch.cat([p.flatten() for p in model.parameters()]).norm())})
+                             "weight_norm": float(torch.cat([p.flatten() for p in model.parameters()]).norm()),
+                             "lr_factor": _lr_factor(opt)})
     return rows
+
+
+def _lr_factor(opt: torch.optim.Optimizer) -> float | None:
+    """The first group's adapted rate factor, for the optimizers that keep one."""
+    state = opt.group_state(0) if hasattr(opt, "group_state") else {}
+    return float(state["lr_factor"]) if "lr_factor" in state else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,10 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"user_trial.py: error: {exc}", file=sys.stderr)
         return 2
-    print("| optimizer | seed | train loss | test loss | test accuracy | weight norm |\n|---|---|---|---|---|---|")
+    print("| optimizer | seed | train loss | test loss | test accuracy | weight norm | lr factor |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
+        factor = "—" if r["lr_factor"] is None else f"{r['lr_factor']:.3g}"
         print(f"| {r['optimizer']} | {r['seed']} | {r['train_loss']:.3g} | {r['test_loss']:.3g} | "
-              f"{r['test_accuracy']:.3f} | {r['weight_norm']:.1f} |")
+              f"{r['test_accuracy']:.3f} | {r['weight_norm']:.1f} | {factor} |")
     return 0
 
 

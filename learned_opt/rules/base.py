@@ -151,6 +151,13 @@ def check_bool(key: str, value: Any) -> bool:
     return value
 
 
+def check_count(key: str, value: Any, low: int) -> None:
+    """ValueError unless ``value`` is a whole number >= ``low`` (a step count)."""
+    v = check_number(key, value)
+    if not (math.isfinite(v) and v == int(v) and v >= low):
+        raise ValueError(f"invalid {key}: {value!r} (must be a whole number >= {low})")
+
+
 def check_in_range(key: str, value: Any, low: float, high: float) -> None:
     """ValueError unless ``value`` is a number with ``low <= value < high`` (NaN fails too)."""
     v = check_number(key, value)

@@ -56,7 +56,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from learned_opt.rules.base import RuleState, check_bool, check_nonnegative, check_number, scalar_like
+from learned_opt.rules.base import RuleState, check_bool, check_count, check_nonnegative, check_number, scalar_like
 from learned_opt.rules.blowup import check_blowup, norm_average, spike
 from learned_opt.rules.directions import adam_direction, group_norm, momentum_direction
 from learned_opt.rules.hparam_base import HyperparameterRule, log_param, logit_param
@@ -71,13 +71,6 @@ ABSOLUTE_DEFAULTS: dict[str, Any] = {"threshold": 1e-3, "decay": 0.9, "patience"
                                      "reference": "first", "smoothing": 0.0, "blowup": 0.0}
 REFERENCES = ("first", "peak")
 STATE_KEYS = ("lr_factor", "decay_count", "first_decay_step", "step", "ref_norm", "norm_avg", "below", "cooldown_left")
-
-
-def check_count(key: str, value: Any, low: int) -> None:
-    """ValueError unless ``value`` is a whole number >= ``low`` (a step count)."""
-    v = check_number(key, value)
-    if not (math.isfinite(v) and v == int(v) and v >= low):
-        raise ValueError(f"invalid {key}: {value!r} (must be a whole number >= {low})")
 
 
 def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str, Any], soft: bool,
