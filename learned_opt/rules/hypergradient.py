@@ -39,7 +39,6 @@ with the paper's β = 1e-3 (SGD-HD) and 1e-7 (Adam-HD); the public optimizers de
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -47,7 +46,7 @@ import torch
 from torch import Tensor
 
 from learned_opt.rules.base import RuleState, check_bool, check_in_range, check_number, scalar_like
-from learned_opt.rules.blowup import check_blowup, norm_average, spike
+from learned_opt.rules.blowup import check_blowup, norm_average, repay, spike
 from learned_opt.rules.directions import adam_direction, group_dot, group_norm, momentum_direction
 from learned_opt.rules.hparam_base import HyperparameterRule, check_betas, log_param, logit_param
 from learned_opt.rules.transforms import absolute_rate
@@ -127,7 +126,7 @@ def _guarded(factor: Tensor, norm: Tensor, group_state: Mapping[str, Tensor], ra
     moving = scalar_like(rate, factor) > 0
     debt = group_state.get("guard_debt", torch.ones_like(norm))
     give = torch.where(spiked, hparams.get("blowup_decay", GUARD_DEFAULTS["blowup_decay"]),
-                       torch.minimum(scalar_like(float(hparams.get("blowup_recovery", 1.0)), debt), 1.0 / debt))
+                       repay(debt, float(hparams.get("blowup_recovery", 1.0))))
     give = torch.where(moving, give, 1.0)
     return factor * give, {"norm_avg": norm_average(norm, prev_avg, first, float(hparams.get("smoothing", 0.0))),
                            "guard_debt": debt * give}
@@ -139,9 +138,6 @@ def check_guard(hparams: Mapping[str, Any]) -> None:
     decay = check_number("blowup_decay", hparams.get("blowup_decay", GUARD_DEFAULTS["blowup_decay"]))
     if not 0.0 < decay <= 1.0:
         raise ValueError(f"invalid blowup_decay: {hparams['blowup_decay']!r} (must be in (0, 1])")
-    recovery = check_number("blowup_recovery", hparams.get("blowup_recovery", 1.0))
-    if not (math.isfinite(recovery) and recovery >= 1.0):
-        raise ValueError(f"invalid blowup_recovery: {hparams['blowup_recovery']!r} (must be >= 1; 1 = cuts are kept)")
 
 
 def _guard_config(blowup: float, smoothing: float, blowup_decay: float, blowup_recovery: float) -> dict[str, float]:
