@@ -12,7 +12,8 @@ import torch
 
 from learned_opt import load_optimizer
 from learned_opt.weights import PRETRAINED_DIR, file_sha256, list_pretrained, load_rule
-from tools.ship import README, REPO, TABLE_END, TABLE_START, generated_table, list_recipes, load_recipe
+from tools.ship import (HEADLINE_END, HEADLINE_START, README, REPO, TABLE_END, TABLE_START, generated_table,
+                        headline_table, list_recipes, load_recipe)
 
 SHIPPED = list_pretrained()
 
@@ -52,3 +53,7 @@ def test_readme_table_is_the_generated_report(suite):
     assert start in readme and end in readme
     shown = readme.split(start, 1)[1].split(end, 1)[0].strip()
     assert shown == generated_table(report).strip()
+    start, end = HEADLINE_START.format(suite=suite), HEADLINE_END.format(suite=suite)
+    if start in readme:  # the first screen's rows, as generated
+        shown = readme.split(start, 1)[1].split(end, 1)[0].strip()
+        assert shown == headline_table(report).strip() and "| default |" in shown

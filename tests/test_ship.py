@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from learned_opt.weights import file_sha256, load_rule
-from tools.ship import TABLE_END, TABLE_START, bench, load_recipe, main, sync_card, train
+from tools.ship import TABLE_END, TABLE_START, bench, headline_table, load_recipe, main, sync_card, train
 
 NAME = "tiny"
 SUITE = """
@@ -116,3 +116,13 @@ def test_the_recipes_card_keys_reach_the_card_and_bad_ones_leave_it_as_it_was(tm
     assert "defaults" not in read_card(main_w) and "untold_weights" not in read_card(main_w)
     with pytest.raises(ValueError, match="meta-train the recipe first"):
         sync_card(tmp_path / "absent.safetensors", ship)
+
+
+def test_headline_keeps_the_chosen_summary_rows_and_the_flagships_pairs():
+    report = ("## Summary\n\n| optimizer | wins |\n|---|---|\n| adam (tuned) | 3/3 |\n| sgd | 0/3 |\n"
+              "| default | 2/3 |\n\n## Head to head: the suite's pairs\n\ntext\n\n| optimizer | against | wins |\n"
+              "|---|---|---|\n| GradNormDecaySGD | sgd | 1/3 |\n| default | adam-cosine | 2/3 |\n\n"
+              "| task | default vs adam-cosine |\n|---|---|\n| q | ✓ |\n\n## Final loss\n| x |\n")
+    assert headline_table(report) == ("| optimizer | wins |\n|---|---|\n| adam (tuned) | 3/3 |\n| default | 2/3 |\n\n"
+                                      "| optimizer | against | wins |\n|---|---|---|\n| default | adam-cosine | 2/3 |\n")
+    assert headline_table("## Summary\n\n| optimizer |\n|---|\n| sgd |\n") == "\n"

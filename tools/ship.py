@@ -41,6 +41,12 @@ SHIP_DEFAULTS: dict[str, Any] = {"suite": "meta_train", "benchmark_suite": "held
 CARD_KEYS = ("defaults", "untold_weights")  # [ship] keys copied into the card (learned_opt.weights)
 TABLE_START = "<!-- generated table: {suite} (tools/ship.py) start -->"
 TABLE_END = "<!-- generated table: {suite} (tools/ship.py) end -->"
+# The README's first screen: a few rows of the summary (the flagship and the baselines a user would
+# otherwise reach for) and the flagship's head-to-head rows, between these optional markers.
+HEADLINE_START = "<!-- generated headline: {suite} (tools/ship.py) start -->"
+HEADLINE_END = "<!-- generated headline: {suite} (tools/ship.py) end -->"
+HEADLINE_ROWS = ("adam (tuned)", "adam (lr=1e-3)", "momentum", "adam-cosine", "schedulefree-adamw", "default",
+                 "default[horizon=true]")
 
 
 def list_recipes(recipe_dir: Path = RECIPE_DIR) -> list[str]:
@@ -159,6 +165,8 @@ def bench(suite: str, names: Sequence[str], work: str | Path, *, seeds: int | No
         _record_metrics(pretrained_dir / f"{name}.safetensors", loaded.name, row, command, rel)
     if readme is not None:
         update_readme_table(readme, loaded.name, generated_table(result.report))
+        update_readme_table(readme, loaded.name, headline_table(result.report), HEADLINE_START, HEADLINE_END,
+                            required=False)
     return dest
 
 
@@ -184,11 +192,28 @@ def generated_table(report: str) -> str:
     return "\n".join(out).strip() + "\n"
 
 
-def update_readme_table(readme: Path, suite: str, table: str) -> None:
-    """Replace the text between the suite's markers in ``readme`` (the markers must exist)."""
+def headline_table(report: str) -> str:
+    """The summary rows of :data:`HEADLINE_ROWS` and the head-to-head rows of ``default``, as tables."""
+    def rows(section: str, keep: Any) -> list[str]:
+        lines = report.split(section, 1)[1].split("\n## ", 1)[0].splitlines() if section in report else []
+        table = [line for line in lines if line.startswith("|")]
+        picked = [line for line in table[2:] if keep(line.split("|")[1].strip())]
+        return table[:2] + picked if picked else []
+
+    summary = rows("## Summary", lambda name: name in HEADLINE_ROWS)
+    pairs = rows("## Head to head", lambda name: name.split("[", 1)[0] == "default")  # not the per-task rows
+    return "\n".join(summary + ([""] + pairs if pairs else [])) + "\n"
+
+
+def update_readme_table(readme: Path, suite: str, table: str, start_marker: str = TABLE_START,
+                        end_marker: str = TABLE_END, required: bool = True) -> None:
+    """Replace the text between the suite's markers in ``readme`` (the markers must exist, unless
+    not ``required``: then a README without them is left as it is)."""
     text = readme.read_text(encoding="utf-8")
-    start, end = TABLE_START.format(suite=suite), TABLE_END.format(suite=suite)
+    start, end = start_marker.format(suite=suite), end_marker.format(suite=suite)
     if start not in text or end not in text:
+        if not required:
+            return
         raise ValueError(f"{readme} lacks the markers {start!r} … {end!r} for the generated table")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
