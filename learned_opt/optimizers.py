@@ -139,7 +139,8 @@ class GradNormDecaySGD(LearnedOptimizer):
     literal rule ``if ||g|| < threshold: lr *= decay`` (defaults threshold 1e-3, decay 0.9,
     patience 1, cooldown 0). ``reference="peak"`` tests against the largest norm since the last
     firing instead of the first, ``smoothing`` β averages the norm first, and ``blowup`` κ fires at
-    once on a norm above κ × its average (a run starting to diverge); the module documents them.
+    once on a norm above κ × its average (a run starting to diverge), whose cuts ``blowup_recovery``
+    r > 1 gives back by up to r per quiet step; the module documents them.
     The adapted factor, firing count and first firing step are
     ``opt.group_state(i)``'s ``lr_factor``, ``decay_count``, ``first_decay_step``.
     ``weight_decay`` is coupled (SGD's) unless ``decoupled_weight_decay=True`` (``p -= lr·init_lr·wd·p``).
@@ -161,11 +162,13 @@ class GradNormDecaySGD(LearnedOptimizer):
         reference: str | None = None,
         smoothing: float | None = None,
         blowup: float | None = None,
+        blowup_recovery: float = 1.0,
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
         form = _decay_form(relative, decay=decay, threshold=threshold, patience=patience, cooldown=cooldown,
                            reference=reference, smoothing=smoothing, blowup=blowup)
+        form["blowup_recovery"] = blowup_recovery
         super().__init__(params, GradNormDecayRule(), lr=lr, init_lr=init_lr, relative=relative, **form,
                          momentum=momentum, weight_decay=weight_decay,
                          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
@@ -196,11 +199,13 @@ class GradNormDecayAdam(LearnedOptimizer):
         reference: str | None = None,
         smoothing: float | None = None,
         blowup: float | None = None,
+        blowup_recovery: float = 1.0,
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
     ) -> None:
         form = _decay_form(relative, decay=decay, threshold=threshold, patience=patience, cooldown=cooldown,
                            reference=reference, smoothing=smoothing, blowup=blowup)
+        form["blowup_recovery"] = blowup_recovery
         super().__init__(params, GradNormDecayAdamRule(), lr=lr, init_lr=init_lr, relative=relative, **form,
                          betas=_pair(betas), eps=eps, weight_decay=weight_decay,
                          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)

@@ -315,8 +315,11 @@ def copy_weights(rule: Rule, name_or_path: str | Path) -> None:
             {k: v.shape for k, v in params.items()}
 
     if form(loaded, theirs) != form(rule, ours):
+        (_, c1, _), (_, c2, _) = form(loaded, theirs), form(rule, ours)
+        config = sorted(k for k in {*c1, *c2} if c1.get(k) != c2.get(k))
         raise ValueError(f"weights {name_or_path!r} ({card['rule']}: {sorted(theirs)}) do not fit rule "
-                         f"{rule.name!r} ({sorted(ours)}); init_weights needs the same rule and architecture")
+                         f"{rule.name!r} ({sorted(ours)}{'; config differs in ' + str(config) if config else ''}); "
+                         "init_weights needs the same rule, architecture and config (set the init_* values instead)")
     with torch.no_grad():
         for key, param in ours.items():
             param.copy_(theirs[key])

@@ -233,6 +233,22 @@ def test_blowup_fires_at_once_while_the_norm_outgrows_its_average() -> None:
     assert float(_norm_run(heavy, [1.0] * 4 + [10.0] * 10).group_state(0)["decay_count"]) == 3
 
 
+def test_decay_blowup_cuts_are_given_back_but_plateau_decays_kept() -> None:
+    """blowup 3, smoothing 0.5, recovery 1.1, decay 0.5: the spike at step 4 (1, 1, 2.9, 10) halves
+    the factor and five quiet steps give back 1.1^5 of it; with recovery 1 the cut stays. A plateau
+    firing (ρ 0.5, patience 1) is not given back."""
+    norms = [1.0, 1.0, 2.9, 10.0] + [8.0] * 5
+    def factor(**kw: float) -> float:
+        make = lambda ps: GradNormDecaySGD(ps, threshold=0.01, decay=0.5, patience=5, cooldown=10,  # noqa: E731
+                                           smoothing=0.5, blowup=3.0, **kw)
+        return float(_norm_run(make, norms).group_state(0)["lr_factor"])
+
+    assert factor() == 0.5 and factor(blowup_recovery=1.1) == pytest.approx(0.5 * 1.1**5)
+    plateau = lambda ps: GradNormDecaySGD(ps, threshold=0.5, decay=0.5, patience=1, cooldown=0,  # noqa: E731
+                                          blowup=3.0, blowup_recovery=1.1)
+    assert float(_norm_run(plateau, [1.0, 0.4, 0.4, 0.4]).group_state(0)["lr_factor"]) == 0.5
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"patience": 0}, "invalid patience"), ({"patience": 1.5}, "invalid patience"),
     ({"cooldown": -1}, "invalid cooldown"), ({"relative": 1}, "invalid relative"),
@@ -240,6 +256,7 @@ def test_blowup_fires_at_once_while_the_norm_outgrows_its_average() -> None:
     ({"smoothing": 1.0}, "invalid smoothing"), ({"smoothing": -0.1}, "invalid smoothing"),
     ({"blowup": 0.5}, "invalid blowup"), ({"blowup": float("inf")}, "invalid blowup"),
     ({"blowup": -2.0}, "invalid blowup"), ({"blowup": float("nan")}, "invalid blowup"),
+    ({"blowup_recovery": 0.5}, "invalid blowup_recovery"),
     ({"reference": 1}, "invalid reference"), ({"reference": "peak", "relative": False}, "invalid reference"),
 ])
 def test_bad_decay_settings(kwargs: dict, message: str) -> None:

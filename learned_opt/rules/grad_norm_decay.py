@@ -28,7 +28,9 @@ Three settings widen the trigger (their defaults are the rule above, which older
   that jumps by r to a level that holds fires until the average has caught up: once when
   κ(1-β) ≥ 1, a few times under heavy smoothing (r = 10 at β 0.9, κ 3: three times). A first-norm
   reference is left as it was; a peak reference takes the spike's average like any other, so a
-  transient spike can raise the peak and bring a plateau firing later.
+  transient spike can raise the peak and bring a plateau firing later. ``blowup_recovery`` r > 1
+  gives the blow-up's cuts (not the plateau's decays) back by up to r per step without a spike
+  (:mod:`learned_opt.rules.blowup`; group state ``guard_debt``).
 
 ``soft=True`` relaxes the threshold test for gradient-based meta-training: the firing weight is
 ``σ((log(threshold·ref) - log n_t) / temperature)`` (tends to the exact test as the temperature
@@ -57,7 +59,7 @@ import torch
 from torch import Tensor
 
 from learned_opt.rules.base import RuleState, check_bool, check_count, check_nonnegative, check_number, scalar_like
-from learned_opt.rules.blowup import check_blowup, norm_average, spike
+from learned_opt.rules.blowup import check_blowup, norm_average, repay, spike
 from learned_opt.rules.directions import adam_direction, group_norm, momentum_direction
 from learned_opt.rules.hparam_base import HyperparameterRule, log_param, logit_param
 from learned_opt.rules.transforms import absolute_rate
@@ -74,8 +76,9 @@ STATE_KEYS = ("lr_factor", "decay_count", "first_decay_step", "step", "ref_norm"
 
 
 def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str, Any], soft: bool,
-           temperature: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """``(weight, new group state)`` of one step's trigger (module docstring); weight 1 fires."""
+           temperature: float) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+    """``(weight, new group state, spiked)`` of one step's trigger (module docstring); weight 1
+    fires; ``spiked`` (None with the blow-up trigger off) whether the blow-up fired."""
     step = group_state["step"] + 1
     first = step == 1
     prev_avg = group_state.get("norm_avg", norm)
@@ -111,7 +114,7 @@ def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str
         "first_decay_step": torch.where(fired & (group_state["first_decay_step"] == 0), step,
                                         group_state["first_decay_step"]),
     }
-    return weight, new_state
+    return weight, new_state, spiked
 
 
 class GradNormDecayRule(HyperparameterRule):
@@ -122,9 +125,10 @@ class GradNormDecayRule(HyperparameterRule):
     name: ClassVar[str] = "grad-norm-decay-sgd"
     hyperparameters: ClassVar[dict[str, Any]] = {
         "lr": 1.0, "init_lr": 0.1, "decay": 0.9, "threshold": 1e-3, "relative": False, "patience": 1, "cooldown": 0,
-        "reference": "first", "smoothing": 0.0, "blowup": 0.0, "momentum": 0.0,
+        "reference": "first", "smoothing": 0.0, "blowup": 0.0, "blowup_recovery": 1.0, "momentum": 0.0,
     }
-    added_keys: ClassVar[frozenset[str]] = frozenset({"reference", "smoothing", "blowup", "norm_avg"})
+    added_keys: ClassVar[frozenset[str]] = frozenset({"reference", "smoothing", "blowup", "norm_avg", "blowup_recovery",
+                                                      "guard_debt"})
 
     def __init__(
         self,
@@ -140,6 +144,7 @@ class GradNormDecayRule(HyperparameterRule):
         reference: str = "first",
         smoothing: float = 0.0,
         blowup: float = 0.0,
+        blowup_recovery: float = 1.0,
     ) -> None:
         super().__init__()
         if not (math.isfinite(temperature) and temperature > 0):
@@ -151,7 +156,8 @@ class GradNormDecayRule(HyperparameterRule):
         self.temperature = float(temperature)
         self.fixed: dict[str, Any] = {"relative": check_bool("relative", relative), "patience": patience,
                                       "cooldown": cooldown, "reference": reference, "smoothing": smoothing,
-                                      "blowup": blowup, "momentum": float(momentum)}
+                                      "blowup": blowup, "blowup_recovery": float(blowup_recovery),
+                                      "momentum": float(momentum)}
         self.validate_hparams(self.fixed)
 
     def config(self) -> dict[str, Any]:
@@ -190,6 +196,7 @@ class GradNormDecayRule(HyperparameterRule):
         zero = torch.zeros((), dtype=like.dtype, device=like.device)
         group = {key: zero.clone() for key in STATE_KEYS}
         group["lr_factor"] = zero + 1
+        group["guard_debt"] = zero + 1
         return group, [self._init_direction(p) for p in params]
 
     def _init_direction(self, p: Tensor) -> dict[str, Tensor]:
@@ -209,8 +216,14 @@ class GradNormDecayRule(HyperparameterRule):
         hparams: Mapping[str, Tensor | float],
     ) -> tuple[list[Tensor], RuleState]:
         group_state, per_param = state
-        weight, new_group = firing(group_norm(grads), group_state, hparams, self.soft, self.temperature)
+        weight, new_group, spiked = firing(group_norm(grads), group_state, hparams, self.soft, self.temperature)
         factor = group_state["lr_factor"] * (1 - weight * (1 - hparams["decay"]))
+        recovery = float(hparams.get("blowup_recovery", 1.0))
+        if spiked is not None and recovery > 1:  # blow-up cuts are given back; plateau decays are kept
+            debt = group_state.get("guard_debt", torch.ones_like(factor))
+            back = repay(debt, recovery)
+            factor = torch.where(spiked, factor, factor * back)
+            new_group["guard_debt"] = torch.where(spiked, debt * hparams["decay"], debt * back)
         rate = absolute_rate(hparams) * factor
         updates, new_per_param = [], []
         for g, st in zip(grads, per_param):
@@ -227,7 +240,8 @@ class GradNormDecayAdamRule(GradNormDecayRule):
     name: ClassVar[str] = "grad-norm-decay-adam"
     hyperparameters: ClassVar[dict[str, Any]] = {
         "lr": 1.0, "init_lr": 1e-3, "decay": 0.9, "threshold": 1e-3, "relative": False, "patience": 1, "cooldown": 0,
-        "reference": "first", "smoothing": 0.0, "blowup": 0.0, "betas": (0.9, 0.999), "eps": 1e-8,
+        "reference": "first", "smoothing": 0.0, "blowup": 0.0, "blowup_recovery": 1.0, "betas": (0.9, 0.999),
+        "eps": 1e-8,
     }
 
     def __init__(
@@ -245,9 +259,10 @@ class GradNormDecayAdamRule(GradNormDecayRule):
         reference: str = "first",
         smoothing: float = 0.0,
         blowup: float = 0.0,
+        blowup_recovery: float = 1.0,
     ) -> None:
         super().__init__(init_lr, init_decay, init_threshold, 0.0, soft, temperature, relative, patience, cooldown,
-                         reference, smoothing, blowup)
+                         reference, smoothing, blowup, blowup_recovery)
         del self.fixed["momentum"]
         self.fixed.update(betas=tuple(betas), eps=float(eps))
         self.validate_hparams(self.fixed)
