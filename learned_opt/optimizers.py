@@ -231,7 +231,8 @@ class HypergradientSGD(LearnedOptimizer):
     (default 0, off) also multiplies ``lr_factor`` by ``blowup_decay`` at each step whose gradient norm
     exceeds κ × its running average (``smoothing`` β), a guard against a run that starts to diverge;
     ``blowup_recovery`` r > 1 gives the cuts back by up to r per step without such a spike, so the
-    isolated spikes of a minibatch norm near zero loss do not add up.
+    isolated spikes of a minibatch norm near zero loss do not add up; ``max_factor`` (0 = none) caps
+    ``lr_factor``.
     """
 
     def __init__(
@@ -250,12 +251,13 @@ class HypergradientSGD(LearnedOptimizer):
         smoothing: float = 0.0,
         blowup_decay: float = 0.5,
         blowup_recovery: float = 1.0,
+        max_factor: float = 0.0,
     ) -> None:
         beta = _hyper_lr(hyper_lr, normalized, "sgd")
         super().__init__(params, HypergradientSGDRule(), lr=lr, init_lr=init_lr, hyper_lr=beta, momentum=momentum,
                          weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
                          normalized=normalized, maximize=maximize, blowup=blowup, smoothing=smoothing,
-                         blowup_decay=blowup_decay, blowup_recovery=blowup_recovery)
+                         blowup_decay=blowup_decay, blowup_recovery=blowup_recovery, max_factor=max_factor)
 
 
 class HypergradientAdam(LearnedOptimizer):
@@ -263,7 +265,7 @@ class HypergradientAdam(LearnedOptimizer):
     (``lr`` a multiplier of ``init_lr``, default ``normalized=True``; the paper's form with
     ``normalized=False``, ``hyper_lr`` default 1e-7). ``decoupled_weight_decay=True`` makes
     ``weight_decay`` AdamW's (``p -= lr·init_lr·wd·p``) instead of Adam's L2; ``blowup``,
-    ``smoothing``, ``blowup_decay`` and ``blowup_recovery`` are :class:`HypergradientSGD`'s guard.
+    ``smoothing``, ``blowup_decay``, ``blowup_recovery`` and ``max_factor`` are :class:`HypergradientSGD`'s guard.
     """
 
     def __init__(
@@ -283,12 +285,13 @@ class HypergradientAdam(LearnedOptimizer):
         smoothing: float = 0.0,
         blowup_decay: float = 0.5,
         blowup_recovery: float = 1.0,
+        max_factor: float = 0.0,
     ) -> None:
         beta = _hyper_lr(hyper_lr, normalized, "adam")
         super().__init__(params, HypergradientAdamRule(), lr=lr, init_lr=init_lr, hyper_lr=beta, betas=_pair(betas),
                          eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
                          normalized=normalized, maximize=maximize, blowup=blowup, smoothing=smoothing,
-                         blowup_decay=blowup_decay, blowup_recovery=blowup_recovery)
+                         blowup_decay=blowup_decay, blowup_recovery=blowup_recovery, max_factor=max_factor)
 
 
 def _hyper_lr(hyper_lr: float | None, normalized: Any, direction: str) -> float:

@@ -64,7 +64,7 @@ CARD_TYPES: dict[str, type] = {
 CARD_FIELDS = tuple(CARD_TYPES)
 CARD_OPTIONAL: dict[str, type] = {"defaults": dict, "untold_weights": str}
 # Settings chosen on validation after meta-training (numbers >= 0; the optimizer checks the rest).
-CARD_DEFAULT_KEYS = ("weight_decay", "blowup", "smoothing", "blowup_decay", "blowup_recovery")
+CARD_DEFAULT_KEYS = ("weight_decay", "blowup", "smoothing", "blowup_decay", "blowup_recovery", "max_factor")
 _SIBLING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # safetensors' dtype names of the floating dtypes: any of them loads into a floating parameter
 # (load_state_dict casts, as it does under torch.set_default_dtype); other dtypes must match exactly.

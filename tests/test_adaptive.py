@@ -296,6 +296,17 @@ def test_hypergradient_guard_gives_cuts_back_after_an_isolated_spike(cls: type) 
     assert ratio(10) == pytest.approx(0.5, rel=1e-5)
 
 
+@pytest.mark.parametrize("cls", [HypergradientSGD, HypergradientAdam])
+def test_max_factor_caps_the_adapted_factor(cls: type) -> None:
+    """Aligned gradients grow the normalized factor by e^β per step without bound; a cap holds it."""
+    def factor(**kw: float) -> float:
+        return float(_norm_run(lambda ps: cls(ps, hyper_lr=0.5, **kw), [1.0] * 12).group_state(0)["lr_factor"])
+
+    assert factor() > 50 and factor(max_factor=3.0) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="max_factor"):
+        cls([torch.nn.Parameter(torch.zeros(2))], max_factor=-1.0)
+
+
 def test_hypergradient_guard_stops_a_divergence() -> None:
     """SGD at rate 2.5 on ||x||²/2 multiplies x by -1.5 per step; the hypergradient (β 1e-6) is too slow
     to save it, the guard halves the rate at the first growing step and the run converges."""

@@ -190,7 +190,7 @@ def test_a_hypergradient_state_saved_before_the_guard_loads_and_steps_as_then():
     _stepped(opt, 3)
     sd = copy.deepcopy(opt.state_dict())
     for group in sd["param_groups"]:
-        for key in ("blowup", "smoothing", "blowup_decay", "blowup_recovery"):
+        for key in ("blowup", "smoothing", "blowup_decay", "blowup_recovery", "max_factor"):
             del group[key]
     for st in sd["state"].values():
         del st["norm_avg"], st["guard_debt"]

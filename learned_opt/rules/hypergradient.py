@@ -31,6 +31,9 @@ then (one misfit example in a batch of fitted ones), and those cuts would add up
 600 steps: 40 cuts, factor 1e-11); ``blowup_recovery`` r > 1 gives them back, by up to r per step
 without a spike, while a divergence, spiking step after step or every other step, stays cut. Group
 state ``norm_avg`` (0 before the first step) and ``guard_debt`` (the cuts not yet given back).
+``max_factor`` (0 = none) caps the factor: once a separable task's loss reaches zero its successive
+directions stay aligned and the normalized factor grows without bound (past 10^6 at 10× the
+held-out horizons), until one large gradient blows the run up.
 
 Rule defaults (a card without ``normalized`` was trained in the paper's form): ``normalized=False``
 with the paper's β = 1e-3 (SGD-HD) and 1e-7 (Adam-HD); the public optimizers default to
@@ -45,7 +48,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from learned_opt.rules.base import RuleState, check_bool, check_in_range, check_number, scalar_like
+from learned_opt.rules.base import RuleState, check_bool, check_in_range, check_nonnegative, check_number, scalar_like
 from learned_opt.rules.blowup import check_blowup, norm_average, repay, spike
 from learned_opt.rules.directions import adam_direction, group_dot, group_norm, momentum_direction
 from learned_opt.rules.hparam_base import HyperparameterRule, check_betas, log_param, logit_param
@@ -58,7 +61,8 @@ NORMALIZED_HYPER_LR = 0.05
 # The paper's β (Baydin et al. 2018): the rules' defaults, in the loss's units.
 PAPER_HYPER_LR = {"sgd": 1e-3, "adam": 1e-7}
 # The blow-up guard's settings and their defaults (off: the rule as older cards ran it).
-GUARD_DEFAULTS: dict[str, float] = {"blowup": 0.0, "smoothing": 0.0, "blowup_decay": 0.5, "blowup_recovery": 1.0}
+GUARD_DEFAULTS: dict[str, float] = {"blowup": 0.0, "smoothing": 0.0, "blowup_decay": 0.5, "blowup_recovery": 1.0,
+                                    "max_factor": 0.0}
 GUARD_KEYS = frozenset({*GUARD_DEFAULTS, "norm_avg", "guard_debt"})
 
 
@@ -112,6 +116,9 @@ def adapted_rate(
     if blowup > 0:
         factor, guard_state = _guarded(factor, group_norm(grads), group_state, rate, hparams)
         new.update(guard_state)
+    cap = float(hparams.get("max_factor", 0.0))
+    if cap > 0:
+        factor = factor.clamp_max(cap)
     return rate * factor, {**new, "lr_factor": factor}
 
 
@@ -135,15 +142,17 @@ def _guarded(factor: Tensor, norm: Tensor, group_state: Mapping[str, Tensor], ra
 def check_guard(hparams: Mapping[str, Any]) -> None:
     """ValueError unless the blow-up guard's settings are valid (``blowup_decay`` in (0, 1])."""
     check_blowup(hparams)
+    check_nonnegative("max_factor", hparams.get("max_factor", 0.0))
     decay = check_number("blowup_decay", hparams.get("blowup_decay", GUARD_DEFAULTS["blowup_decay"]))
     if not 0.0 < decay <= 1.0:
         raise ValueError(f"invalid blowup_decay: {hparams['blowup_decay']!r} (must be in (0, 1])")
 
 
-def _guard_config(blowup: float, smoothing: float, blowup_decay: float, blowup_recovery: float) -> dict[str, float]:
+def _guard_config(blowup: float, smoothing: float, blowup_decay: float, blowup_recovery: float,
+                  max_factor: float) -> dict[str, float]:
     """The blow-up guard's fixed config (not θ), validated."""
     guard = {"blowup": float(blowup), "smoothing": float(smoothing), "blowup_decay": float(blowup_decay),
-             "blowup_recovery": float(blowup_recovery)}
+             "blowup_recovery": float(blowup_recovery), "max_factor": float(max_factor)}
     check_guard(guard)
     return guard
 
@@ -171,14 +180,15 @@ class HypergradientSGDRule(HyperparameterRule):
 
     def __init__(self, init_lr: float = 0.01, init_hyper_lr: float = PAPER_HYPER_LR["sgd"], momentum: float = 0.0,
                  normalized: bool = False, blowup: float = 0.0, smoothing: float = 0.0,
-                 blowup_decay: float = GUARD_DEFAULTS["blowup_decay"], blowup_recovery: float = 1.0) -> None:
+                 blowup_decay: float = GUARD_DEFAULTS["blowup_decay"], blowup_recovery: float = 1.0,
+                 max_factor: float = 0.0) -> None:
         super().__init__()
         check_in_range("momentum", momentum, 0.0, 1.0)
         self.log_lr = log_param(init_lr, "init_lr")
         self.log_hyper_lr = log_param(init_hyper_lr, "init_hyper_lr")
         self.momentum = float(momentum)
         self.normalized = check_bool("normalized", normalized)
-        self.guard = _guard_config(blowup, smoothing, blowup_decay, blowup_recovery)
+        self.guard = _guard_config(blowup, smoothing, blowup_decay, blowup_recovery, max_factor)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -244,10 +254,11 @@ class HypergradientAdamRule(HyperparameterRule):
         smoothing: float = 0.0,
         blowup_decay: float = GUARD_DEFAULTS["blowup_decay"],
         blowup_recovery: float = 1.0,
+        max_factor: float = 0.0,
     ) -> None:
         super().__init__()
         self.normalized = check_bool("normalized", normalized)
-        self.guard = _guard_config(blowup, smoothing, blowup_decay, blowup_recovery)
+        self.guard = _guard_config(blowup, smoothing, blowup_decay, blowup_recovery, max_factor)
         check_betas(init_betas)
         self.log_lr = log_param(init_lr, "init_lr")
         self.log_hyper_lr = log_param(init_hyper_lr, "init_hyper_lr")
