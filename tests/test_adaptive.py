@@ -307,6 +307,26 @@ def test_max_factor_caps_the_adapted_factor(cls: type) -> None:
         cls([torch.nn.Parameter(torch.zeros(2))], max_factor=-1.0)
 
 
+def test_a_schedule_fades_the_guards_debt_with_the_factor() -> None:
+    """StepLR lowers lr 10× after two cut spikes: the cuts fade with the factor, so giving them back
+    never lifts the factor above the unguarded run's (it reached 2.27 when the debt was not faded)."""
+    def factors(**guard: float) -> list[float]:
+        p = torch.nn.Parameter(torch.zeros(4))
+        opt = HypergradientSGD([p], init_lr=0.01, hyper_lr=1e-12, **guard)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.1)
+        out = []
+        for t in range(40):
+            p.grad = torch.tensor([0.5, -0.5, 0.5, 0.5]) * (10.0 if t in (3, 6) else 1.0)
+            opt.step()
+            sched.step()
+            out.append(float(opt.group_state(0)["lr_factor"]))
+        return out
+
+    plain, guarded = factors(), factors(blowup=3.0, smoothing=0.5, blowup_recovery=1.1)
+    assert min(guarded[3:10]) < 0.5 and all(g <= u * (1 + 1e-6) for g, u in zip(guarded, plain))
+    assert guarded[-1] == pytest.approx(plain[-1], rel=1e-5)  # repaid in full
+
+
 def test_hypergradient_guard_stops_a_divergence() -> None:
     """SGD at rate 2.5 on ||x||²/2 multiplies x by -1.5 per step; the hypergradient (β 1e-6) is too slow
     to save it, the guard halves the rate at the first growing step and the run converges."""

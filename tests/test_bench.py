@@ -702,6 +702,12 @@ def test_pairs_of_the_suites_own_optimizers_must_name_them(tmp_path):
     suite_file.write_text(suite_file.read_text().replace('"sgdd"', '"default[horizon=true]"'))
     res = learned_opt.benchmark(str(suite_file), seeds=1, progress=False, timing_steps=0)
     assert res.results["pairs"] == []
+    res = learned_opt.benchmark(str(suite_file), ["sgd[lr=0.01]", "default[horizon=true]"], seeds=1, progress=False,
+                                timing_steps=0)
+    assert [(p["candidate"], p["baseline"]) for p in res.results["pairs"]] == [("sgd[lr=0.01]", "default[horizon=true]")]
+    suite_file.write_text(suite_file.read_text().replace('"default[horizon=true]"', '"default[horizn=true]"'))
+    with pytest.raises(BenchmarkConfigError, match=r"pairs name \['default\[horizn=true\]'\]"):
+        learned_opt.benchmark(str(suite_file), seeds=1, progress=False, timing_steps=0)
 
 
 def test_report_counts_how_often_the_decay_branch_fired(tmp_path):

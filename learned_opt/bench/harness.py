@@ -276,11 +276,18 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def _shipped_label(label: str) -> bool:
-    """Whether ``label`` is a shipped name, with or without fixed settings (``default[horizon=true]``)."""
+def _shipped_label(label: str, device: str) -> bool:
+    """Whether ``label`` is a shipped name, with or without valid fixed settings (``default[horizon=true]``)."""
     from learned_opt.weights import list_pretrained
 
-    return label.split("[", 1)[0] in list_pretrained()
+    if label.split("[", 1)[0] not in list_pretrained():
+        return False
+    try:
+        spec = resolve_optimizers([label])[0]
+        check_spec_builds(spec, spec.fixed_lr if spec.fixed_lr is not None else _PROBE_LR, device)
+    except ValueError:
+        return False
+    return True
 
 
 def _configure(suite: Any, optimizers: Any, tune: bool | None, seeds: Any, steps: int | str | None,
@@ -316,8 +323,8 @@ def _configure(suite: Any, optimizers: Any, tune: bool | None, seeds: Any, steps
     labels = {s.label for s in specs}
     pairs = [p for p in table["pairs"] if set(p) <= labels]
     # a pair may name a shipped optimizer (the ship tool benchmarks every shipped name); others must run
-    unknown = [] if optimizers is not None else sorted(
-        {x for p in table["pairs"] for x in p} - labels - {x for p in table["pairs"] for x in p if _shipped_label(x)})
+    named = {x for p in table["pairs"] for x in p}
+    unknown = [] if optimizers is not None else sorted(x for x in named - labels if not _shipped_label(x, device))
     if unknown:
         raise ValueError(f"{src.path or '<suite>'}: [benchmark] pairs name {unknown}, which are not among the "
                          f"benchmarked optimizers {sorted(labels)}")

@@ -114,7 +114,7 @@ def adapted_rate(
     new = {"prev_lr": lr}
     blowup = float(hparams.get("blowup", 0.0))
     if blowup > 0:
-        factor, guard_state = _guarded(factor, group_norm(grads), group_state, rate, hparams)
+        factor, guard_state = _guarded(factor, group_norm(grads), group_state, rate, ratio, hparams)
         new.update(guard_state)
     cap = float(hparams.get("max_factor", 0.0))
     if cap > 0:
@@ -123,15 +123,16 @@ def adapted_rate(
 
 
 def _guarded(factor: Tensor, norm: Tensor, group_state: Mapping[str, Tensor], rate: Tensor | float,
-             hparams: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+             ratio: Tensor | float, hparams: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
     """``(factor, new group entries)`` after the blow-up guard (module docstring); ``rate = 0`` keeps
     the factor. ``guard_debt`` is the product of the cuts not yet given back: each step without a
-    spike gives back up to ``blowup_recovery`` of it."""
+    spike gives back up to ``blowup_recovery`` of it. A schedule that lowers ``lr`` by a ratio r
+    fades the debt as it fades the factor (``debt^r``), so no more is given back than remains cut."""
     prev_avg = group_state.get("norm_avg", torch.zeros_like(norm))
     first = prev_avg <= 0
     spiked = spike(norm, prev_avg, first, float(hparams["blowup"]))
     moving = scalar_like(rate, factor) > 0
-    debt = group_state.get("guard_debt", torch.ones_like(norm))
+    debt = group_state.get("guard_debt", torch.ones_like(norm)) ** ratio  # faded with the factor by a schedule
     give = torch.where(spiked, hparams.get("blowup_decay", GUARD_DEFAULTS["blowup_decay"]),
                        repay(debt, float(hparams.get("blowup_recovery", 1.0))))
     give = torch.where(moving, give, 1.0)
