@@ -398,20 +398,31 @@ def load_optimizer(
     told = overrides.get("total_steps") is not None or any(
         isinstance(g, dict) and g.get("total_steps") is not None for g in params)
     rule, card = load_rule(weights_for_run(name_or_path, told))
-    overrides = {**card.get("defaults", {}), **overrides}
-    if isinstance(rule, LSTMRule):
-        opt: Optimizer = LSTMOptimizer(params, weights=rule, **overrides)
-    elif isinstance(rule, MLPRule):
-        opt = MLPOptimizer(params, weights=rule, **overrides)
-    elif rule.name in HYPERPARAMETER_OPTIMIZERS:
-        assert isinstance(rule, HyperparameterRule)
-        opt = _hyperparameter_optimizer(rule, params, overrides)
-    else:
-        opt = LearnedOptimizer(params, rule, **overrides)
+    card_defaults = {k: v for k, v in card.get("defaults", {}).items() if k not in overrides}
+    overrides = {**card_defaults, **overrides}
+    try:
+        opt = _build_optimizer(rule, params, overrides)
+    except (TypeError, ValueError) as exc:  # name the card where its defaults are what failed
+        if not any(repr(k) in str(exc) or f"{k}:" in str(exc) or f"{k} " in str(exc) for k in card_defaults):
+            raise
+        raise ValueError(f"{exc} (the weights card of {card.get('name', name_or_path)!r} sets defaults "
+                         f"{card_defaults}; a keyword given here replaces one)") from exc
     if isinstance(opt, LearnedOptimizer):
         opt.weights_sha256 = card["sha256"]
         opt.card = card
     return opt
+
+
+def _build_optimizer(rule: Rule, params: list[Any], overrides: dict[str, Any]) -> Optimizer:
+    """The optimizer that runs ``rule`` (its public class for a hyperparameter rule)."""
+    if isinstance(rule, LSTMRule):
+        return LSTMOptimizer(params, weights=rule, **overrides)
+    if isinstance(rule, MLPRule):
+        return MLPOptimizer(params, weights=rule, **overrides)
+    if rule.name in HYPERPARAMETER_OPTIMIZERS:
+        assert isinstance(rule, HyperparameterRule)
+        return _hyperparameter_optimizer(rule, params, overrides)
+    return LearnedOptimizer(params, rule, **overrides)
 
 
 def _hyperparameter_optimizer(

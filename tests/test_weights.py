@@ -326,6 +326,15 @@ def test_a_cards_guard_defaults_reach_the_hypergradient_optimizer(tmp_path: Path
     assert learned_opt.load_optimizer(path, [p], blowup=0.0).defaults["blowup"] == 0.0
     shipped = learned_opt.load_optimizer("hypergradient-sgd", [p])
     assert shipped.defaults["blowup"] > 1 and shipped.card["defaults"]["blowup"] == shipped.defaults["blowup"]
+    # a card whose defaults its rule does not take: the error names the card
+    other = save_weights(LearnableSGDRule(init_lr=0.03), tmp_path / "s", name="s", meta_training=META)
+    card = json.loads(other.with_suffix(".json").read_text())
+    other.with_suffix(".json").write_text(json.dumps({**card, "defaults": {"blowup": 3.0}}))
+    with pytest.raises(ValueError, match=r"weights card of 's' sets defaults \{'blowup': 3.0\}"):
+        learned_opt.load_optimizer(other, [p])
+    with pytest.raises(ValueError, match=r"invalid lr") as caught:  # the caller's own mistake is not blamed on it
+        learned_opt.load_optimizer(path, [p], lr=-1.0)
+    assert "weights card" not in str(caught.value)
 
 
 def test_untold_runs_take_the_cards_untold_weights_and_their_defaults(tmp_path: Path) -> None:
