@@ -272,12 +272,13 @@ def test_hypergradient_guard_cuts_the_factor_at_each_blowup(cls: type) -> None:
     4 and 5, so the factor ends at a quarter of the unguarded one's; a jump to a level that holds
     (1, 1, 5, 5, 5, 5) spikes once."""
     def factor(norms: list[float], **guard: float) -> float:
-        return float(_norm_run(lambda ps: cls(ps, **guard), norms).group_state(0)["lr_factor"])
+        return float(_norm_run(lambda ps: cls(ps, **{"blowup": 0.0, **guard}), norms).group_state(0)["lr_factor"])
 
     for norms, spikes in (([1.0, 1.0, 2.9, 10.0, 100.0], 2), ([1.0, 1.0, 5.0, 5.0, 5.0, 5.0], 1)):
-        guarded = factor(norms, blowup=3.0, smoothing=0.5)
+        guarded = factor(norms, blowup=3.0, smoothing=0.5, blowup_recovery=1.0)
         assert guarded == pytest.approx(factor(norms) * 0.5**spikes, rel=1e-6)
-    st = _norm_run(lambda ps: cls(ps, blowup=3.0, smoothing=0.5, blowup_decay=0.25), [1.0, 1.0, 2.9, 10.0])
+    st = _norm_run(lambda ps: cls(ps, blowup=3.0, smoothing=0.5, blowup_decay=0.25, blowup_recovery=1.0),
+                   [1.0, 1.0, 2.9, 10.0])
     assert float(st.group_state(0)["norm_avg"]) == pytest.approx(0.5 * (0.5 * 1.0 + 0.5 * 2.9) + 5.0)
     assert float(st.group_state(0)["lr_factor"]) == pytest.approx(factor([1.0, 1.0, 2.9, 10.0]) * 0.25, rel=1e-6)
 
@@ -289,7 +290,7 @@ def test_hypergradient_guard_gives_cuts_back_after_an_isolated_spike(cls: type) 
     def ratio(tail: int, **guard: float) -> float:
         norms = [1.0, 1.0, 10.0] + [1.0] * tail
         run = lambda **kw: float(_norm_run(lambda ps: cls(ps, **kw), norms).group_state(0)["lr_factor"])  # noqa: E731
-        return run(blowup=3.0, smoothing=0.5, **guard) / run()
+        return run(blowup=3.0, smoothing=0.5, **{"blowup_recovery": 1.0, **guard}) / run(blowup=0.0)
 
     assert ratio(3, blowup_recovery=1.1) == pytest.approx(0.5 * 1.1**3, rel=1e-5)
     assert ratio(10, blowup_recovery=1.1) == pytest.approx(1.0, rel=1e-5)
@@ -300,7 +301,7 @@ def test_hypergradient_guard_gives_cuts_back_after_an_isolated_spike(cls: type) 
 def test_max_factor_caps_the_adapted_factor(cls: type) -> None:
     """Aligned gradients grow the normalized factor by e^β per step without bound; a cap holds it."""
     def factor(**kw: float) -> float:
-        return float(_norm_run(lambda ps: cls(ps, hyper_lr=0.5, **kw), [1.0] * 12).group_state(0)["lr_factor"])
+        return float(_norm_run(lambda ps: cls(ps, hyper_lr=0.5, blowup=0.0, **kw), [1.0] * 12).group_state(0)["lr_factor"])
 
     assert factor() > 50 and factor(max_factor=3.0) == pytest.approx(3.0)
     with pytest.raises(ValueError, match="max_factor"):
@@ -322,7 +323,7 @@ def test_a_schedule_fades_the_guards_debt_with_the_factor() -> None:
             out.append(float(opt.group_state(0)["lr_factor"]))
         return out
 
-    plain, guarded = factors(), factors(blowup=3.0, smoothing=0.5, blowup_recovery=1.1)
+    plain, guarded = factors(blowup=0.0), factors(blowup=3.0, smoothing=0.5, blowup_recovery=1.1)
     assert min(guarded[3:10]) < 0.5 and all(g <= u * (1 + 1e-6) for g, u in zip(guarded, plain))
     assert guarded[-1] == pytest.approx(plain[-1], rel=1e-5)  # repaid in full
 
@@ -332,7 +333,7 @@ def test_hypergradient_guard_stops_a_divergence() -> None:
     to save it, the guard halves the rate at the first growing step and the run converges."""
     def final(**guard: float) -> float:
         x = torch.nn.Parameter(torch.ones(3))
-        opt = HypergradientSGD([x], init_lr=2.5, hyper_lr=1e-6, **guard)
+        opt = HypergradientSGD([x], init_lr=2.5, hyper_lr=1e-6, **{"blowup": 0.0, **guard})
         for _ in range(60):
             opt.zero_grad()
             (0.5 * (x * x).sum()).backward()

@@ -186,7 +186,7 @@ def test_a_hypergradient_state_saved_before_the_guard_loads_and_steps_as_then():
     """A HypergradientSGD state saved before the blow-up guard's settings and ``norm_avg`` existed
     loads with the guard off (the earlier rule) and continues exactly as the optimizer that saved it."""
     params = _params((3,), (2,))
-    opt = HypergradientSGD(params, momentum=0.5)
+    opt = HypergradientSGD(params, momentum=0.5, blowup=0.0)  # as the class stepped before the guard
     _stepped(opt, 3)
     sd = copy.deepcopy(opt.state_dict())
     for group in sd["param_groups"]:
@@ -195,7 +195,7 @@ def test_a_hypergradient_state_saved_before_the_guard_loads_and_steps_as_then():
     for st in sd["state"].values():
         del st["norm_avg"], st["guard_debt"]
     resumed_params = [p.detach().clone().requires_grad_(True) for p in params]
-    resumed = HypergradientSGD(resumed_params, momentum=0.5)
+    resumed = HypergradientSGD(resumed_params, momentum=0.5)  # the saved groups' settings win
     resumed.load_state_dict(sd)
     assert resumed.param_groups[0]["blowup"] == 0.0
     _stepped(opt, 3)
