@@ -228,13 +228,11 @@ class HypergradientSGD(LearnedOptimizer):
     r the factor becomes ``lr_factor^r``, so the adaptation fades with the decay and the rate follows
     the schedule (see :mod:`learned_opt.rules.hypergradient`). ``weight_decay`` is coupled unless
     ``decoupled_weight_decay=True`` (``p -= lr·init_lr·wd·p``, not the adapted rate). ``blowup`` κ > 1
-    (default 3; 0 turns it off) also multiplies ``lr_factor`` by ``blowup_decay`` at each step whose
-    gradient norm exceeds κ × its running average (``smoothing`` β, default 0.5), a guard against a
-    run that starts to diverge (on by default since it was chosen on validation seeds: without it
-    these defaults diverged on 2 of the 14 held-out tasks);
-    ``blowup_recovery`` r > 1 (default 1.1) gives the cuts back by up to r per step without a spike, so the
-    isolated spikes of a minibatch norm near zero loss do not add up; ``max_factor`` (0 = none) caps
-    ``lr_factor``.
+    (default 3; 0 = off) also multiplies ``lr_factor`` by ``blowup_decay`` at each step whose gradient
+    norm exceeds κ × its running average (``smoothing`` β, default 0.5): a guard against divergence,
+    on by default as chosen on validation seeds. ``blowup_recovery`` r (default 1.1) gives the cuts
+    back by up to r per step without a spike, so isolated minibatch spikes near zero loss do not add
+    up; ``max_factor`` (0 = none) caps ``lr_factor``.
     """
 
     def __init__(
@@ -405,9 +403,9 @@ def load_optimizer(
     overrides = {**card_defaults, **overrides}
     try:
         opt = _build_optimizer(rule, params, overrides)
-    except (TypeError, ValueError) as exc:  # name the card where its defaults are what failed
-        if not any(repr(k) in str(exc) or f"{k}:" in str(exc) or f"{k} " in str(exc) for k in card_defaults):
-            raise
+    except (TypeError, ValueError) as exc:
+        if not card_defaults or not _builds(rule, params, {k: v for k, v in overrides.items() if k not in card_defaults}):
+            raise  # the caller's own arguments fail as well
         raise ValueError(f"{exc} (the weights card of {card.get('name', name_or_path)!r} sets defaults "
                          f"{card_defaults}; a keyword given here replaces one)") from exc
     if isinstance(opt, LearnedOptimizer):
@@ -426,6 +424,14 @@ def _build_optimizer(rule: Rule, params: list[Any], overrides: dict[str, Any]) -
         assert isinstance(rule, HyperparameterRule)
         return _hyperparameter_optimizer(rule, params, overrides)
     return LearnedOptimizer(params, rule, **overrides)
+
+
+def _builds(rule: Rule, params: list[Any], overrides: dict[str, Any]) -> bool:
+    """Whether the optimizer builds with these arguments (on an error path only: it builds once more)."""
+    try:
+        return _build_optimizer(rule, params, overrides) is not None
+    except (TypeError, ValueError):
+        return False
 
 
 def _hyperparameter_optimizer(

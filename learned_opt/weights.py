@@ -314,9 +314,9 @@ def copy_weights(rule: Rule, name_or_path: str | Path) -> None:
         return r.name, {k: v for k, v in r.config().items() if not k.startswith("init_")}, \
             {k: v.shape for k, v in params.items()}
 
-    if form(loaded, theirs) != form(rule, ours):
-        (_, c1, _), (_, c2, _) = form(loaded, theirs), form(rule, ours)
-        config = sorted(k for k in {*c1, *c2} if c1.get(k) != c2.get(k))
+    mine, given = form(rule, ours), form(loaded, theirs)
+    if given != mine:
+        config = sorted(k for k in {*given[1], *mine[1]} if given[1].get(k) != mine[1].get(k))
         raise ValueError(f"weights {name_or_path!r} ({card['rule']}: {sorted(theirs)}) do not fit rule "
                          f"{rule.name!r} ({sorted(ours)}{'; config differs in ' + str(config) if config else ''}); "
                          "init_weights needs the same rule, architecture and config (set the init_* values instead)")

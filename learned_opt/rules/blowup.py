@@ -36,9 +36,11 @@ def spike(norm: Tensor, prev_avg: Tensor, first: Tensor, blowup: float) -> Tenso
     return ~first & (norm > blowup * prev_avg)
 
 
-def repay(debt: Tensor, recovery: float) -> Tensor:
-    """The factor given back at a step without a spike: up to ``recovery``, never past the debt."""
-    return torch.minimum(debt.new_full((), recovery), 1.0 / debt)
+def settle(spiked: Tensor, debt: Tensor, cut: Tensor | float, recovery: float) -> tuple[Tensor, Tensor]:
+    """``(multiplier of the factor, new debt)``: ``cut`` at a spike; otherwise up to ``recovery`` of
+    the debt given back, never past it."""
+    give = torch.where(spiked, cut, torch.minimum(debt.new_full((), recovery), 1.0 / debt))
+    return give, debt * give
 
 
 def check_blowup(hparams: dict[str, Any] | Any) -> None:

@@ -74,4 +74,4 @@ def group_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 def group_norm(grads: Sequence[Tensor]) -> Tensor:
     """L2 norm of a whole group's gradient, as a 0-dim tensor."""
-    return safe_sqrt(torch.stack([(g * g).sum() for g in grads]).sum())
+    return safe_sqrt(group_dot(grads, grads))

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from learned_opt.rules.base import RuleState, check_bool, check_count, check_nonnegative, check_number, scalar_like
-from learned_opt.rules.blowup import check_blowup, norm_average, repay, spike
+from learned_opt.rules.blowup import check_blowup, norm_average, settle, spike
 from learned_opt.rules.directions import adam_direction, group_norm, momentum_direction
 from learned_opt.rules.hparam_base import HyperparameterRule, log_param, logit_param
 from learned_opt.rules.transforms import absolute_rate
@@ -220,10 +220,9 @@ class GradNormDecayRule(HyperparameterRule):
         factor = group_state["lr_factor"] * (1 - weight * (1 - hparams["decay"]))
         recovery = float(hparams.get("blowup_recovery", 1.0))
         if spiked is not None and recovery > 1:  # blow-up cuts are given back; plateau decays are kept
-            debt = group_state.get("guard_debt", torch.ones_like(factor))
-            back = repay(debt, recovery)
-            factor = torch.where(spiked, factor, factor * back)
-            new_group["guard_debt"] = torch.where(spiked, debt * hparams["decay"], debt * back)
+            give, new_group["guard_debt"] = settle(spiked, group_state.get("guard_debt", torch.ones_like(factor)),
+                                                   hparams["decay"], recovery)
+            factor = torch.where(spiked, factor, factor * give)  # the firing weight already made the cut
         rate = absolute_rate(hparams) * factor
         updates, new_per_param = [], []
         for g, st in zip(grads, per_param):

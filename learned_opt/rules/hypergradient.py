@@ -49,8 +49,8 @@ import torch
 from torch import Tensor
 
 from learned_opt.rules.base import RuleState, check_bool, check_in_range, check_nonnegative, check_number, scalar_like
-from learned_opt.rules.blowup import check_blowup, norm_average, repay, spike
-from learned_opt.rules.directions import adam_direction, group_dot, group_norm, momentum_direction
+from learned_opt.rules.blowup import check_blowup, norm_average, settle, spike
+from learned_opt.rules.directions import adam_direction, group_dot, momentum_direction, safe_sqrt
 from learned_opt.rules.hparam_base import HyperparameterRule, check_betas, log_param, logit_param
 from learned_opt.rules.transforms import absolute_rate
 
@@ -83,6 +83,7 @@ def hypergradient_factor(
     hyper_lr: Tensor | float,
     normalized: bool = False,
     ratio: Tensor | float = 1.0,
+    grad_sq: Tensor | None = None,
 ) -> Tensor:
     """The adapted factor after one hypergradient step; ``rate = lr × init_lr = 0`` keeps it.
 
@@ -94,7 +95,8 @@ def hypergradient_factor(
     positive = rate_t > 0
     faded = factor**ratio
     if normalized:
-        norms = (group_dot(grads, grads) * group_dot(prev_dirs, prev_dirs)).clamp_min(1e-30).sqrt()
+        gg = group_dot(grads, grads) if grad_sq is None else grad_sq
+        norms = (gg * group_dot(prev_dirs, prev_dirs)).clamp_min(1e-30).sqrt()
         new = faded * torch.exp(hyper_lr * h / norms)
     else:
         new = (faded + hyper_lr * h / torch.where(positive, rate_t, torch.ones_like(rate_t))).clamp_min(0.0)
@@ -109,12 +111,13 @@ def adapted_rate(
     with the new ``lr_factor`` and ``prev_lr``."""
     rate = absolute_rate(hparams)
     ratio, lr = schedule_ratio(hparams.get("lr", 1.0), group_state["prev_lr"])
+    normalized, guarded = bool(hparams.get("normalized", False)), float(hparams.get("blowup", 0.0)) > 0
+    grad_sq = group_dot(grads, grads) if normalized or guarded else None  # one pass serves both
     factor = hypergradient_factor(group_state["lr_factor"], grads, prev_dirs, rate, hparams["hyper_lr"],
-                                  bool(hparams.get("normalized", False)), ratio)
+                                  normalized, ratio, grad_sq)
     new = {"prev_lr": lr}
-    blowup = float(hparams.get("blowup", 0.0))
-    if blowup > 0:
-        factor, guard_state = _guarded(factor, group_norm(grads), group_state, rate, ratio, hparams)
+    if guarded:
+        factor, guard_state = _guarded(factor, safe_sqrt(grad_sq), group_state, rate, ratio, hparams)
         new.update(guard_state)
     cap = float(hparams.get("max_factor", 0.0))
     if cap > 0:
@@ -133,11 +136,11 @@ def _guarded(factor: Tensor, norm: Tensor, group_state: Mapping[str, Tensor], ra
     spiked = spike(norm, prev_avg, first, float(hparams["blowup"]))
     moving = scalar_like(rate, factor) > 0
     debt = group_state.get("guard_debt", torch.ones_like(norm)) ** ratio  # faded with the factor by a schedule
-    give = torch.where(spiked, hparams.get("blowup_decay", GUARD_DEFAULTS["blowup_decay"]),
-                       repay(debt, float(hparams.get("blowup_recovery", 1.0))))
-    give = torch.where(moving, give, 1.0)
-    return factor * give, {"norm_avg": norm_average(norm, prev_avg, first, float(hparams.get("smoothing", 0.0))),
-                           "guard_debt": debt * give}
+    give, new_debt = settle(spiked, debt, hparams.get("blowup_decay", GUARD_DEFAULTS["blowup_decay"]),
+                            float(hparams.get("blowup_recovery", 1.0)))
+    return torch.where(moving, factor * give, factor), {
+        "norm_avg": norm_average(norm, prev_avg, first, float(hparams.get("smoothing", 0.0))),
+        "guard_debt": torch.where(moving, new_debt, debt)}
 
 
 def check_guard(hparams: Mapping[str, Any]) -> None:
