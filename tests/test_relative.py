@@ -751,3 +751,27 @@ def test_es_resumes_a_checkpoint_written_before_the_long_settings_existed(tmp_pa
     assert resumed.step == 2
     with pytest.raises(ValueError, match="long_val"):
         PopulationESTrainer(_cfg(meta_steps=3, long_labels=("quad",), long_val=1), tmp_path, suite=suite).run(progress=False)
+
+
+def test_cos_gain_starts_a_controller_that_grows_steps_along_a_steady_gradient():
+    """init_cos_gain sets only the increment's weights on the two cosine features; along a constant
+    gradient (successive steps agree) the multiplier then grows each step, where the untrained
+    controller keeps the hand-set step. It is a starting point, not a setting: weights overwrite it."""
+    plain, primed = LearnedRelativeAdamRule(hidden=0), LearnedRelativeAdamRule(hidden=0, init_cos_gain=1.0)
+    ws = primed.ctrl.ws.detach()
+    assert torch.equal(ws[:2, 0], torch.ones(2)) and not ws[2:].any() and not ws[:, 1].any()
+    assert "init_cos_gain" not in primed.config()
+
+    def ctrl_after(rule, steps=30):
+        params = [torch.full((4, 3), 0.5)]
+        state = rule.init_state(params)
+        for _ in range(steps):
+            updates, state = rule.update([torch.ones(4, 3)], params, state, dict(rule.hyperparameters))
+            params = [p + u for p, u in zip(params, updates)]
+        return float(state[1][0]["controller"][0])
+
+    assert ctrl_after(plain) == 0.0
+    assert ctrl_after(primed, 10) > 0.2 and ctrl_after(primed, 30) > ctrl_after(primed, 10)
+    for bad in (float("nan"), "1", True):
+        with pytest.raises(ValueError, match="init_cos_gain"):
+            LearnedRelativeAdamRule(init_cos_gain=bad)

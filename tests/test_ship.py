@@ -72,6 +72,24 @@ def test_train_then_bench_exports_card_with_figures_and_readme_table(setup):
     assert "old" not in text and "| learnable-sgd |" in text and text.startswith("intro\n") and text.endswith("rest\n")
 
 
+def test_a_candidate_recipe_exports_beside_the_package_and_never_into_it(setup, monkeypatch):
+    """--recipe-dir/--export-dir meta-train a candidate into a folder of its own and stop there: the
+    shipped weights, cards and README are untouched, and half the pair is refused."""
+    import tools.ship as ship
+
+    tmp, _, recipes, _ = setup
+    shipped = tmp / "package"
+    monkeypatch.setattr(ship, "PRETRAINED_DIR", shipped)
+    out = tmp / "candidate"
+    assert main(["learnable-sgd", "--recipe-dir", str(recipes), "--export-dir", str(out), "--work", str(tmp / "w"),
+                 "--no-progress"]) == 0
+    assert load_rule(out / "learnable-sgd.safetensors")[1]["name"] == "learnable-sgd"
+    assert not shipped.exists()
+    for argv in (["learnable-sgd", "--recipe-dir", str(recipes)], ["learnable-sgd", "--export-dir", str(out), "--skip-train"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+
+
 def test_bad_recipes_are_rejected_with_the_file_named(tmp_path):
     (tmp_path / "x.toml").write_text('[ship]\nsuite = "meta_train"\nbogus = 1\n[meta_train]\nrule = "lstm"\n')
     with pytest.raises(ValueError, match=r"x\.toml.*bogus"):

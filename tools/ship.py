@@ -110,7 +110,8 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
     meta["exported"] = f"{ship['weights']} (validation-selected)" if ship["weights"] == "best" else "final"
     meta["command"] = command
     meta["threads"] = threads
-    return save_weights(rule, pretrained_dir / name, name=name, meta_training=meta, metrics={})
+    Path(pretrained_dir).mkdir(parents=True, exist_ok=True)
+    return save_weights(rule, Path(pretrained_dir) / name, name=name, meta_training=meta, metrics={})
 
 
 def sync_card(weights: Path, ship: dict[str, Any]) -> None:
@@ -235,17 +236,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, help="benchmark seeds (default: the suite's [benchmark] table)")
     add_threads_flag(parser, "on CPU the same count gives bitwise-identical runs, so cached and fresh runs agree")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--recipe-dir", type=Path, help="read the recipes from here instead of tasks/pretrained/ "
+                        "(a candidate's; needs --export-dir)")
+    parser.add_argument("--export-dir", type=Path, help="export the weights here instead of learned_opt/pretrained/ "
+                        "and only meta-train: a candidate is benchmarked by path, never written into the package")
     args = parser.parse_args(argv)
     apply_threads(args.threads)
-    names = list_recipes() if args.all else args.names
+    if args.recipe_dir is not None and args.export_dir is None:
+        parser.error("--recipe-dir needs --export-dir (a candidate recipe never overwrites the shipped weights)")
+    if args.export_dir is not None and args.skip_train:
+        parser.error("--export-dir only meta-trains and exports; --skip-train would leave nothing to do")
+    recipe_dir = args.recipe_dir or RECIPE_DIR
+    names = list_recipes(recipe_dir) if args.all else args.names
     if not names:
         parser.error("name recipes to ship, or --all")
     try:
-        recipes = {n: load_recipe(n)[0] for n in names}
+        recipes = {n: load_recipe(n, recipe_dir)[0] for n in names}
         if not args.skip_train:
             for n in names:
                 print(f"ship: meta-training {n}", flush=True)
-                train(n, args.work, progress=not args.no_progress, threads=args.threads)
+                train(n, args.work, progress=not args.no_progress, threads=args.threads, recipe_dir=recipe_dir,
+                      pretrained_dir=args.export_dir or PRETRAINED_DIR)
+        if args.export_dir is not None:
+            print(f"ship: exported {names} to {args.export_dir} (not shipped: benchmark them by path)")
+            return 0
         for n, ship in recipes.items():  # the recipe's card keys, also on weights exported before
             sync_card(PRETRAINED_DIR / f"{n}.safetensors", ship)
         if not args.skip_bench:

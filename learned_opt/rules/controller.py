@@ -39,14 +39,21 @@ class ControllerNet(nn.Module):
     A linear map of the features plus, with ``hidden > 0``, a one-hidden-layer tanh MLP. The
     output weights start at zero (an untrained controller does nothing); ``hidden = 0`` keeps θ
     small (20 numbers), which full-horizon ES estimates far better than a few hundred.
+    ``cos_gain`` starts the increment's weights on the two cosine features there instead (a
+    hypergradient prior: the multiplier grows while successive steps agree and shrinks while they
+    oscillate), so meta-training starts from a controller that can grow a step, not from none.
     """
 
-    def __init__(self, hidden: int = 8, seed: int = 0, told_time: bool = False) -> None:
+    def __init__(self, hidden: int = 8, seed: int = 0, told_time: bool = False, cos_gain: float = 0.0) -> None:
         super().__init__()
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
             raise ValueError(f"invalid hidden: {hidden!r} (must be an int >= 0)")
+        if isinstance(cos_gain, bool) or not isinstance(cos_gain, (int, float)) or not math.isfinite(cos_gain):
+            raise ValueError(f"invalid init_cos_gain: {cos_gain!r} (must be a finite number)")
         n = len(FEATURES) if told_time else BASE_FEATURES
         self.ws = nn.Parameter(torch.zeros(n, 2))  # linear: features -> outputs
+        with torch.no_grad():
+            self.ws[:2, 0] = float(cos_gain)
         self.b2 = nn.Parameter(torch.zeros(2))
         if hidden:
             g = torch.Generator().manual_seed(seed)
