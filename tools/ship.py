@@ -258,6 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 train(n, args.work, progress=not args.no_progress, threads=args.threads, recipe_dir=recipe_dir,
                       pretrained_dir=args.export_dir or PRETRAINED_DIR)
         if args.export_dir is not None:
+            for n, ship in recipes.items():
+                try:
+                    sync_card(args.export_dir / f"{n}.safetensors", ship)
+                except ValueError as exc:  # e.g. untold weights that were not exported beside it
+                    print(f"ship: note: the card of {n} keeps none of its recipe's [ship] keys: {exc}")
             print(f"ship: exported {names} to {args.export_dir} (not shipped: benchmark them by path)")
             return 0
         for n, ship in recipes.items():  # the recipe's card keys, also on weights exported before
