@@ -81,9 +81,10 @@ def test_a_candidate_recipe_exports_beside_the_package_and_never_into_it(setup, 
     shipped = tmp / "package"
     monkeypatch.setattr(ship, "PRETRAINED_DIR", shipped)
     out = tmp / "candidate"
-    assert main(["learnable-sgd", "--recipe-dir", str(recipes), "--export-dir", str(out), "--work", str(tmp / "w"),
-                 "--no-progress"]) == 0
+    monkeypatch.chdir(tmp)  # the shipped runs' folder, runs/ship, is relative: it must stay empty
+    assert main(["learnable-sgd", "--recipe-dir", str(recipes), "--export-dir", str(out), "--no-progress"]) == 0
     assert load_rule(out / "learnable-sgd.safetensors")[1]["name"] == "learnable-sgd"
+    assert (out / "runs" / "learnable-sgd").is_dir() and not (tmp / "runs").exists()
     assert not shipped.exists()
     for argv in (["learnable-sgd", "--recipe-dir", str(recipes)], ["learnable-sgd", "--export-dir", str(out), "--skip-train"]):
         with pytest.raises(SystemExit):

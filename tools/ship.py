@@ -230,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("names", nargs="*", help=f"recipes to ship (available: {', '.join(list_recipes())})")
     parser.add_argument("--all", action="store_true", help="every recipe")
-    parser.add_argument("--work", default="runs/ship", help="meta-training runs and benchmark caches (default: runs/ship)")
+    parser.add_argument("--work", help="meta-training runs and benchmark caches (default: runs/ship; with "
+                        "--export-dir, EXPORT_DIR/runs, so a candidate never resumes a shipped recipe's run)")
     parser.add_argument("--skip-train", action="store_true", help="only benchmark the already exported weights")
     parser.add_argument("--skip-bench", action="store_true", help="only meta-train and export")
     parser.add_argument("--seeds", type=int, help="benchmark seeds (default: the suite's [benchmark] table)")
@@ -247,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.export_dir is not None and args.skip_train:
         parser.error("--export-dir only meta-trains and exports; --skip-train would leave nothing to do")
     recipe_dir = args.recipe_dir or RECIPE_DIR
+    work = args.work or (args.export_dir / "runs" if args.export_dir is not None else "runs/ship")
     names = list_recipes(recipe_dir) if args.all else args.names
     if not names:
         parser.error("name recipes to ship, or --all")
@@ -255,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.skip_train:
             for n in names:
                 print(f"ship: meta-training {n}", flush=True)
-                train(n, args.work, progress=not args.no_progress, threads=args.threads, recipe_dir=recipe_dir,
+                train(n, work, progress=not args.no_progress, threads=args.threads, recipe_dir=recipe_dir,
                       pretrained_dir=args.export_dir or PRETRAINED_DIR)
         if args.export_dir is not None:
             for n, ship in recipes.items():
@@ -275,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for suite, members in by_suite.items():
                 shipped = sorted({*members, *(n for n, s in shipped_suites.items() if s == suite)})
                 print(f"ship: benchmarking {shipped} on {suite}", flush=True)
-                dest = bench(suite, shipped, args.work, seeds=args.seeds, progress=not args.no_progress)
+                dest = bench(suite, shipped, work, seeds=args.seeds, progress=not args.no_progress)
                 print(f"ship: results in {dest}")
     except ValueError as exc:
         print(f"ship_pretrained.py: error: {exc}", file=sys.stderr)
