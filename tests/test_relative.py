@@ -775,3 +775,26 @@ def test_cos_gain_starts_a_controller_that_grows_steps_along_a_steady_gradient()
     for bad in (float("nan"), "1", True):
         with pytest.raises(ValueError, match="init_cos_gain"):
             LearnedRelativeAdamRule(init_cos_gain=bad)
+
+
+def test_steady_feature_is_an_extra_row_that_old_weights_do_not_have():
+    """init_steady_gain adds θ ``ctrl.ws_steady`` (cosine EMA × gradient-norm trend): at 0 the rule is
+    the plain one bitwise, told or not; set, it changes the steps; the config rebuilds it, so weights
+    saved with it load into a rule that has it, and rules without it are unchanged."""
+    base = LearnedRelativeAdamRule(hidden=0)
+    with torch.no_grad():
+        base.ctrl.ws.copy_(0.3 * torch.randn(base.ctrl.ws.shape, generator=torch.Generator().manual_seed(3)))
+    steady = LearnedRelativeAdamRule(hidden=0, init_steady_gain=0.0)
+    assert "ctrl.ws_steady" in steady.theta() and "ctrl.ws_steady" not in base.theta()
+    assert "init_steady_gain" not in base.config()
+    with torch.no_grad():
+        steady.ctrl.ws.copy_(base.ctrl.ws)
+    for total in (None, 8):
+        assert all(torch.equal(a, b) for a, b in zip(_run_updates(base, total), _run_updates(steady, total)))
+    with torch.no_grad():
+        steady.ctrl.ws_steady[0, 0] = -2.0
+    assert not all(torch.equal(a, b) for a, b in zip(_run_updates(base, None), _run_updates(steady, None)))
+    rebuilt = type(steady)(**steady.config())
+    assert rebuilt.config() == steady.config() and float(rebuilt.ctrl.ws_steady[0, 0]) == -2.0
+    with pytest.raises(ValueError, match="init_steady_gain"):
+        LearnedRelativeAdamRule(init_steady_gain=float("inf"))

@@ -39,12 +39,16 @@ class ControllerNet(nn.Module):
     A linear map of the features plus, with ``hidden > 0``, a one-hidden-layer tanh MLP. The
     output weights start at zero (an untrained controller does nothing); ``hidden = 0`` keeps θ
     small (20 numbers), which full-horizon ES estimates far better than a few hundred.
+    ``steady_gain`` (None: absent) adds one more input, the cosine EMA times the gradient-norm
+    trend, which tells a steady descent (agreeing steps while the gradient shrinks: grow) from a
+    noise floor (cosine near 0); its increment weight starts at ``steady_gain`` (θ ``ctrl.ws_steady``).
     ``cos_gain`` starts the increment's weights on the two cosine features there instead (a
     hypergradient prior: the multiplier grows while successive steps agree and shrinks while they
     oscillate), so meta-training starts from a controller that can grow a step, not from none.
     """
 
-    def __init__(self, hidden: int = 8, seed: int = 0, told_time: bool = False, cos_gain: float = 0.0) -> None:
+    def __init__(self, hidden: int = 8, seed: int = 0, told_time: bool = False, cos_gain: float = 0.0,
+                 steady_gain: float | None = None) -> None:
         super().__init__()
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
             raise ValueError(f"invalid hidden: {hidden!r} (must be an int >= 0)")
@@ -55,6 +59,10 @@ class ControllerNet(nn.Module):
         with torch.no_grad():
             self.ws[:2, 0] = float(cos_gain)
         self.b2 = nn.Parameter(torch.zeros(2))
+        if steady_gain is not None:
+            if isinstance(steady_gain, bool) or not isinstance(steady_gain, (int, float)) or not math.isfinite(steady_gain):
+                raise ValueError(f"invalid init_steady_gain: {steady_gain!r} (must be a finite number or None)")
+            self.ws_steady = nn.Parameter(torch.tensor([[float(steady_gain), 0.0]]))
         if hidden:
             g = torch.Generator().manual_seed(seed)
             self.w1 = nn.Parameter(torch.randn(n, hidden, generator=g) / math.sqrt(n))
@@ -69,6 +77,8 @@ def controller_outputs(theta: Mapping[str, Tensor], feats: Tensor) -> tuple[Tens
     if theta["ctrl.ws"].shape[-2] > BASE_FEATURES:
         feats = torch.cat([feats, feats[:, 5:6] * feats[:, 6:7]], dim=-1)
     out = feats @ theta["ctrl.ws"] + theta["ctrl.b2"]
+    if "ctrl.ws_steady" in theta:
+        out = out + (feats[:, 1:2] * feats[:, 2:3]) @ theta["ctrl.ws_steady"]
     if "ctrl.w1" in theta:
         out = out + torch.tanh(feats @ theta["ctrl.w1"] + theta["ctrl.b1"]) @ theta["ctrl.w2"]
     out = torch.tanh(out)

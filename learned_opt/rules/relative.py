@@ -313,7 +313,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
     older weights without it use ``floor`` for vectors too), ``logit_final`` (with ``init_final`` set;
     without it the told cosine ends at 0), ``logit_anchor`` (with ``init_anchor`` set: see
     :func:`relative_update`; without it the scale is the current RMS) and the controller net (``ctrl.*``;
-    ``init_cos_gain``: see :class:`ControllerNet`, a starting point only). ``told_time`` gives the
+    ``init_cos_gain``, ``init_steady_gain``: see :class:`ControllerNet`). ``told_time`` gives the
     controller the log-step feature a second time, for told runs only, so that a decay over the
     steps that suits untold runs need not apply where the told cosine already decays.
     ``hparams``: ``lr`` (a multiplier, 1.0 = as meta-trained) and ``total_steps`` (None: unknown).
@@ -330,7 +330,8 @@ class LearnedRelativeAdamRule(_RelativeRule):
     def __init__(self, init_alpha: float = 0.03, init_warmup: float = 0.05, init_floor: float = 1e-3,
                  hidden: int = 8, seed: int = 0, init_floor_vec: float | None = None,
                  init_final: float | None = None, told_time: bool = False, schedule_free: bool = False,
-                 init_anchor: float | None = None, init_cos_gain: float = 0.0) -> None:
+                 init_anchor: float | None = None, init_cos_gain: float = 0.0,
+                 init_steady_gain: float | None = None) -> None:
         super().__init__()
         self.schedule_free = check_bool("schedule_free", schedule_free)
         self.log_alpha = log_param(init_alpha, "init_alpha")
@@ -344,7 +345,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             self.logit_anchor = logit_param(init_anchor, "init_anchor")
         if not isinstance(told_time, bool):
             raise ValueError(f"invalid told_time: {told_time!r} (must be true or false)")
-        self.ctrl = ControllerNet(hidden, seed, told_time, init_cos_gain)
+        self.ctrl = ControllerNet(hidden, seed, told_time, init_cos_gain, init_steady_gain)
         self.hidden, self.seed, self.told_time = int(hidden), int(seed), told_time
 
     def config(self) -> dict[str, Any]:
@@ -358,6 +359,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             "hidden": self.hidden,
             "seed": self.seed,
             **({"told_time": True} if self.told_time else {}),
+            **({"init_steady_gain": float(self.ctrl.ws_steady.detach()[0, 0])} if hasattr(self.ctrl, "ws_steady") else {}),
             **({"schedule_free": True} if self.schedule_free else {}),
         }
 
