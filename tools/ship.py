@@ -110,8 +110,9 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
     meta["exported"] = f"{ship['weights']} (validation-selected)" if ship["weights"] == "best" else "final"
     meta["command"] = command
     meta["threads"] = threads
-    Path(pretrained_dir).mkdir(parents=True, exist_ok=True)
-    return save_weights(rule, Path(pretrained_dir) / name, name=name, meta_training=meta, metrics={})
+    pretrained_dir = Path(pretrained_dir)
+    pretrained_dir.mkdir(parents=True, exist_ok=True)
+    return save_weights(rule, pretrained_dir / name, name=name, meta_training=meta, metrics={})
 
 
 def sync_card(weights: Path, ship: dict[str, Any]) -> None:

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from learned_opt.rules.base import check_number
+
 TINY = 1e-12
 FEATURES = (
     "cos(g_t, m_{t-1}) (the hypergradient signal of a momentum step)",
@@ -39,12 +41,12 @@ class ControllerNet(nn.Module):
     A linear map of the features plus, with ``hidden > 0``, a one-hidden-layer tanh MLP. The
     output weights start at zero (an untrained controller does nothing); ``hidden = 0`` keeps θ
     small (20 numbers), which full-horizon ES estimates far better than a few hundred.
-    ``steady_gain`` (None: absent) adds one more input, the cosine EMA times the gradient-norm
-    trend, which tells a steady descent (agreeing steps while the gradient shrinks: grow) from a
-    noise floor (cosine near 0); its increment weight starts at ``steady_gain`` (θ ``ctrl.ws_steady``).
     ``cos_gain`` starts the increment's weights on the two cosine features there instead (a
     hypergradient prior: the multiplier grows while successive steps agree and shrinks while they
     oscillate), so meta-training starts from a controller that can grow a step, not from none.
+    ``steady_gain`` (None: absent) adds one more input, the cosine EMA times the gradient-norm
+    trend, meant to tell a steady descent (agreeing steps while the gradient shrinks: grow) from a
+    noise floor (cosine near 0); its increment weight starts at ``steady_gain`` (θ ``ctrl.ws_steady``).
     """
 
     def __init__(self, hidden: int = 8, seed: int = 0, told_time: bool = False, cos_gain: float = 0.0,
@@ -52,22 +54,27 @@ class ControllerNet(nn.Module):
         super().__init__()
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
             raise ValueError(f"invalid hidden: {hidden!r} (must be an int >= 0)")
-        if isinstance(cos_gain, bool) or not isinstance(cos_gain, (int, float)) or not math.isfinite(cos_gain):
-            raise ValueError(f"invalid init_cos_gain: {cos_gain!r} (must be a finite number)")
+        cos_gain = _finite("init_cos_gain", cos_gain)
         n = len(FEATURES) if told_time else BASE_FEATURES
         self.ws = nn.Parameter(torch.zeros(n, 2))  # linear: features -> outputs
         with torch.no_grad():
-            self.ws[:2, 0] = float(cos_gain)
+            self.ws[:2, 0] = cos_gain
         self.b2 = nn.Parameter(torch.zeros(2))
         if steady_gain is not None:
-            if isinstance(steady_gain, bool) or not isinstance(steady_gain, (int, float)) or not math.isfinite(steady_gain):
-                raise ValueError(f"invalid init_steady_gain: {steady_gain!r} (must be a finite number or None)")
-            self.ws_steady = nn.Parameter(torch.tensor([[float(steady_gain), 0.0]]))
+            self.ws_steady = nn.Parameter(torch.tensor([[_finite("init_steady_gain", steady_gain), 0.0]]))
         if hidden:
             g = torch.Generator().manual_seed(seed)
             self.w1 = nn.Parameter(torch.randn(n, hidden, generator=g) / math.sqrt(n))
             self.b1 = nn.Parameter(torch.zeros(hidden))
             self.w2 = nn.Parameter(torch.zeros(hidden, 2))
+
+
+def _finite(key: str, value: object) -> float:
+    """``value`` as a float; ValueError naming ``key`` unless it is a finite number."""
+    v = check_number(key, value)
+    if not math.isfinite(v):
+        raise ValueError(f"invalid {key}: {value!r} (must be finite)")
+    return v
 
 
 def controller_outputs(theta: Mapping[str, Tensor], feats: Tensor) -> tuple[Tensor, Tensor]:
