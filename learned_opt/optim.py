@@ -2,7 +2,8 @@
 
 The adapter (:class:`LearnedOptimizer`, its state layout and guards) lives in
 :mod:`learned_opt.adapter`, the public optimizers and :func:`load_optimizer` in
-:mod:`learned_opt.optimizers`; every name is importable from here as before.
+:mod:`learned_opt.optimizers` (the hand-set adaptive-rate ones in
+:mod:`learned_opt.adaptive_optimizers`); every name is importable from here as before.
 """
 
 from learned_opt.adapter import (

@@ -215,6 +215,44 @@ def test_smoothing_tests_the_running_average_of_the_norm() -> None:
     assert float(st["decay_count"]) == 1 and float(st["norm_avg"]) == pytest.approx(0.325)
 
 
+def test_plateau_counts_only_steps_without_a_new_low() -> None:
+    """plateau, ρ 1, patience 2, cool-down 0: a norm falling step after step never fires; one that
+    stops making new lows fires at its second step without one (step 5 of 1, .8, .6, .7, .65), and
+    the lowest norm is then that step's, so the next firing needs two more steps without a new low
+    (and, the reference now being that step's norm, below it)."""
+    make = lambda ps: GradNormDecaySGD(ps, threshold=1.0, decay=0.5, patience=2, cooldown=0,  # noqa: E731
+                                       plateau=True)
+    falling = [0.9**k for k in range(40)]
+    assert float(_norm_run(make, falling).group_state(0)["decay_count"]) == 0
+    without = lambda ps: GradNormDecaySGD(ps, threshold=1.0, decay=0.5, patience=2, cooldown=0)  # noqa: E731
+    assert float(_norm_run(without, falling).group_state(0)["decay_count"]) == 19
+    st = _norm_run(make, [1.0, 0.8, 0.6, 0.7, 0.65]).group_state(0)
+    assert float(st["decay_count"]) == 1 and float(st["first_decay_step"]) == 5
+    assert float(st["norm_best"]) == pytest.approx(0.65)
+    st = _norm_run(make, [1.0, 0.8, 0.6, 0.7, 0.65, 0.5, 0.55, 0.6]).group_state(0)
+    assert float(st["decay_count"]) == 2 and float(st["lr_factor"]) == 0.25
+
+
+def test_plateau_keeps_the_rate_of_a_deterministic_descent() -> None:
+    """On an ill-conditioned quadratic the norm falls at every step: the plateau form never decays
+    and ends where constant SGD does, while the plain relative rule decays and ends far higher; on
+    the same problem with noisy gradients the plateau form still fires."""
+    scales = torch.logspace(0, 2, 20)
+    def run(noise: float, **kw: object) -> tuple[float, float]:
+        torch.manual_seed(0)
+        x = torch.nn.Parameter(torch.ones(20))
+        opt = GradNormDecaySGD([x], init_lr=0.009, **kw)
+        for _ in range(300):
+            x.grad = scales * x.detach() + noise * torch.randn(20)
+            opt.step()
+        return float((0.5 * scales * x.detach() ** 2).sum()), float(opt.group_state(0)["decay_count"])
+
+    loss_plateau, fired_plateau = run(0.0, plateau=True)
+    loss_plain, fired_plain = run(0.0)
+    assert fired_plateau == 0 and fired_plain >= 2 and loss_plateau < 0.1 * loss_plain
+    assert run(1.0, plateau=True, threshold=1.0)[1] >= 2
+
+
 def test_blowup_fires_at_once_while_the_norm_outgrows_its_average() -> None:
     """blowup 3, smoothing 0.5: a norm above 3 × the previous average fires whatever the patience and
     cool-down, at each step a divergence outgrows the average (1, 1, 2.9, 10, 100: steps 4 and 5),
@@ -258,6 +296,7 @@ def test_decay_blowup_cuts_are_given_back_but_plateau_decays_kept() -> None:
     ({"blowup": -2.0}, "invalid blowup"), ({"blowup": float("nan")}, "invalid blowup"),
     ({"blowup_recovery": 0.5}, "invalid blowup_recovery"),
     ({"reference": 1}, "invalid reference"), ({"reference": "peak", "relative": False}, "invalid reference"),
+    ({"plateau": 1}, "invalid plateau"),
 ])
 def test_bad_decay_settings(kwargs: dict, message: str) -> None:
     for cls in (GradNormDecaySGD, GradNormDecayAdam):

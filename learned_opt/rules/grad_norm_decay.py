@@ -22,6 +22,11 @@ Three settings widen the trigger (their defaults are the rule above, which older
   against the first norm may never pass.
 - ``smoothing`` β: the test (and the reference) read the running average
   ``n_t = β n_{t-1} + (1-β) ||g_t||`` instead of the raw minibatch norm, which is noisy.
+- ``plateau=True``: a step counts as below only if its tested norm is no new low (not below the
+  lowest since the start or the last firing), so ``patience`` counts steps without progress and the
+  rule decays on a plateau, not while the norm is still falling. A deterministic descent (a
+  quadratic, full-batch regression), whose norm falls step after step, then keeps its rate, while a
+  minibatch norm that has settled on its noise floor still fires. Group state ``norm_best``.
 - ``blowup`` κ > 1 (0 = off): a norm above κ × the previous average fires at once, whatever the
   patience and cool-down; the norm enters the average as any other. A run that starts to diverge,
   its norm outgrowing its own average step after step, has its rate cut at each such step. A norm
@@ -68,11 +73,12 @@ from learned_opt.rules.transforms import absolute_rate
 # least squares (3 seeds, 300 steps) ρ = 0.1 rarely fired, 0.3 and 0.5 beat constant SGD/Adam at the
 # same rate on every seed (0.5 most); 0.3 decays less on deterministic problems.
 RELATIVE_DEFAULTS: dict[str, Any] = {"threshold": 0.3, "decay": 0.5, "patience": 5, "cooldown": 10,
-                                     "reference": "first", "smoothing": 0.0, "blowup": 0.0}
+                                     "reference": "first", "smoothing": 0.0, "blowup": 0.0, "plateau": False}
 ABSOLUTE_DEFAULTS: dict[str, Any] = {"threshold": 1e-3, "decay": 0.9, "patience": 1, "cooldown": 0,
-                                     "reference": "first", "smoothing": 0.0, "blowup": 0.0}
+                                     "reference": "first", "smoothing": 0.0, "blowup": 0.0, "plateau": False}
 REFERENCES = ("first", "peak")
-STATE_KEYS = ("lr_factor", "decay_count", "first_decay_step", "step", "ref_norm", "norm_avg", "below", "cooldown_left")
+STATE_KEYS = ("lr_factor", "decay_count", "first_decay_step", "step", "ref_norm", "norm_avg", "below", "cooldown_left",
+              "norm_best")
 
 
 def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str, Any], soft: bool,
@@ -94,6 +100,11 @@ def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str
         test = torch.sigmoid((log_threshold - avg.clamp_min(tiny).log()) / temperature)
     else:
         test = (avg < threshold).to(norm.dtype)
+    best = group_state.get("norm_best", torch.zeros_like(avg))
+    if hparams.get("plateau", False):  # only a step that is no new low counts
+        best = torch.where(first, avg, best).detach()
+        test = test * (avg.detach() >= best)
+        best = torch.minimum(best, avg.detach())
     # this step's (relaxed) test, where the previous patience - 1 steps were below and no cool-down runs
     ready = (group_state["below"] >= hparams.get("patience", 1) - 1) & (group_state["cooldown_left"] <= 0)
     weight = torch.where(ready, test, 0.0)
@@ -111,6 +122,7 @@ def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str
         "below": torch.where(fired, 0.0, below),
         "cooldown_left": torch.where(fired, cooldown, (group_state["cooldown_left"] - 1).clamp_min(0.0)),
         "decay_count": group_state["decay_count"] + weight,
+        "norm_best": torch.where(fired, avg.detach(), best) if hparams.get("plateau", False) else best,
         "first_decay_step": torch.where(fired & (group_state["first_decay_step"] == 0), step,
                                         group_state["first_decay_step"]),
     }
@@ -126,9 +138,10 @@ class GradNormDecayRule(HyperparameterRule):
     hyperparameters: ClassVar[dict[str, Any]] = {
         "lr": 1.0, "init_lr": 0.1, "decay": 0.9, "threshold": 1e-3, "relative": False, "patience": 1, "cooldown": 0,
         "reference": "first", "smoothing": 0.0, "blowup": 0.0, "blowup_recovery": 1.0, "momentum": 0.0,
+        "plateau": False,
     }
     added_keys: ClassVar[frozenset[str]] = frozenset({"reference", "smoothing", "blowup", "norm_avg", "blowup_recovery",
-                                                      "guard_debt"})
+                                                      "guard_debt", "plateau", "norm_best"})
 
     def __init__(
         self,
@@ -145,6 +158,7 @@ class GradNormDecayRule(HyperparameterRule):
         smoothing: float = 0.0,
         blowup: float = 0.0,
         blowup_recovery: float = 1.0,
+        plateau: bool = False,
     ) -> None:
         super().__init__()
         if not (math.isfinite(temperature) and temperature > 0):
@@ -157,7 +171,7 @@ class GradNormDecayRule(HyperparameterRule):
         self.fixed: dict[str, Any] = {"relative": check_bool("relative", relative), "patience": patience,
                                       "cooldown": cooldown, "reference": reference, "smoothing": smoothing,
                                       "blowup": blowup, "blowup_recovery": float(blowup_recovery),
-                                      "momentum": float(momentum)}
+                                      "momentum": float(momentum), "plateau": check_bool("plateau", plateau)}
         self.validate_hparams(self.fixed)
 
     def config(self) -> dict[str, Any]:
@@ -188,6 +202,7 @@ class GradNormDecayRule(HyperparameterRule):
         if hparams.get("reference", "first") not in REFERENCES:
             raise ValueError(f"invalid reference: {hparams['reference']!r} (must be one of {REFERENCES})")
         check_blowup(hparams)
+        check_bool("plateau", hparams.get("plateau", False))
         if hparams.get("reference") == "peak" and hparams.get("relative") is False:
             raise ValueError("invalid reference: 'peak' (needs relative=True: the absolute rule has no reference)")
 
@@ -240,7 +255,7 @@ class GradNormDecayAdamRule(GradNormDecayRule):
     hyperparameters: ClassVar[dict[str, Any]] = {
         "lr": 1.0, "init_lr": 1e-3, "decay": 0.9, "threshold": 1e-3, "relative": False, "patience": 1, "cooldown": 0,
         "reference": "first", "smoothing": 0.0, "blowup": 0.0, "blowup_recovery": 1.0, "betas": (0.9, 0.999),
-        "eps": 1e-8,
+        "eps": 1e-8, "plateau": False,
     }
 
     def __init__(
@@ -259,9 +274,10 @@ class GradNormDecayAdamRule(GradNormDecayRule):
         smoothing: float = 0.0,
         blowup: float = 0.0,
         blowup_recovery: float = 1.0,
+        plateau: bool = False,
     ) -> None:
         super().__init__(init_lr, init_decay, init_threshold, 0.0, soft, temperature, relative, patience, cooldown,
-                         reference, smoothing, blowup, blowup_recovery)
+                         reference, smoothing, blowup, blowup_recovery, plateau)
         del self.fixed["momentum"]
         self.fixed.update(betas=tuple(betas), eps=float(eps))
         self.validate_hparams(self.fixed)
