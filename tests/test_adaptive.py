@@ -152,7 +152,8 @@ def test_relative_decay_fires_on_the_runs_own_scale() -> None:
     reference becomes 0.3, and the next firing needs two steps below 0.15 after the cool-down."""
     norms = [1.0, 0.8, 0.4, 0.3, 0.14, 0.1, 0.1, 0.2]
     for scale in (1.0, 1e-4, 1e4):
-        opt = _norm_run(lambda ps: GradNormDecaySGD(ps, threshold=0.5, decay=0.5, patience=2, cooldown=1),
+        opt = _norm_run(lambda ps: GradNormDecaySGD(ps, threshold=0.5, decay=0.5, patience=2, cooldown=1,
+                                                         plateau=False),
                         [n * scale for n in norms])
         st = opt.group_state(0)
         assert float(st["decay_count"]) == 2 and float(st["lr_factor"]) == 0.25
@@ -161,7 +162,7 @@ def test_relative_decay_fires_on_the_runs_own_scale() -> None:
 
 
 def test_cooldown_holds_off_a_second_firing() -> None:
-    opt = _norm_run(lambda ps: GradNormDecaySGD(ps, threshold=0.9, patience=1, cooldown=3),
+    opt = _norm_run(lambda ps: GradNormDecaySGD(ps, threshold=0.9, patience=1, cooldown=3, plateau=False),
                     [1.0, 0.5, 0.2, 0.1, 0.05, 0.01])
     assert float(opt.group_state(0)["decay_count"]) == 2  # steps 2 and 6 (3, 4, 5 cool down)
 
@@ -209,7 +210,8 @@ def test_peak_reference_fires_when_the_norm_falls_from_its_peak() -> None:
 def test_smoothing_tests_the_running_average_of_the_norm() -> None:
     """smoothing 0.5: one low norm (0.1 after 1, 1) averages to 0.55, above ρ = 0.5, so it does not
     fire; a second low one (average 0.325) does."""
-    make = lambda ps: GradNormDecaySGD(ps, threshold=0.5, patience=1, cooldown=0, smoothing=0.5)  # noqa: E731
+    make = lambda ps: GradNormDecaySGD(ps, threshold=0.5, patience=1, cooldown=0, smoothing=0.5,  # noqa: E731
+                                       plateau=False)
     assert float(_norm_run(make, [1.0, 1.0, 0.1]).group_state(0)["decay_count"]) == 0
     st = _norm_run(make, [1.0, 1.0, 0.1, 0.1]).group_state(0)
     assert float(st["decay_count"]) == 1 and float(st["norm_avg"]) == pytest.approx(0.325)
@@ -224,7 +226,8 @@ def test_plateau_counts_only_steps_without_a_new_low() -> None:
                                        plateau=True)
     falling = [0.9**k for k in range(40)]
     assert float(_norm_run(make, falling).group_state(0)["decay_count"]) == 0
-    without = lambda ps: GradNormDecaySGD(ps, threshold=1.0, decay=0.5, patience=2, cooldown=0)  # noqa: E731
+    without = lambda ps: GradNormDecaySGD(ps, threshold=1.0, decay=0.5, patience=2, cooldown=0,  # noqa: E731
+                                          plateau=False)
     assert float(_norm_run(without, falling).group_state(0)["decay_count"]) == 19
     st = _norm_run(make, [1.0, 0.8, 0.6, 0.7, 0.65]).group_state(0)
     assert float(st["decay_count"]) == 1 and float(st["first_decay_step"]) == 5
@@ -248,7 +251,7 @@ def test_plateau_keeps_the_rate_of_a_deterministic_descent() -> None:
         return float((0.5 * scales * x.detach() ** 2).sum()), float(opt.group_state(0)["decay_count"])
 
     loss_plateau, fired_plateau = run(0.0, plateau=True)
-    loss_plain, fired_plain = run(0.0)
+    loss_plain, fired_plain = run(0.0, plateau=False)
     assert fired_plateau == 0 and fired_plain >= 2 and loss_plateau < 0.1 * loss_plain
     assert run(1.0, plateau=True, threshold=1.0)[1] >= 2
 

@@ -768,7 +768,7 @@ def test_cos_gain_starts_a_controller_that_grows_steps_along_a_steady_gradient()
         for _ in range(steps):
             updates, state = rule.update([torch.ones(4, 3)], params, state, dict(rule.hyperparameters))
             params = [p + u for p, u in zip(params, updates)]
-        return float(state[1][0]["controller"][0])
+        return float(state[1][0]["controller"][0].detach())
 
     assert ctrl_after(plain) == 0.0
     assert ctrl_after(primed, 10) > 0.2 and ctrl_after(primed, 30) > ctrl_after(primed, 10)

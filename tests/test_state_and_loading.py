@@ -205,8 +205,8 @@ def test_a_hypergradient_state_saved_before_the_guard_loads_and_steps_as_then():
 
 
 def test_a_decay_state_saved_before_the_trigger_settings_loads_and_steps_as_then():
-    """A GradNormDecaySGD state saved before ``reference``/``smoothing``/``blowup`` and the
-    ``norm_avg`` state existed loads (those take the defaults, the earlier rule) and continues
+    """A GradNormDecaySGD state saved before ``reference``/``smoothing``/``blowup``/``plateau`` and
+    the ``norm_avg``/``norm_best`` state existed loads (those take the defaults, the earlier rule) and continues
     exactly as the optimizer that saved it."""
     def run(opt, params, steps, start):
         for t in range(start, start + steps):
@@ -215,18 +215,20 @@ def test_a_decay_state_saved_before_the_trigger_settings_loads_and_steps_as_then
             opt.step()
 
     params = _params((3,), (2,))
-    opt = GradNormDecaySGD(params, threshold=0.5, patience=1, cooldown=0, momentum=0.5)
+    opt = GradNormDecaySGD(params, threshold=0.5, patience=1, cooldown=0, momentum=0.5, plateau=False)
     run(opt, params, 3, 0)
     sd = copy.deepcopy(opt.state_dict())
     for group in sd["param_groups"]:
-        for key in ("reference", "smoothing", "blowup"):
+        for key in ("reference", "smoothing", "blowup", "plateau"):
             del group[key]
     for st in sd["state"].values():
-        del st["norm_avg"]
+        del st["norm_avg"], st["norm_best"]
     resumed_params = [p.detach().clone().requires_grad_(True) for p in params]
     resumed = GradNormDecaySGD(resumed_params, threshold=0.5, patience=1, cooldown=0, momentum=0.5)
+    assert resumed.param_groups[0]["plateau"] is True  # today's default; the saved state predates it
     resumed.load_state_dict(sd)
-    assert resumed.param_groups[0]["reference"] == "first" and resumed.param_groups[0]["blowup"] == 0.0
+    group = resumed.param_groups[0]
+    assert group["reference"] == "first" and group["blowup"] == 0.0 and group["plateau"] is False
     run(opt, params, 4, 3)
     run(resumed, resumed_params, 4, 3)
     assert float(opt.group_state(0)["decay_count"]) > 1
