@@ -795,6 +795,6 @@ def test_steady_feature_is_an_extra_row_that_old_weights_do_not_have():
         steady.ctrl.ws_steady[0, 0] = -2.0
     assert not all(torch.equal(a, b) for a, b in zip(_run_updates(base, None), _run_updates(steady, None)))
     rebuilt = type(steady)(**steady.config())
-    assert rebuilt.config() == steady.config() and float(rebuilt.ctrl.ws_steady[0, 0]) == -2.0
+    assert rebuilt.config() == steady.config() and float(rebuilt.ctrl.ws_steady[0, 0].detach()) == -2.0
     with pytest.raises(ValueError, match="init_steady_gain"):
         LearnedRelativeAdamRule(init_steady_gain=float("inf"))
