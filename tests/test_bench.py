@@ -389,6 +389,9 @@ pairs = [["HypergradientSGD", "sgd"]]
                  for t in results["tasks"]]
     assert [t["pairs"]["HypergradientSGD vs sgd"]["seed_wins"] for t in results["tasks"]] == seed_wins
     assert pair["seed_wins"] == sum(seed_wins) and pair["seed_runs"] == 4 and f"{sum(seed_wins)}/4" in report
+    lo, hi = pair["ratio_interval"]  # the seed-bootstrap interval holds the ratio of the full means
+    assert lo <= pair["geomean_ratio"] * (1 + 1e-9) and pair["geomean_ratio"] <= hi * (1 + 1e-9)
+    assert "90% interval" in report
     for name in ("summary.png", "quad-4d.png", "quad-ill.png"):
         png = out / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -731,6 +734,30 @@ def test_report_counts_how_often_the_decay_branch_fired(tmp_path):
     assert "| always | 0.122 | 0.122 | 0.122 | 2 | 1/1 |" in res.report  # the final factor's spread
     assert "| never | 1 | 1 | 1 | 2 | 0/1 |" in res.report
     assert "state" not in runs["adam (tuned)"]["runs"][0]["extra"]
+
+
+def test_ratio_interval_resamples_seeds_in_pairs():
+    from learned_opt.bench.metrics import paired_normalised, ratio_interval
+    from learned_opt.bench.runner import RunResult
+
+    def runs(finals, diverged=()):
+        return [RunResult(seed=i, steps=[0, 1], losses=[2.0, f], diverged=i in diverged) for i, f in enumerate(finals)]
+
+    # a candidate exactly half the baseline on every seed: every resample gives the same ratio
+    even = paired_normalised(runs([0.2, 0.4, 0.6]), runs([0.4, 0.8, 1.2]))
+    assert even == [[0.1, 0.2], [0.2, 0.4], [0.3, 0.6]]
+    lo, hi = ratio_interval([even], tolerance=0.0)
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    # seeds that disagree widen it around the ratio of the means, and a diverged task is left out
+    noisy = paired_normalised(runs([0.1, 0.9, 0.5]), runs([0.5, 0.5, 0.5]))
+    lo, hi = ratio_interval([noisy, paired_normalised(runs([0.1, 0.1], {1}), runs([0.5, 0.5]))], tolerance=0.0)
+    assert lo < 1.0 < hi and lo >= 0.2 and hi <= 1.8
+    assert ratio_interval([noisy], tolerance=0.0) == (lo, hi)  # the same seed: the same interval
+    assert ratio_interval([[[math.nan, 0.5]]]) is None
+    with pytest.raises(ValueError, match="invalid level"):
+        ratio_interval([even], level=1.0)
+    with pytest.raises(ValueError, match="the same seeds"):
+        paired_normalised(runs([0.1]), runs([0.1, 0.2]))
 
 
 def test_paired_seed_wins_apply_the_verdict_per_seed():

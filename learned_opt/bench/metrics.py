@@ -91,16 +91,55 @@ def wins(candidate: Aggregate, baseline: Aggregate, tolerance: float = WIN_TOLER
     return candidate.normalised_mean <= baseline.normalised_mean + tolerance
 
 
+def _check_paired(candidate: Sequence[RunResult], baseline: Sequence[RunResult]) -> None:
+    if [r.seed for r in candidate] != [r.seed for r in baseline]:
+        raise ValueError(f"paired runs need the same seeds, got {[r.seed for r in candidate]} and "
+                         f"{[r.seed for r in baseline]}")
+
+
 def paired_seed_wins(candidate: Sequence[RunResult], baseline: Sequence[RunResult],
                      tolerance: float = WIN_TOLERANCE) -> int:
     """Seeds on which the candidate's run wins against the baseline's run of the same seed (same
     initial parameters and batches): the verdict's rule per seed, which shows how much of a task's
     mean verdict is noise. Both lists must hold runs of the same seeds in the same order."""
-    if [r.seed for r in candidate] != [r.seed for r in baseline]:
-        raise ValueError(f"paired runs need the same seeds, got {[r.seed for r in candidate]} and "
-                         f"{[r.seed for r in baseline]}")
+    _check_paired(candidate, baseline)
     return sum(not c.diverged and (b.diverged or c.final_loss / c.initial_loss <= b.final_loss / b.initial_loss
                                     + tolerance) for c, b in zip(candidate, baseline))
+
+
+def paired_normalised(candidate: Sequence[RunResult], baseline: Sequence[RunResult]) -> list[list[float]]:
+    """Per seed ``[candidate's, baseline's]`` final / initial loss (nan for a diverged run): what
+    :func:`ratio_interval` resamples. Both lists must hold runs of the same seeds in the same order."""
+    _check_paired(candidate, baseline)
+    return [[math.nan if r.diverged else r.final_loss / r.initial_loss for r in pair]
+            for pair in zip(candidate, baseline)]
+
+
+def ratio_interval(tasks: Sequence[Sequence[Sequence[float]]], level: float = 0.9, resamples: int = 2000,
+                   seed: int = 0, tolerance: float = WIN_TOLERANCE) -> tuple[float, float] | None:
+    """A bootstrap interval of the geometric-mean loss ratio of a pair over tasks.
+
+    Each task's seeds are resampled with replacement, both runs of a seed together (they share initial
+    parameters and batches), and the ratio is recomputed from the resampled means as
+    :func:`normalised_ratio` does. It measures how much of a verdict is seed noise: an interval that
+    straddles the other candidate's ratio (or 1) does not separate them. Tasks with a diverged run are
+    left out, as from the ratio; None when none is left. ``seed`` fixes the resampling, so a report
+    is reproducible."""
+    if not 0 < level < 1:
+        raise ValueError(f"invalid level: {level!r} (must be in (0, 1))")
+    rng = np.random.default_rng(seed)
+    logs, used = np.zeros(resamples), 0
+    for pairs in tasks:
+        arr = np.asarray(pairs, dtype=float).reshape(-1, 2)
+        if len(arr) == 0 or not np.isfinite(arr).all():
+            continue
+        means = arr[rng.integers(0, len(arr), size=(resamples, len(arr)))].mean(axis=1)
+        logs += np.log((means[:, 0] + tolerance) / (means[:, 1] + tolerance))
+        used += 1
+    if used == 0:
+        return None
+    lo, hi = np.quantile(np.exp(logs / used), [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def normalised_ratio(candidate: Aggregate, baseline: Aggregate, tolerance: float = WIN_TOLERANCE) -> float:

@@ -148,19 +148,26 @@ def _pairs_section(results: dict[str, Any]) -> list[str]:
     if not pairs:
         return []
     rows = [[p["candidate"], p["baseline"], f"{p['wins']}/{p['tasks']}", _num(p["geomean_ratio"]),
-             _seed_wins_cell(p, "seed_runs")] for p in pairs]
+             _interval_cell(p.get("ratio_interval")), _seed_wins_cell(p, "seed_runs")] for p in pairs]
     lines = ["", "## Head to head: the suite's pairs", "",
              "Each candidate against the baseline the suite pairs it with (an adaptive rule against the rule "
              "it decorates; a shipped optimizer against another strong baseline). "
              "Wins and loss ratio as above, with the second optimizer as the baseline. Seed wins: the same "
              "rule applied seed by seed to runs that share initial parameters and batches; a task whose "
-             "seeds split is within the noise of its verdict.", "",
-             *_table(["optimizer", "against", "wins", "loss ratio", "seed wins"], rows), ""]
+             "seeds split is within the noise of its verdict. 90% interval: the loss ratio's spread when each "
+             "task's seeds are resampled (both runs of a seed together); a pair whose interval holds 1 is "
+             "not separated by these seeds.", "",
+             *_table(["optimizer", "against", "wins", "loss ratio", "90% interval", "seed wins"], rows), ""]
     names = [f"{p['candidate']} vs {p['baseline']}" for p in pairs]
     per_task = [[t["label"], *(f"{_yes(t['pairs'][n]['win'])} {_num(t['pairs'][n]['ratio'])} "
                                f"({_seed_wins_cell(t['pairs'][n], 'seeds')})" for n in names)]
                 for t in results["tasks"]]
     return lines + _table(["task", *names], per_task)
+
+
+def _interval_cell(interval: Any) -> str:
+    """"lo–hi", or "—" where there is none (results saved before it was kept)."""
+    return "—" if not interval else f"{_num(interval[0])}–{_num(interval[1])}"
 
 
 def _seed_wins_cell(row: dict[str, Any], total: str) -> str:
