@@ -42,12 +42,15 @@ class GradNormDecaySGD(LearnedOptimizer):
     ``lr × init_lr × lr_factor × d``, so a scheduler's ``lr`` and the decay multiply.
     ``relative=True`` (default, scale-free): the decay fires when the group's gradient norm has
     stayed below ``threshold`` (ρ) × its reference (the first norm, then the norm at the last
-    firing) for ``patience`` steps, at most once per ``cooldown`` steps; defaults
+    firing) for ``patience`` steps without a new low (``plateau=True``, default), at most once per
+    ``cooldown`` steps; defaults
     :data:`~learned_opt.rules.grad_norm_decay.RELATIVE_DEFAULTS`. ``relative=False``: the seeds'
     literal rule ``if ||g|| < threshold: lr *= decay`` (defaults threshold 1e-3, decay 0.9,
     patience 1, cooldown 0). ``reference="peak"`` tests against the largest norm since the last
-    firing instead of the first, ``plateau`` counts only steps whose norm is no new low (so a norm
-    still falling keeps the rate), ``smoothing`` β averages the norm first, and ``blowup`` κ fires at
+    firing instead of the first, ``plateau=False`` counts every step below the threshold (the rule
+    before 2026-12-07; with the plateau test, plain gradient descent whose norm keeps falling keeps
+    its rate, while momentum's oscillating norm can still fire), ``smoothing`` β averages the norm
+    first, and ``blowup`` κ fires at
     once on a norm above κ × its average (a run starting to diverge), whose cuts ``blowup_recovery``
     r > 1 gives back by up to r per quiet step; the module documents them.
     The adapted factor, firing count and first firing step are

@@ -17,9 +17,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from learned_opt.adapter import LearnedOptimizer
+from learned_opt.adaptive_optimizers import GradNormDecayAdam, GradNormDecaySGD, HypergradientAdam, HypergradientSGD
 from learned_opt.rules.base import Rule
 from learned_opt.rules.base import check_nonnegative
-from learned_opt.adaptive_optimizers import GradNormDecayAdam, GradNormDecaySGD, HypergradientAdam, HypergradientSGD
 from learned_opt.rules.grad_norm_decay import GradNormDecayAdamRule, GradNormDecayRule
 from learned_opt.rules.hparam_base import HyperparameterRule
 from learned_opt.rules.hypergradient import HypergradientAdamRule, HypergradientSGDRule

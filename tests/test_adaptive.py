@@ -217,17 +217,16 @@ def test_smoothing_tests_the_running_average_of_the_norm() -> None:
     assert float(st["decay_count"]) == 1 and float(st["norm_avg"]) == pytest.approx(0.325)
 
 
-def test_plateau_counts_only_steps_without_a_new_low() -> None:
+@pytest.mark.parametrize("cls", [GradNormDecaySGD, GradNormDecayAdam])
+def test_plateau_counts_only_steps_without_a_new_low(cls: type) -> None:
     """plateau, ρ 1, patience 2, cool-down 0: a norm falling step after step never fires; one that
     stops making new lows fires at its second step without one (step 5 of 1, .8, .6, .7, .65), and
     the lowest norm is then that step's, so the next firing needs two more steps without a new low
     (and, the reference now being that step's norm, below it)."""
-    make = lambda ps: GradNormDecaySGD(ps, threshold=1.0, decay=0.5, patience=2, cooldown=0,  # noqa: E731
-                                       plateau=True)
+    make = lambda ps: cls(ps, threshold=1.0, decay=0.5, patience=2, cooldown=0, plateau=True)  # noqa: E731
     falling = [0.9**k for k in range(40)]
     assert float(_norm_run(make, falling).group_state(0)["decay_count"]) == 0
-    without = lambda ps: GradNormDecaySGD(ps, threshold=1.0, decay=0.5, patience=2, cooldown=0,  # noqa: E731
-                                          plateau=False)
+    without = lambda ps: cls(ps, threshold=1.0, decay=0.5, patience=2, cooldown=0, plateau=False)  # noqa: E731
     assert float(_norm_run(without, falling).group_state(0)["decay_count"]) == 19
     st = _norm_run(make, [1.0, 0.8, 0.6, 0.7, 0.65]).group_state(0)
     assert float(st["decay_count"]) == 1 and float(st["first_decay_step"]) == 5
@@ -236,10 +235,64 @@ def test_plateau_counts_only_steps_without_a_new_low() -> None:
     assert float(st["decay_count"]) == 2 and float(st["lr_factor"]) == 0.25
 
 
+def test_plateau_first_step_is_a_new_low_and_switching_it_on_mid_run_is_exact() -> None:
+    """The first step is a new low (the seeds' rule with patience 1 fires there without the plateau
+    test, not with it); the lowest norm is tracked with the test off, so switching it on mid-run on
+    a falling norm fires nothing; a state saved without ``norm_best`` starts its lowest afresh."""
+    literal = dict(relative=False, threshold=1e-3, patience=1, cooldown=0)
+    assert float(_norm_run(lambda ps: GradNormDecaySGD(ps, plateau=False, **literal), [1e-4])
+                 .group_state(0)["decay_count"]) == 1
+    assert float(_norm_run(lambda ps: GradNormDecaySGD(ps, plateau=True, **literal), [1e-4])
+                 .group_state(0)["decay_count"]) == 0
+    opt = _norm_run(lambda ps: GradNormDecaySGD(ps, threshold=2.0, patience=1, cooldown=0, plateau=False),
+                    [1.0, 0.9, 0.8])  # fires at steps 2 and 3 (below 2 × the reference, no plateau test)
+    fired = float(opt.group_state(0)["decay_count"])
+    opt.param_groups[0]["plateau"] = True
+    p = opt.param_groups[0]["params"][0]
+    for n in (0.7, 0.6, 0.5):
+        p.grad = torch.tensor([0.5, -0.5, 0.5, 0.5]) * n
+        opt.step()
+    assert float(opt.group_state(0)["decay_count"]) == fired
+    sd = opt.state_dict()
+    for st in sd["state"].values():
+        del st["norm_best"]
+    opt.load_state_dict(sd)
+    p.grad = torch.tensor([0.5, -0.5, 0.5, 0.5]) * 0.45
+    opt.step()  # a new low against a fresh lowest: no firing
+    assert float(opt.group_state(0)["decay_count"]) == fired
+
+
+def test_plateau_gate_is_exact_in_soft_mode_and_a_blowup_restarts_the_lowest() -> None:
+    """Soft mode: a step with a new low passes weight 0 (factor unchanged, no meta-gradient); a
+    stalled step passes the relaxed test with a gradient to the threshold. A blow-up firing sets
+    the lowest norm to that step's average."""
+    from learned_opt.rules.grad_norm_decay import GradNormDecayRule
+
+    rule = GradNormDecayRule(init_threshold=2.0, relative=True, patience=1, cooldown=0, plateau=True, soft=True,
+                             temperature=0.5)
+    p = torch.zeros(4)
+    state = rule.init_state([p])
+    factors = []
+    for n in (1.0, 0.8, 0.9):
+        _, state = rule.update([torch.full((4,), n / 2)], [p], state, rule.meta_hparams())
+        factors.append(state[0]["lr_factor"])
+    def threshold_grad(factor: torch.Tensor) -> float:
+        (grad,) = torch.autograd.grad(factor, rule.log_threshold, retain_graph=True, allow_unused=True)
+        return 0.0 if grad is None else float(grad)
+
+    assert float(factors[1].detach()) == 1.0 and threshold_grad(factors[1]) == 0.0
+    assert float(factors[2].detach()) < 1.0 and threshold_grad(factors[2]) != 0.0
+    make = lambda ps: GradNormDecaySGD(ps, threshold=0.01, patience=5, cooldown=0, smoothing=0.5,  # noqa: E731
+                                       blowup=3.0, plateau=True)
+    st = _norm_run(make, [1.0, 1.0, 0.9, 10.0]).group_state(0)
+    assert float(st["decay_count"]) == 1 and float(st["norm_best"]) == pytest.approx(float(st["norm_avg"]))
+
+
 def test_plateau_keeps_the_rate_of_a_deterministic_descent() -> None:
-    """On an ill-conditioned quadratic the norm falls at every step: the plateau form never decays
-    and ends where constant SGD does, while the plain relative rule decays and ends far higher; on
-    the same problem with noisy gradients the plateau form still fires."""
+    """Plain gradient descent on an ill-conditioned quadratic: the norm falls at every step, the
+    plateau form never decays and ends where constant SGD does, while the plain relative rule decays
+    and ends far higher; with noisy gradients the plateau form still fires (as it does under
+    heavy-ball momentum, whose norm oscillates: not what this test covers)."""
     scales = torch.logspace(0, 2, 20)
     def run(noise: float, **kw: object) -> tuple[float, float]:
         torch.manual_seed(0)

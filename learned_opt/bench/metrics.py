@@ -121,12 +121,17 @@ def ratio_interval(tasks: Sequence[Sequence[Sequence[float]]], level: float = 0.
 
     Each task's seeds are resampled with replacement, both runs of a seed together (they share initial
     parameters and batches), and the ratio is recomputed from the resampled means as
-    :func:`normalised_ratio` does. It measures how much of a verdict is seed noise: an interval that
-    straddles the other candidate's ratio (or 1) does not separate them. Tasks with a diverged run are
-    left out, as from the ratio; None when none is left. ``seed`` fixes the resampling, so a report
-    is reproducible."""
+    :func:`normalised_ratio` does. It measures how much of the pair's verdict is seed noise: an
+    interval that holds 1 does not separate the two. To compare two candidates, bootstrap the pair of
+    the two directly, not one pair's interval against another's ratio. It is conditional on the
+    tasks and the tuned rates, and with 3-5 seeds a percentile bootstrap is too narrow (few distinct
+    resamples, variance biased by (n-1)/n): read it as a lower bound on the noise. Tasks with a
+    diverged run are left out, as from the ratio; None when none is left. ``seed`` fixes the
+    resampling, so a report is reproducible."""
     if not 0 < level < 1:
         raise ValueError(f"invalid level: {level!r} (must be in (0, 1))")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"invalid resamples: {resamples!r} (must be a whole number >= 1)")
     rng = np.random.default_rng(seed)
     logs, used = np.zeros(resamples), 0
     for pairs in tasks:

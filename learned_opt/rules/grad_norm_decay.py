@@ -15,18 +15,22 @@ factor ρ: a decay-on-plateau rule in gradient-norm units). ``relative=False`` i
 rule in gradient units; with ``patience=1, cooldown=0`` it fires at every step below the threshold.
 The decay is applied at the step that fires.
 
-Three settings widen the trigger (their defaults are the rule above, which older weights cards ran):
+Four settings change the trigger (their defaults are the rule above, which older weights cards ran):
 
 - ``reference="peak"``: the reference is the largest norm since the start or the last firing, not
   the first norm. Networks' gradient norms often grow for a while after initialisation, so a test
   against the first norm may never pass.
 - ``smoothing`` β: the test (and the reference) read the running average
   ``n_t = β n_{t-1} + (1-β) ||g_t||`` instead of the raw minibatch norm, which is noisy.
-- ``plateau=True``: a step counts as below only if its tested norm is no new low (not below the
-  lowest since the start or the last firing), so ``patience`` counts steps without progress and the
-  rule decays on a plateau, not while the norm is still falling. A deterministic descent (a
-  quadratic, full-batch regression), whose norm falls step after step, then keeps its rate, while a
-  minibatch norm that has settled on its noise floor still fires. Group state ``norm_best``.
+- ``plateau=True`` (narrows it): a step counts as below only if its tested norm is no new low (not
+  below the lowest since the start or the last firing; the first step is always a new low), so
+  ``patience`` counts steps without progress and the rule decays on a plateau, not while the norm is
+  still falling. Plain gradient descent on a deterministic problem (a quadratic, full-batch
+  regression), whose norm falls step after step, then keeps its rate, while a minibatch norm that has
+  settled on its noise floor still fires. Heavy-ball momentum makes a quadratic's norm oscillate, so
+  there the test still sees stalls and fires. The lowest norm is group state ``norm_best``, tracked
+  whether or not the option is on (so switching it on mid-run is exact); any firing, a blow-up's
+  included, restarts it at that step's norm.
 - ``blowup`` κ > 1 (0 = off): a norm above κ × the previous average fires at once, whatever the
   patience and cool-down; the norm enters the average as any other. A run that starts to diverge,
   its norm outgrowing its own average step after step, has its rate cut at each such step. A norm
@@ -42,12 +46,13 @@ Three settings widen the trigger (their defaults are the rule above, which older
 goes to 0), gated by the exact patience/cool-down counters of the previous steps (which count
 steps whose weight was above 1/2);
 the factor moves by ``1 - weight (1 - decay)`` and the reference towards ``n_t`` by the weight.
-The blow-up test stays exact (weight 1) in soft mode.
+The blow-up test and the plateau gate stay exact in soft mode (a step with a new low passes
+weight 0, and no meta-gradient to the threshold).
 
 Group state: ``lr_factor``, ``decay_count`` (firings; with ``soft`` the sum of the weights),
 ``first_decay_step`` (the step of the first firing, 0 while it has not fired), ``step``,
-``ref_norm``, ``norm_avg`` (the tested norm ``n_t``), ``below`` (consecutive steps below) and
-``cooldown_left``. Per parameter: the direction's state (a momentum buffer when momentum is
+``ref_norm``, ``norm_avg`` (the tested norm ``n_t``), ``norm_best`` (its lowest since the start or
+the last firing), ``below`` (consecutive steps below) and ``cooldown_left``. Per parameter: the direction's state (a momentum buffer when momentum is
 non-zero; Adam's moments).
 
 Rule defaults are the seeds' rule (a card without ``relative`` was trained as it); the public
@@ -102,11 +107,11 @@ def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str
         test = torch.sigmoid((log_threshold - avg.clamp_min(tiny).log()) / temperature)
     else:
         test = (avg < threshold).to(norm.dtype)
-    best = group_state.get("norm_best", torch.zeros_like(avg))
+    # the lowest tested norm so far (+inf before the first step, and for a state saved without it)
+    best = torch.where(first, math.inf, group_state.get("norm_best", torch.full_like(avg, math.inf))).detach()
     if hparams.get("plateau", False):  # only a step that is no new low counts
-        best = torch.where(first, avg, best).detach()
         test = test * (avg.detach() >= best)
-        best = torch.minimum(best, avg.detach())
+    best = torch.minimum(best, avg.detach())
     # this step's (relaxed) test, where the previous patience - 1 steps were below and no cool-down runs
     ready = (group_state["below"] >= hparams.get("patience", 1) - 1) & (group_state["cooldown_left"] <= 0)
     weight = torch.where(ready, test, 0.0)
@@ -124,7 +129,7 @@ def firing(norm: Tensor, group_state: Mapping[str, Tensor], hparams: Mapping[str
         "below": torch.where(fired, 0.0, below),
         "cooldown_left": torch.where(fired, cooldown, (group_state["cooldown_left"] - 1).clamp_min(0.0)),
         "decay_count": group_state["decay_count"] + weight,
-        "norm_best": torch.where(fired, avg.detach(), best) if hparams.get("plateau", False) else best,
+        "norm_best": torch.where(fired, avg.detach(), best),
         "first_decay_step": torch.where(fired & (group_state["first_decay_step"] == 0), step,
                                         group_state["first_decay_step"]),
     }
@@ -214,6 +219,7 @@ class GradNormDecayRule(HyperparameterRule):
         group = {key: zero.clone() for key in STATE_KEYS}
         group["lr_factor"] = zero + 1
         group["guard_debt"] = zero + 1
+        group["norm_best"] = zero + math.inf
         return group, [self._init_direction(p) for p in params]
 
     def _init_direction(self, p: Tensor) -> dict[str, Tensor]:
