@@ -218,8 +218,7 @@ def _bench_task(h: _Harness, bt: BenchTask, specs: list[OptimizerSpec], tune: bo
     seed_runs = {label: [RunResult.from_json(r) for r in rec["runs"]] for label, rec in records.items()}
     head_to_head = {f"{c} vs {b}": {"win": M.wins(aggs[c], aggs[b]), "ratio": M.normalised_ratio(aggs[c], aggs[b]),
                                     "seed_wins": M.paired_seed_wins(seed_runs[c], seed_runs[b]),
-                                    "seeds": len(seed_runs[c]),
-                                    "normalised": M.paired_normalised(seed_runs[c], seed_runs[b])}
+                                    "seeds": len(seed_runs[c])}
                     for c, b in pairs}
     return {"label": bt.label, "steps": steps, "eval_every": every, "initial_loss": adam["initial_loss"],
             "results": records, "adam_extended": extended, "pairs": head_to_head}
@@ -228,14 +227,17 @@ def _bench_task(h: _Harness, bt: BenchTask, specs: list[OptimizerSpec], tune: bo
 def _pair_summary(tasks: list[dict[str, Any]], pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
     """Per (candidate, baseline) pair: wins of the candidate over the tasks, the geometric-mean loss
     ratio (tasks where either diverged are left out, as in the summary) and its 90% seed-bootstrap
-    interval (None for results saved before the per-seed losses were kept)."""
+    interval, from the tasks' per-seed runs."""
+    def runs(task: dict[str, Any], label: str) -> list[RunResult]:
+        return [RunResult.from_json(r) for r in task["results"][label]["runs"]]
+
     out = []
     for c, b in pairs:
         rows = [t["pairs"][f"{c} vs {b}"] for t in tasks]
-        kept = all("normalised" in r for r in rows)
+        seeds = [M.paired_normalised(runs(t, c), runs(t, b)) for t in tasks]
         out.append({"candidate": c, "baseline": b, "tasks": len(rows), "wins": sum(r["win"] for r in rows),
                     "geomean_ratio": M.geometric_mean([r["ratio"] for r in rows]),
-                    "ratio_interval": M.ratio_interval([r["normalised"] for r in rows]) if kept else None,
+                    "ratio_interval": M.ratio_interval(seeds),
                     "seed_wins": sum(r["seed_wins"] for r in rows), "seed_runs": sum(r["seeds"] for r in rows)})
     return out
 

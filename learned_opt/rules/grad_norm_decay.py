@@ -52,8 +52,8 @@ weight 0, and no meta-gradient to the threshold).
 Group state: ``lr_factor``, ``decay_count`` (firings; with ``soft`` the sum of the weights),
 ``first_decay_step`` (the step of the first firing, 0 while it has not fired), ``step``,
 ``ref_norm``, ``norm_avg`` (the tested norm ``n_t``), ``norm_best`` (its lowest since the start or
-the last firing), ``below`` (consecutive steps below) and ``cooldown_left``. Per parameter: the direction's state (a momentum buffer when momentum is
-non-zero; Adam's moments).
+the last firing), ``below`` (consecutive steps below) and ``cooldown_left``. Per parameter: the
+direction's state (a momentum buffer when momentum is non-zero; Adam's moments).
 
 Rule defaults are the seeds' rule (a card without ``relative`` was trained as it); the public
 optimizers default to the relative form with :data:`RELATIVE_DEFAULTS`.
