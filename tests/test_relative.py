@@ -281,6 +281,15 @@ def test_es_warm_starts_from_given_weights(tmp_path):
     for other in ({"hidden": 2, "init_floor_vec": 0.1}, {**rule, "schedule_free": True}):
         with pytest.raises(ValueError, match="init_weights"):
             PopulationESTrainer(_cfg(rule=other, init_weights=str(start)), tmp_path / "bad", suite=suite)
+    # an input added to trained weights: their entries are copied, the new row keeps its starting value
+    added = PopulationESTrainer(_cfg(rule={**rule, "init_travel_gain": 2.0}, init_weights=str(start)),
+                                tmp_path / "added", suite=suite)
+    assert torch.equal(added.theta.detach()[:-2], first.best_theta)
+    assert torch.equal(added.theta.detach()[-2:], torch.tensor([2.0, 0.0]))
+    added.run(progress=False)
+    with pytest.raises(ValueError, match="init_weights"):  # but never the other way round
+        PopulationESTrainer(_cfg(rule=rule, init_weights=str(tmp_path / "added" / "best.safetensors")),
+                            tmp_path / "dropped", suite=suite)
     with pytest.raises(ValueError, match="init_weights"):
         ESConfig.from_table({"init_weights": 3})
 
@@ -498,7 +507,8 @@ def _fused_rule(kind: str):
     if kind.startswith("hand"):
         return RelativeAdamRule(schedule_free=kind == "hand-sf")
     rule = LearnedRelativeAdamRule(hidden=4, init_floor_vec=0.05 if kind == "floor_vec" else None,
-                                   schedule_free=kind.startswith("sf"), init_anchor=0.5 if kind == "sf-anchor" else None)
+                                   schedule_free=kind.startswith("sf"), init_anchor=0.5 if "anchor" in kind else None,
+                                   init_travel_gain=1.0 if "travel" in kind else None)
     with torch.no_grad():
         for p in rule.ctrl.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -515,7 +525,8 @@ def _like(p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("transform", sorted(FUSED_TRANSFORMS))
-@pytest.mark.parametrize("kind", ["hand", "learned", "floor_vec", "hand-sf", "sf", "sf-anchor"])
+@pytest.mark.parametrize("kind", ["hand", "learned", "floor_vec", "hand-sf", "sf", "sf-anchor", "travel",
+                                  "sf-anchor-travel"])
 @pytest.mark.parametrize("total_steps", [None, 12])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_step_matches_the_pure_update(monkeypatch, kind, total_steps, transform, dtype):
@@ -753,6 +764,16 @@ def test_es_resumes_a_checkpoint_written_before_the_long_settings_existed(tmp_pa
         PopulationESTrainer(_cfg(meta_steps=3, long_labels=("quad",), long_val=1), tmp_path, suite=suite).run(progress=False)
 
 
+def _ctrl_after(rule, steps=30):
+    """The accumulated log multiplier after ``steps`` steps along a constant gradient."""
+    params = [torch.full((4, 3), 0.5)]
+    state = rule.init_state(params)
+    for _ in range(steps):
+        updates, state = rule.update([torch.ones(4, 3)], params, state, dict(rule.hyperparameters))
+        params = [p + u for p, u in zip(params, updates)]
+    return float(state[1][0]["controller"][0].detach())
+
+
 def test_cos_gain_starts_a_controller_that_grows_steps_along_a_steady_gradient():
     """init_cos_gain sets only the increment's weights on the two cosine features; along a constant
     gradient (successive steps agree) the multiplier then grows each step, where the untrained
@@ -762,19 +783,65 @@ def test_cos_gain_starts_a_controller_that_grows_steps_along_a_steady_gradient()
     assert torch.equal(ws[:2, 0], torch.ones(2)) and not ws[2:].any() and not ws[:, 1].any()
     assert "init_cos_gain" not in primed.config()
 
-    def ctrl_after(rule, steps=30):
-        params = [torch.full((4, 3), 0.5)]
-        state = rule.init_state(params)
-        for _ in range(steps):
-            updates, state = rule.update([torch.ones(4, 3)], params, state, dict(rule.hyperparameters))
-            params = [p + u for p, u in zip(params, updates)]
-        return float(state[1][0]["controller"][0].detach())
-
-    assert ctrl_after(plain) == 0.0
-    assert ctrl_after(primed, 10) > 0.2 and ctrl_after(primed, 30) > ctrl_after(primed, 10)
+    assert _ctrl_after(plain) == 0.0
+    assert _ctrl_after(primed, 10) > 0.2 and _ctrl_after(primed, 30) > _ctrl_after(primed, 10)
     for bad in (float("nan"), "1", True):
         with pytest.raises(ValueError, match="init_cos_gain"):
             LearnedRelativeAdamRule(init_cos_gain=bad)
+
+
+def test_travel_feature_marks_a_steady_path_not_a_random_walk():
+    """The travel input is positive while a tensor keeps moving one way (its distance from the start
+    is its path length) and 0 for a random walk of the same path, and before any step."""
+    from learned_opt.rules.controller import travel_feature
+
+    steps = torch.randn(400, 50, generator=torch.Generator().manual_seed(0))
+    for t in (20, 100, 400):
+        path = steps[:t].norm(dim=1).sum()
+        straight = travel_feature(path, path, torch.tensor(t + 1.0))
+        assert float(straight) == pytest.approx(min(0.5 * math.log(t) - 0.4, 2.0), rel=1e-5)
+        assert float(travel_feature(steps[:t].sum(0).norm(), path, torch.tensor(t + 1.0))) == 0.0
+    assert float(travel_feature(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(1.0))) == 0.0
+
+
+def test_travel_row_keeps_a_path_and_is_absent_from_old_weights():
+    """init_travel_gain adds θ ``ctrl.ws_travel`` and a sixth state scalar per tensor (the path
+    length, the sum of the tensor's step norms); at gain 0 the steps are the plain rule's bitwise,
+    told or not; set, a tensor moving along a steady gradient grows its multiplier faster."""
+    base = LearnedRelativeAdamRule(hidden=0, schedule_free=True, init_anchor=0.5)
+    travel = LearnedRelativeAdamRule(hidden=0, schedule_free=True, init_anchor=0.5, init_travel_gain=0.0)
+    assert "ctrl.ws_travel" in travel.theta() and "ctrl.ws_travel" not in base.theta()
+    assert "init_travel_gain" not in base.config() and travel.config()["init_travel_gain"] == 0.0
+    for total in (None, 8):
+        assert all(torch.equal(a, b) for a, b in zip(_run_updates(base, total), _run_updates(travel, total)))
+    params = [torch.full((4, 3), 0.5)]
+    state = travel.init_state(params)
+    assert state[1][0]["controller"].shape == (6,) and base.init_state(params)[1][0]["controller"].shape == (5,)
+    with torch.no_grad():
+        for _ in range(5):  # a constant gradient: z moves along one line, so its path is its distance
+            updates, state = travel.update([torch.ones(4, 3)], params, state, dict(travel.hyperparameters))
+            params = [p + u for p, u in zip(params, updates)]
+    assert float(state[1][0]["controller"][5]) == pytest.approx(float(state[1][0]["z"].sub(0.5).norm()), rel=1e-5)
+
+    grown = LearnedRelativeAdamRule(hidden=0, schedule_free=True, init_anchor=0.5, init_travel_gain=4.0)
+    assert _ctrl_after(grown) > _ctrl_after(travel) + 0.5
+    rebuilt = type(grown)(**grown.config())
+    assert rebuilt.config() == grown.config() and float(rebuilt.ctrl.ws_travel[0, 0].detach()) == 4.0
+    with pytest.raises(ValueError, match="init_travel_gain"):
+        LearnedRelativeAdamRule(init_travel_gain=float("nan"))
+
+
+def test_es_trains_the_travel_row(tmp_path):
+    """The batched engine runs a rule with the travel input (its sixth state scalar vmapped with the
+    rest) and ES moves the row's weights."""
+    rule = {"hidden": 0, "schedule_free": True, "init_anchor": 0.5, "init_travel_gain": 1.0}
+    trainer = PopulationESTrainer(_cfg(meta_steps=2, rule=rule), tmp_path, suite=_tiny_suite())
+    trainer.run(progress=False)
+    names = [n for n, _ in trainer.rule.named_parameters()]
+    start = torch.nn.utils.parameters_to_vector(trainer.rule.parameters()).detach()
+    row = slice(len(start) - 2, len(start))
+    assert names[-1] == "ctrl.ws_travel" and torch.equal(start[row], torch.tensor([1.0, 0.0]))
+    assert not torch.equal(trainer.theta.detach()[row], start[row])
 
 
 def test_steady_feature_is_an_extra_row_that_old_weights_do_not_have():

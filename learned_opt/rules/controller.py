@@ -9,7 +9,7 @@ cost is per group, not per coordinate.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -47,10 +47,13 @@ class ControllerNet(nn.Module):
     ``steady_gain`` (None: absent) adds one more input, the cosine EMA times the gradient-norm
     trend, meant to tell a steady descent (agreeing steps while the gradient shrinks: grow) from a
     noise floor (cosine near 0); its increment weight starts at ``steady_gain`` (θ ``ctrl.ws_steady``).
+    ``travel_gain`` (None: absent) adds the travel input (:func:`travel_feature`: does the tensor
+    travel along a steady path or random-walk?), with its increment weight starting there (θ
+    ``ctrl.ws_travel``); the tensor's state then holds one more scalar, its path length.
     """
 
     def __init__(self, hidden: int = 8, seed: int = 0, told_time: bool = False, cos_gain: float = 0.0,
-                 steady_gain: float | None = None) -> None:
+                 steady_gain: float | None = None, travel_gain: float | None = None) -> None:
         super().__init__()
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
             raise ValueError(f"invalid hidden: {hidden!r} (must be an int >= 0)")
@@ -62,6 +65,8 @@ class ControllerNet(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(2))
         if steady_gain is not None:
             self.ws_steady = nn.Parameter(torch.tensor([[_finite("init_steady_gain", steady_gain), 0.0]]))
+        if travel_gain is not None:
+            self.ws_travel = nn.Parameter(torch.tensor([[_finite("init_travel_gain", travel_gain), 0.0]]))
         if hidden:
             g = torch.Generator().manual_seed(seed)
             self.w1 = nn.Parameter(torch.randn(n, hidden, generator=g) / math.sqrt(n))
@@ -77,15 +82,19 @@ def _finite(key: str, value: object) -> float:
     return v
 
 
-def controller_outputs(theta: Mapping[str, Tensor], feats: Tensor) -> tuple[Tensor, Tensor]:
+def controller_outputs(theta: Mapping[str, Tensor], feats: Tensor,
+                       travel: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The controller's bounded (increment, direct offset) per tensor, from θ entries ``ctrl.*``
     (a controller built with ``told_time`` also reads the told-only log step, derived here from
-    the "known" and log-step features, so controllers without it pay nothing for it)."""
+    the "known" and log-step features, so controllers without it pay nothing for it; one with
+    ``ctrl.ws_travel`` reads ``travel`` [n], :func:`travel_feature`)."""
     if theta["ctrl.ws"].shape[-2] > BASE_FEATURES:
         feats = torch.cat([feats, feats[:, 5:6] * feats[:, 6:7]], dim=-1)
     out = feats @ theta["ctrl.ws"] + theta["ctrl.b2"]
     if "ctrl.ws_steady" in theta:
         out = out + (feats[:, 1:2] * feats[:, 2:3]) @ theta["ctrl.ws_steady"]
+    if "ctrl.ws_travel" in theta:
+        out = out + travel.unsqueeze(-1) @ theta["ctrl.ws_travel"]
     if "ctrl.w1" in theta:
         out = out + torch.tanh(feats @ theta["ctrl.w1"] + theta["ctrl.b1"]) @ theta["ctrl.w2"]
     out = torch.tanh(out)
@@ -99,8 +108,25 @@ def controller_stats(g: Tensor, prev: Tensor, travelled: Tensor) -> Tensor:
                         torch.dot(g.reshape(-1), prev.reshape(-1)), torch.linalg.vector_norm(travelled)])
 
 
-# Per-tensor scalar state of the controller, packed in one vector per parameter (``controller``).
+# Per-tensor scalar state of the controller, packed in one vector per parameter (``controller``);
+# a controller with the travel input keeps one more, its path length (TRAVEL_SCALARS).
 SCALARS = ("ctrl", "cos_ema", "gnorm0", "gnorm_ema", "p0_norm")
+TRAVEL_SCALARS = (*SCALARS, "path")
+TRAVEL_THRESHOLD = 0.4  # the travel input is log(√(t−1) · ||p − p0|| / path) above this, else 0
+
+
+def travel_feature(travelled: Tensor, path: Tensor, step: Tensor) -> Tensor:
+    """The travel input per tensor: ``log(√(t−1) · ||p − p0|| / path)`` above 0.4 (clipped at 2),
+    else 0, where ``path`` is the summed length of the tensor's t − 1 steps so far.
+
+    A tensor that moves along a steady direction travels ``||p − p0|| ≈ path`` (the log term is
+    ``½ log(t−1)``: it grows); one that random-walks around a noise floor travels about
+    ``path / √(t−1)`` (the term stays near 0, below once it settles). One-sided: the input marks a
+    descent still going, which the per-step cosine sees only one step at a time (DoG's and Prodigy's
+    step sizes grow with the distance travelled for the same reason); it says nothing elsewhere."""
+    moved = torch.sqrt(torch.clamp(step - 1.0, min=1.0)) * travelled
+    f = torch.log(torch.clamp(moved, min=TINY) / torch.clamp(path, min=TINY)) - TRAVEL_THRESHOLD
+    return torch.where(path > TINY, torch.clamp(f, 0.0, 2.0), torch.zeros_like(f))
 
 
 def controller_features(stats: Tensor, scalars: Tensor, numel: Tensor, is_vector: Tensor, step: Tensor,
@@ -132,17 +158,18 @@ def controller_features(stats: Tensor, scalars: Tensor, numel: Tensor, is_vector
     return feats, torch.stack([ctrl, cos_ema, gnorm0, gnorm_ema, p0_norm], dim=-1)
 
 
-def controller_step(theta: Mapping[str, Tensor], stats: Tensor, scalars: Tensor,
-                    per_param: Sequence[Mapping[str, Tensor]], new_per_param: Sequence[dict[str, Tensor]],
-                    numel: Tensor, is_vector: Tensor, step: Tensor, total_steps: Tensor,
-                    floor: Tensor | float) -> Tensor:
-    """One step of the controller over a group's tensors (``scalars``: their stacked :data:`SCALARS`):
-    the step multipliers ``exp(ctrl + direct)``; writes each tensor's new scalars (and its ``p0``)
-    into ``new_per_param``."""
-    feats, new_scalars = controller_features(stats, scalars, numel, is_vector, step, total_steps, floor)
-    increment, direct = controller_outputs(theta, feats)
+def controller_step(theta: Mapping[str, Tensor], stats: Tensor, scalars: Tensor, numel: Tensor,
+                    is_vector: Tensor, step: Tensor, total_steps: Tensor,
+                    floor: Tensor | float) -> tuple[Tensor, Tensor]:
+    """One step of the controller over a group's tensors (``scalars``: their stacked :data:`SCALARS`,
+    or :data:`TRAVEL_SCALARS` with the travel input): the step multipliers ``exp(ctrl + direct)`` and
+    the new scalars (the path, if kept, still this step's old one: the caller adds the step's length)."""
+    feats, new_scalars = controller_features(stats, scalars[:, :len(SCALARS)], numel, is_vector, step,
+                                             total_steps, floor)
+    travel = None
+    if scalars.shape[-1] > len(SCALARS):
+        travel = travel_feature(stats[:, 3], scalars[:, len(SCALARS)], step)
+    increment, direct = controller_outputs(theta, feats, travel)
     ctrl = torch.clamp(scalars[:, 0] + increment, *CTRL_RANGE)
-    new_scalars = torch.cat([ctrl.unsqueeze(-1), new_scalars[:, 1:]], dim=-1)
-    for i, (new_st, st) in enumerate(zip(new_per_param, per_param)):
-        new_st.update(p0=st["p0"], controller=new_scalars[i])
-    return torch.exp(ctrl + direct)
+    new_scalars = torch.cat([ctrl.unsqueeze(-1), new_scalars[:, 1:], scalars[:, len(SCALARS):]], dim=-1)
+    return torch.exp(ctrl + direct), new_scalars

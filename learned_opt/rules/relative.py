@@ -42,9 +42,7 @@ the parameters (:mod:`learned_opt.rules.relative_fused`), tested against it to f
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -52,7 +50,7 @@ from torch import Tensor
 
 from learned_opt.rules.base import Rule, RuleState, check_bool, check_in_range, check_nonnegative, scalar_like
 from learned_opt.rules.controller import (
-    SCALARS, ControllerNet, controller_stats, controller_step,
+    SCALARS, TRAVEL_SCALARS, ControllerNet, controller_stats, controller_step,
 )
 from learned_opt.rules.hparam_base import check_betas, log_param, logit_param
 from learned_opt.rules.horizon import (  # noqa: F401  (schedule, HORIZON_FREE_STEPS: public here too)
@@ -165,12 +163,19 @@ def _step_factors(params: Sequence[Tensor], per_param: Sequence[Mapping[str, Ten
         mults = s.expand(len(params))
     else:
         scalars = torch.stack([st["controller"] for st in per_param])
-        mults = s * controller_step(controller, stats, scalars, per_param, new_per_param, numel, is_vector, step,
-                                    total_steps, floor_t)
+        mults, new_scalars = controller_step(controller, stats, scalars, numel, is_vector, step, total_steps, floor_t)
+        mults = s * mults
         if anchor is not None:
             used = torch.where(total_steps > 0, 0.0, anchor)
             scales = scales * anchor_factor(norms[:, 0], scalars[:, SCALARS.index("p0_norm")], numel, floor_t, used)
-    return scales * mults * (-lr * alpha), mults  # one multiply per tensor: relative scale, schedule, controller
+    factors = scales * mults * (-lr * alpha)  # one multiply per tensor: relative scale, schedule, controller
+    if controller is not None:
+        if new_scalars.shape[-1] > len(SCALARS):  # the travel input's path: add this step's length ||factor · u||
+            path = new_scalars[:, len(SCALARS)] + factors.abs() * norms[:, 1]
+            new_scalars = torch.cat([new_scalars[:, :len(SCALARS)], path.unsqueeze(-1)], dim=-1)
+        for new_st, st, row in zip(new_per_param, per_param, new_scalars.unbind(0)):
+            new_st.update(p0=st["p0"], controller=row)
+    return factors, mults
 
 
 Directions = tuple[list[Tensor], list[tuple[Tensor, Tensor]], Tensor | None, Tensor | None]
@@ -313,13 +318,13 @@ class LearnedRelativeAdamRule(_RelativeRule):
     older weights without it use ``floor`` for vectors too), ``logit_final`` (with ``init_final`` set;
     without it the told cosine ends at 0), ``logit_anchor`` (with ``init_anchor`` set: see
     :func:`relative_update`; without it the scale is the current RMS) and the controller net (``ctrl.*``;
-    ``init_cos_gain``, ``init_steady_gain``: see :class:`ControllerNet`). ``told_time`` gives the
-    controller the log-step feature a second time, for told runs only, so that a decay over the
-    steps that suits untold runs need not apply where the told cosine already decays.
+    ``init_cos_gain``, ``init_steady_gain``, ``init_travel_gain``: see :class:`ControllerNet`).
+    ``told_time`` gives the controller the log-step feature a second time, for told runs only, so that a
+    decay over the steps that suits untold runs need not apply where the told cosine already decays.
     ``hparams``: ``lr`` (a multiplier, 1.0 = as meta-trained) and ``total_steps`` (None: unknown).
     State per parameter: Adam's two moments, the initial value ``p0`` (12 bytes per float32
-    parameter in all) and ``controller``, the tensor's five scalars (:data:`SCALARS`); per group:
-    ``step``.
+    parameter in all) and ``controller``, the tensor's five scalars (:data:`SCALARS`; six with the
+    travel input, :data:`TRAVEL_SCALARS`); per group: ``step``.
     """
 
     name: ClassVar[str] = "learned-relative-adam"
@@ -331,7 +336,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
                  hidden: int = 8, seed: int = 0, init_floor_vec: float | None = None,
                  init_final: float | None = None, told_time: bool = False, schedule_free: bool = False,
                  init_anchor: float | None = None, init_cos_gain: float = 0.0,
-                 init_steady_gain: float | None = None) -> None:
+                 init_steady_gain: float | None = None, init_travel_gain: float | None = None) -> None:
         super().__init__()
         self.schedule_free = check_bool("schedule_free", schedule_free)
         self.log_alpha = log_param(init_alpha, "init_alpha")
@@ -345,7 +350,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             self.logit_anchor = logit_param(init_anchor, "init_anchor")
         if not isinstance(told_time, bool):
             raise ValueError(f"invalid told_time: {told_time!r} (must be true or false)")
-        self.ctrl = ControllerNet(hidden, seed, told_time, init_cos_gain, init_steady_gain)
+        self.ctrl = ControllerNet(hidden, seed, told_time, init_cos_gain, init_steady_gain, init_travel_gain)
         self.hidden, self.seed, self.told_time = int(hidden), int(seed), told_time
 
     def config(self) -> dict[str, Any]:
@@ -360,13 +365,15 @@ class LearnedRelativeAdamRule(_RelativeRule):
             "seed": self.seed,
             **({"told_time": True} if self.told_time else {}),
             **({"init_steady_gain": float(self.ctrl.ws_steady.detach()[0, 0])} if hasattr(self.ctrl, "ws_steady") else {}),
+            **({"init_travel_gain": float(self.ctrl.ws_travel.detach()[0, 0])} if hasattr(self.ctrl, "ws_travel") else {}),
             **({"schedule_free": True} if self.schedule_free else {}),
         }
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
         per_param = []
+        names = TRAVEL_SCALARS if hasattr(self.ctrl, "ws_travel") else SCALARS
         for p in params:
-            scalars = torch.zeros(len(SCALARS), dtype=p.dtype, device=p.device)
+            scalars = torch.zeros(len(names), dtype=p.dtype, device=p.device)
             scalars[SCALARS.index("p0_norm")] = torch.linalg.vector_norm(p.detach())
             per_param.append({**self._moments_state(p), "p0": p.detach().clone(), "controller": scalars})
         return _step_counter(params), per_param
