@@ -308,18 +308,19 @@ def copy_weights(rule: Rule, name_or_path: str | Path) -> None:
     """Set ``rule``'s θ to the weights of a shipped name or path (verified as :func:`load_rule`
     does), which must be of the same rule with the same tensors: a search warm-started from them.
 
-    The rule may hold θ entries the weights lack (an optional input added to a trained rule, such as
-    the travel row of the learned relative Adam); those keep the rule's own starting values. Every
-    entry of the weights must be in the rule with the same shape."""
+    One exception: the rule may add rows of optional controller inputs that the weights lack (its
+    ``input_rows``, e.g. the travel row of the learned relative Adam); those keep the rule's starting
+    values. Any other difference (a tensor, a shape, the config) is refused."""
     loaded, card = load_rule(name_or_path)
     theirs, ours = dict(loaded.named_parameters()), dict(rule.named_parameters())
+    added = set(ours) - set(theirs)
 
     def form(r: Rule, params: Mapping[str, torch.Tensor]) -> tuple[Any, ...]:  # all but the starting values
         return r.name, {k: v for k, v in r.config().items() if not k.startswith("init_")}, \
-            {k: v.shape for k, v in params.items() if k in theirs}
+            {k: v.shape for k, v in params.items() if k not in added}
 
     mine, given = form(rule, ours), form(loaded, theirs)
-    if given != mine or not set(theirs) <= set(ours):
+    if given != mine or not added <= set(getattr(rule, "input_rows", ())):
         config = sorted(k for k in {*given[1], *mine[1]} if given[1].get(k) != mine[1].get(k))
         raise ValueError(f"weights {name_or_path!r} ({card['rule']}: {sorted(theirs)}) do not fit rule "
                          f"{rule.name!r} ({sorted(ours)}{'; config differs in ' + str(config) if config else ''}); "

@@ -147,10 +147,12 @@ def _small_task():
     return family.sample(3)
 
 
-def test_population_run_matches_the_optimizer_path():
-    """The batched engine and the torch.optim adapter run the same update (one home for the math)."""
+@pytest.mark.parametrize("extra", [{}, {"init_travel_gain": 4.0}])
+def test_population_run_matches_the_optimizer_path(extra):
+    """The batched engine and the torch.optim adapter run the same update (one home for the math),
+    with the travel input too (its path is a vmapped state scalar)."""
     task = _small_task()
-    rule = LearnedRelativeAdamRule()
+    rule = LearnedRelativeAdamRule(**extra)
     thetas = torch.nn.utils.parameters_to_vector(rule.parameters()).detach()
     g = torch.Generator().manual_seed(1)
     thetas = torch.stack([thetas, thetas + 0.3 * torch.randn(thetas.shape, generator=g)])
@@ -171,7 +173,7 @@ def test_population_run_matches_the_optimizer_path():
 
     result = run_population(task, 7, 30, (as_dict(thetas), horizons), 2, update, rule.init_state)
     for i, total in enumerate((30, None)):
-        member = LearnedRelativeAdamRule()
+        member = LearnedRelativeAdamRule(**extra)
         torch.nn.utils.vector_to_parameters(thetas[i].clone(), member.parameters())
         single = run(task, lambda ps: LearnedOptimizer(ps, member, total_steps=total), 7, 30, 30)
         assert single.losses[0] == pytest.approx(result.initial_loss, rel=1e-6)
@@ -287,7 +289,10 @@ def test_es_warm_starts_from_given_weights(tmp_path):
     assert torch.equal(added.theta.detach()[:-2], first.best_theta)
     assert torch.equal(added.theta.detach()[-2:], torch.tensor([2.0, 0.0]))
     added.run(progress=False)
-    with pytest.raises(ValueError, match="init_weights"):  # but never the other way round
+    with pytest.raises(ValueError, match="init_weights"):  # only an input row may be added, not e.g. an anchor
+        PopulationESTrainer(_cfg(rule={**rule, "init_anchor": 0.5}, init_weights=str(start)), tmp_path / "anchor",
+                            suite=suite)
+    with pytest.raises(ValueError, match="init_weights"):  # and never the other way round
         PopulationESTrainer(_cfg(rule=rule, init_weights=str(tmp_path / "added" / "best.safetensors")),
                             tmp_path / "dropped", suite=suite)
     with pytest.raises(ValueError, match="init_weights"):
@@ -804,12 +809,15 @@ def test_travel_feature_marks_a_steady_path_not_a_random_walk():
     assert float(travel_feature(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(1.0))) == 0.0
 
 
-def test_travel_row_keeps_a_path_and_is_absent_from_old_weights():
+@pytest.mark.parametrize("schedule_free", [False, True])
+def test_travel_row_keeps_a_path_and_is_absent_from_old_weights(schedule_free):
     """init_travel_gain adds θ ``ctrl.ws_travel`` and a sixth state scalar per tensor (the path
-    length, the sum of the tensor's step norms); at gain 0 the steps are the plain rule's bitwise,
-    told or not; set, a tensor moving along a steady gradient grows its multiplier faster."""
-    base = LearnedRelativeAdamRule(hidden=0, schedule_free=True, init_anchor=0.5)
-    travel = LearnedRelativeAdamRule(hidden=0, schedule_free=True, init_anchor=0.5, init_travel_gain=0.0)
+    length, the sum of the lengths of the tensor's steps: of ``p``, or of ``z`` in the schedule-free
+    form); at gain 0 the steps are the plain rule's bitwise, told or not; set, a tensor moving along
+    a steady gradient grows its multiplier faster."""
+    form = {"schedule_free": True, "init_anchor": 0.5} if schedule_free else {}
+    base = LearnedRelativeAdamRule(hidden=0, **form)
+    travel = LearnedRelativeAdamRule(hidden=0, **form, init_travel_gain=0.0)
     assert "ctrl.ws_travel" in travel.theta() and "ctrl.ws_travel" not in base.theta()
     assert "init_travel_gain" not in base.config() and travel.config()["init_travel_gain"] == 0.0
     for total in (None, 8):
@@ -818,22 +826,24 @@ def test_travel_row_keeps_a_path_and_is_absent_from_old_weights():
     state = travel.init_state(params)
     assert state[1][0]["controller"].shape == (6,) and base.init_state(params)[1][0]["controller"].shape == (5,)
     with torch.no_grad():
-        for _ in range(5):  # a constant gradient: z moves along one line, so its path is its distance
+        for _ in range(5):  # a constant gradient: the moving point keeps one line, so its path is its distance
             updates, state = travel.update([torch.ones(4, 3)], params, state, dict(travel.hyperparameters))
             params = [p + u for p, u in zip(params, updates)]
-    assert float(state[1][0]["controller"][5]) == pytest.approx(float(state[1][0]["z"].sub(0.5).norm()), rel=1e-5)
-
-    grown = LearnedRelativeAdamRule(hidden=0, schedule_free=True, init_anchor=0.5, init_travel_gain=4.0)
+    moved = state[1][0]["z"] if schedule_free else params[0]
+    assert float(state[1][0]["controller"][5]) == pytest.approx(float(moved.sub(0.5).norm()), rel=1e-5)
+    grown = LearnedRelativeAdamRule(hidden=0, **form, init_travel_gain=4.0)
     assert _ctrl_after(grown) > _ctrl_after(travel) + 0.5
     rebuilt = type(grown)(**grown.config())
     assert rebuilt.config() == grown.config() and float(rebuilt.ctrl.ws_travel[0, 0].detach()) == 4.0
     with pytest.raises(ValueError, match="init_travel_gain"):
         LearnedRelativeAdamRule(init_travel_gain=float("nan"))
+    with pytest.raises(ValueError, match="travel"):  # a state kept without the path cannot feed the row
+        grown.update([torch.ones(4, 3)], params, base.init_state(params), dict(grown.hyperparameters))
 
 
 def test_es_trains_the_travel_row(tmp_path):
-    """The batched engine runs a rule with the travel input (its sixth state scalar vmapped with the
-    rest) and ES moves the row's weights."""
+    """ES runs a rule with the travel input (its sixth state scalar vmapped with the rest) and updates
+    the row with the rest of θ (the engine's steps match the optimizer's: see the population tests)."""
     rule = {"hidden": 0, "schedule_free": True, "init_anchor": 0.5, "init_travel_gain": 1.0}
     trainer = PopulationESTrainer(_cfg(meta_steps=2, rule=rule), tmp_path, suite=_tiny_suite())
     trainer.run(progress=False)

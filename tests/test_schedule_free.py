@@ -183,12 +183,14 @@ def test_state_is_v_z_and_the_weight_sum_and_cards_keep_the_form(tmp_path):
         RelativeAdamRule(schedule_free=1)
 
 
-def test_population_run_evaluates_where_the_optimizer_does():
-    """The batched engine's final loss is the optimizer's after eval(): the average when not told."""
+@pytest.mark.parametrize("extra", [{}, {"init_travel_gain": 4.0}])
+def test_population_run_evaluates_where_the_optimizer_does(extra):
+    """The batched engine's final loss is the optimizer's after eval(): the average when not told
+    (with the travel input too)."""
     family = MLPClassificationFamily(dataset="blobs", dim=4, classes=3, width=8, depth=2, activation="relu",
                                      n_train=64, batch_size=16)
     task = family.sample(3)
-    rule = LearnedRelativeAdamRule(hidden=0, schedule_free=True, init_alpha=0.1)
+    rule = LearnedRelativeAdamRule(hidden=0, schedule_free=True, init_alpha=0.1, **extra)
     base = torch.nn.utils.parameters_to_vector(rule.parameters()).detach()
     thetas = torch.stack([base, base + 0.3 * torch.randn(base.shape, generator=torch.Generator().manual_seed(1))])
     horizons = torch.tensor([30.0, 0.0])
@@ -202,7 +204,7 @@ def test_population_run_evaluates_where_the_optimizer_does():
                             eval_point=lambda m, p, st: rule.eval_point(p, st, {"total_steps": m[1]}))
     plain = run_population(task, 7, 30, (stack_members(rule, thetas), horizons), 2, update, rule.init_state)
     for i, total in enumerate((30, None)):
-        member = LearnedRelativeAdamRule(hidden=0, schedule_free=True, init_alpha=0.1)
+        member = LearnedRelativeAdamRule(hidden=0, schedule_free=True, init_alpha=0.1, **extra)
         torch.nn.utils.vector_to_parameters(thetas[i].clone(), member.parameters())
         single = run(task, lambda ps: LearnedOptimizer(ps, member, total_steps=total), 7, 30, 30)
         assert single.losses[-1] == pytest.approx(float(result.final_losses[i]), rel=1e-4)

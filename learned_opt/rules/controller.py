@@ -112,18 +112,21 @@ def controller_stats(g: Tensor, prev: Tensor, travelled: Tensor) -> Tensor:
 # a controller with the travel input keeps one more, its path length (TRAVEL_SCALARS).
 SCALARS = ("ctrl", "cos_ema", "gnorm0", "gnorm_ema", "p0_norm")
 TRAVEL_SCALARS = (*SCALARS, "path")
-TRAVEL_THRESHOLD = 0.4  # the travel input is log(√(t−1) · ||p − p0|| / path) above this, else 0
+TRAVEL_THRESHOLD = 0.4  # the travel input is the travel term minus this, clipped to [0, 2]
 
 
 def travel_feature(travelled: Tensor, path: Tensor, step: Tensor) -> Tensor:
-    """The travel input per tensor: ``log(√(t−1) · ||p − p0|| / path)`` above 0.4 (clipped at 2),
-    else 0, where ``path`` is the summed length of the tensor's t − 1 steps so far.
+    """The travel input per tensor: ``clamp(log(√(t−1) · ||p − p0|| / path) − 0.4, 0, 2)``, where
+    ``path`` is the summed length of the tensor's t − 1 steps so far (0 before any step: input 0).
 
     A tensor that moves along a steady direction travels ``||p − p0|| ≈ path`` (the log term is
     ``½ log(t−1)``: it grows); one that random-walks around a noise floor travels about
     ``path / √(t−1)`` (the term stays near 0, below once it settles). One-sided: the input marks a
     descent still going, which the per-step cosine sees only one step at a time (DoG's and Prodigy's
-    step sizes grow with the distance travelled for the same reason); it says nothing elsewhere."""
+    step sizes grow with the distance travelled for the same reason); it says nothing elsewhere.
+    In the schedule-free form the path is the base sequence ``z``'s and the distance the training
+    point ``y``'s, which lags ``z``: along a constant gradient the term is 0.1–0.5 below ``½ log(t−1)``.
+    With decoupled weight decay the distance includes the decay's shrink and the path does not."""
     moved = torch.sqrt(torch.clamp(step - 1.0, min=1.0)) * travelled
     f = torch.log(torch.clamp(moved, min=TINY) / torch.clamp(path, min=TINY)) - TRAVEL_THRESHOLD
     return torch.where(path > TINY, torch.clamp(f, 0.0, 2.0), torch.zeros_like(f))
@@ -169,6 +172,10 @@ def controller_step(theta: Mapping[str, Tensor], stats: Tensor, scalars: Tensor,
     travel = None
     if scalars.shape[-1] > len(SCALARS):
         travel = travel_feature(stats[:, 3], scalars[:, len(SCALARS)], step)
+    elif "ctrl.ws_travel" in theta:
+        raise ValueError("a controller with the travel input needs each tensor's path length in its state "
+                         f"({len(TRAVEL_SCALARS)} controller scalars, got {scalars.shape[-1]}): "
+                         "start the state with this rule's init_state")
     increment, direct = controller_outputs(theta, feats, travel)
     ctrl = torch.clamp(scalars[:, 0] + increment, *CTRL_RANGE)
     new_scalars = torch.cat([ctrl.unsqueeze(-1), new_scalars[:, 1:], scalars[:, len(SCALARS):]], dim=-1)

@@ -161,20 +161,19 @@ def _step_factors(params: Sequence[Tensor], per_param: Sequence[Mapping[str, Ten
     scales = rms_scale(norms, numel, floor_t)
     if controller is None:
         mults = s.expand(len(params))
-    else:
-        scalars = torch.stack([st["controller"] for st in per_param])
-        mults, new_scalars = controller_step(controller, stats, scalars, numel, is_vector, step, total_steps, floor_t)
-        mults = s * mults
-        if anchor is not None:
-            used = torch.where(total_steps > 0, 0.0, anchor)
-            scales = scales * anchor_factor(norms[:, 0], scalars[:, SCALARS.index("p0_norm")], numel, floor_t, used)
+        return scales * mults * (-lr * alpha), mults
+    scalars = torch.stack([st["controller"] for st in per_param])
+    mults, new_scalars = controller_step(controller, stats, scalars, numel, is_vector, step, total_steps, floor_t)
+    mults = s * mults
+    if anchor is not None:
+        used = torch.where(total_steps > 0, 0.0, anchor)
+        scales = scales * anchor_factor(norms[:, 0], scalars[:, SCALARS.index("p0_norm")], numel, floor_t, used)
     factors = scales * mults * (-lr * alpha)  # one multiply per tensor: relative scale, schedule, controller
-    if controller is not None:
-        if new_scalars.shape[-1] > len(SCALARS):  # the travel input's path: add this step's length ||factor · u||
-            path = new_scalars[:, len(SCALARS)] + factors.abs() * norms[:, 1]
-            new_scalars = torch.cat([new_scalars[:, :len(SCALARS)], path.unsqueeze(-1)], dim=-1)
-        for new_st, st, row in zip(new_per_param, per_param, new_scalars.unbind(0)):
-            new_st.update(p0=st["p0"], controller=row)
+    if new_scalars.shape[-1] > len(SCALARS):  # the travel input's path: add this step's length ||factor · u||
+        path = new_scalars[:, len(SCALARS)] + factors.abs() * norms[:, 1]
+        new_scalars = torch.cat([new_scalars[:, :len(SCALARS)], path.unsqueeze(-1)], dim=-1)
+    for new_st, st, row in zip(new_per_param, per_param, new_scalars.unbind(0)):
+        new_st.update(p0=st["p0"], controller=row)
     return factors, mults
 
 
@@ -329,6 +328,9 @@ class LearnedRelativeAdamRule(_RelativeRule):
 
     name: ClassVar[str] = "learned-relative-adam"
     hyperparameters: ClassVar[dict[str, Any]] = {"lr": 1.0, "total_steps": None}
+    # θ rows of optional controller inputs: weights without them may warm-start a rule with them
+    # (learned_opt.weights.copy_weights; the rows keep their starting values)
+    input_rows: ClassVar[tuple[str, ...]] = ("ctrl.ws_steady", "ctrl.ws_travel")
     betas = (0.9, 0.999)
     eps = 1e-8
 
