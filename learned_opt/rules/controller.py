@@ -166,7 +166,7 @@ def controller_step(theta: Mapping[str, Tensor], stats: Tensor, scalars: Tensor,
                     floor: Tensor | float) -> tuple[Tensor, Tensor]:
     """One step of the controller over a group's tensors (``scalars``: their stacked :data:`SCALARS`,
     or :data:`TRAVEL_SCALARS` with the travel input): the step multipliers ``exp(ctrl + direct)`` and
-    the new scalars (the path, if kept, still this step's old one: the caller adds the step's length)."""
+    the new :data:`SCALARS` (a kept path is the caller's to extend: it needs this step's length)."""
     feats, new_scalars = controller_features(stats, scalars[:, :len(SCALARS)], numel, is_vector, step,
                                              total_steps, floor)
     travel = None
@@ -178,5 +178,4 @@ def controller_step(theta: Mapping[str, Tensor], stats: Tensor, scalars: Tensor,
                          "start the state with this rule's init_state")
     increment, direct = controller_outputs(theta, feats, travel)
     ctrl = torch.clamp(scalars[:, 0] + increment, *CTRL_RANGE)
-    new_scalars = torch.cat([ctrl.unsqueeze(-1), new_scalars[:, 1:], scalars[:, len(SCALARS):]], dim=-1)
-    return torch.exp(ctrl + direct), new_scalars
+    return torch.exp(ctrl + direct), torch.cat([ctrl.unsqueeze(-1), new_scalars[:, 1:]], dim=-1)

@@ -169,9 +169,9 @@ def _step_factors(params: Sequence[Tensor], per_param: Sequence[Mapping[str, Ten
         used = torch.where(total_steps > 0, 0.0, anchor)
         scales = scales * anchor_factor(norms[:, 0], scalars[:, SCALARS.index("p0_norm")], numel, floor_t, used)
     factors = scales * mults * (-lr * alpha)  # one multiply per tensor: relative scale, schedule, controller
-    if new_scalars.shape[-1] > len(SCALARS):  # the travel input's path: add this step's length ||factor · u||
-        path = new_scalars[:, len(SCALARS)] + factors.abs() * norms[:, 1]
-        new_scalars = torch.cat([new_scalars[:, :len(SCALARS)], path.unsqueeze(-1)], dim=-1)
+    if scalars.shape[-1] > len(SCALARS):  # the travel input's path: add this step's length ||factor · u||
+        path = scalars[:, len(SCALARS)] + factors.abs() * norms[:, 1]
+        new_scalars = torch.cat([new_scalars, path.unsqueeze(-1)], dim=-1)
     for new_st, st, row in zip(new_per_param, per_param, new_scalars.unbind(0)):
         new_st.update(p0=st["p0"], controller=row)
     return factors, mults
