@@ -299,6 +299,33 @@ def test_es_warm_starts_from_given_weights(tmp_path):
         ESConfig.from_table({"init_weights": 3})
 
 
+def test_es_train_rows_moves_only_the_named_entries(tmp_path):
+    """train_rows: ES perturbs and moves only those θ entries (an input's row learned over shipped
+    weights that stay as they are); a name the rule lacks is refused, naming train_rows."""
+    suite = _tiny_suite()
+    rule = {"hidden": 0, "init_floor_vec": 0.1, "init_travel_gain": 0.0}
+    trainer = PopulationESTrainer(_cfg(meta_steps=2, rule=rule, train_rows=("ctrl.ws_travel",)), tmp_path / "row",
+                                  suite=suite)
+    start = trainer.theta.detach().clone()
+    trainer.run(progress=False)
+    moved = trainer.theta.detach() != start
+    assert bool(moved[-2:].any()) and not bool(moved[:-2].any())  # the travel row is θ's last entry
+    with pytest.raises(ValueError, match="train_rows"):
+        PopulationESTrainer(_cfg(rule=rule, train_rows=("ctrl.nope",)), tmp_path / "bad", suite=suite)
+    with pytest.raises(ValueError, match="train_rows"):
+        ESConfig.from_table({"train_rows": "ctrl.ws"})
+
+
+def test_es_that_never_tells_the_horizon_selects_on_untold_figures(tmp_path):
+    suite = _tiny_suite()
+    best = {"val_wins_told": 5, "val_wins_free": 1, "val_ratio_told": 0.5, "val_ratio_free": 2.0}
+    row = {"val_wins_told": 0, "val_wins_free": 2, "val_ratio_told": 9.0, "val_ratio_free": 1.0}
+    for known, better in ((0.0, True), (0.5, False)):
+        trainer = PopulationESTrainer(_cfg(horizon_known=known), tmp_path / str(known), suite=suite)
+        trainer.best = best
+        assert trainer._better(row) is better
+
+
 def test_es_refuses_changed_settings_on_resume(tmp_path):
     suite = _tiny_suite()
     PopulationESTrainer(_cfg(meta_steps=1), tmp_path, suite=suite).run(progress=False)

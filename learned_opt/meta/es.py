@@ -19,13 +19,19 @@ may add draws from ``long_labels`` with horizons in ``long_horizon``: one from a
 ``long_pool`` every ``long_every`` meta-steps, and ``long_val`` of them to the validation tasks
 (counted in the totals, and reported apart as ``val_long_ratio_*``).
 
+``train_rows`` restricts the search to the named θ entries (the rest keep their start, e.g. shipped
+weights loaded by ``init_weights`` while one added input's row is learned): the perturbations are
+zero elsewhere, so the ES gradient and Adam's step are too.
+
 ``weight_decay`` (0 by default) meta-trains and scores the rule with that coupled weight decay
 (the optimizer's ``weight_decay``: ``wd · p`` added to the gradient the rule reads), for weights
 meant to ship with it as their default.
 
 Every ``eval_every`` steps θ is scored on validation tasks (the suite's validation seeds) with and
 without the horizon, counted as the benchmark counts: wins against tuned Adam (final ≤ Adam's +
-1e-4 × initial) and the geometric-mean loss ratio. ``best`` is chosen on that summary.
+1e-4 × initial) and the geometric-mean loss ratio. ``best`` is chosen on that summary: wins told
+plus untold, then the product of the two ratios; a recipe that never tells the horizon
+(``horizon_known = 0``, weights meant for untold runs) is chosen on its untold figures alone.
 
 All randomness derives from ``(seed, step)``, so a run killed and resumed from its last
 checkpoint ends bitwise equal to one that never stopped (same machine, same threads).
@@ -33,8 +39,6 @@ checkpoint ends bitwise equal to one that never stopped (same machine, same thre
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -51,6 +55,7 @@ from learned_opt.bench.metrics import WIN_TOLERANCE
 from learned_opt.fileio import atomic_write_text
 from learned_opt.lockfile import lock_directory
 from learned_opt.meta.checkpoint import load_checkpoint, save_checkpoint
+from learned_opt.meta.metrics import rows_csv
 from learned_opt.meta.population import run_population, tuned_adam_final
 from learned_opt.rules.base import Rule, build_rule
 from learned_opt.rules.relative import LearnedRelativeAdamRule
@@ -89,6 +94,7 @@ class ESConfig:
     long_val: int = 0
     weight_decay: float = 0.0
     init_weights: str = ""  # a shipped name or .safetensors path whose θ starts the search ("" : the rule's init_*)
+    train_rows: tuple[str, ...] = ()  # the θ entries ES perturbs and moves (none named: all of θ)
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any], where: str = "[population_es]") -> ESConfig:
@@ -129,8 +135,10 @@ class ESConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{where}: {key} must be an int >= 0, got {value!r}")
-        if not isinstance(self.long_labels, tuple) or not all(isinstance(x, str) for x in self.long_labels):
-            raise ValueError(f"{where}: long_labels must be suite entry labels, got {self.long_labels!r}")
+        for key, what in (("long_labels", "suite entry labels"), ("train_rows", "θ entry names")):
+            value = getattr(self, key)
+            if not isinstance(value, tuple) or not all(isinstance(x, str) for x in value):
+                raise ValueError(f"{where}: {key} must be {what}, got {value!r}")
         if (self.long_val or self.long_every) and not self.long_labels:
             raise ValueError(f"{where}: long_val/long_every need long_labels (the entries long runs draw from)")
         if bool(self.long_every) != bool(self.long_pool):
@@ -202,6 +210,7 @@ class PopulationESTrainer:
         if cfg.init_weights:
             copy_weights(self.rule, cfg.init_weights)
         self.theta = torch.nn.utils.parameters_to_vector(self.rule.parameters()).detach().clone().requires_grad_(True)
+        self.mask = train_mask(self.rule, cfg.train_rows)
         self.meta_opt = torch.optim.Adam([self.theta], lr=cfg.meta_lr)
         pool_rng = np.random.default_rng([cfg.seed, 0x9001])
         self.pool = draw_tasks(self.suite, "train", cfg.pool, cfg, pool_rng, augment=True)
@@ -285,7 +294,7 @@ class PopulationESTrainer:
         if cfg.long_every and self.step % cfg.long_every == cfg.long_every - 1:
             draws.append(self.long_pool[int(np.random.default_rng([cfg.seed, self.step, 2]).integers(cfg.long_pool))])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        eps = torch.randn(cfg.pairs, self.theta.numel(), generator=gen)
+        eps = torch.randn(cfg.pairs, self.theta.numel(), generator=gen) * self.mask
         told = torch.from_numpy(rng.random(cfg.pairs) < cfg.horizon_known)
         center = self.theta.detach()
         thetas = torch.cat([center + cfg.sigma * eps, center - cfg.sigma * eps])
@@ -332,7 +341,8 @@ class PopulationESTrainer:
     def _better(self, row: Mapping[str, Any]) -> bool:
         if self.best is None:
             return True
-        key = lambda r: (r["val_wins_told"] + r["val_wins_free"], -(r["val_ratio_told"] * r["val_ratio_free"]))
+        modes = ("free",) if self.cfg.horizon_known == 0 else ("told", "free")  # never told: judged untold
+        key = lambda r: (sum(r[f"val_wins_{m}"] for m in modes), -math.prod(r[f"val_ratio_{m}"] for m in modes))
         return key(row) > key(self.best)
 
     def run(self, progress: bool = True) -> dict[str, Any]:
@@ -374,7 +384,7 @@ class PopulationESTrainer:
             "best": self.best, "best_theta": self.best_theta, "wall": self.wall,
         }
         save_checkpoint(self.out / CHECKPOINT, payload)
-        atomic_write_text(self.out / "metrics.csv", _csv(self.history))
+        atomic_write_text(self.out / "metrics.csv", rows_csv(self.history))
 
     def restore(self) -> None:
         payload = load_checkpoint(self.out / CHECKPOINT)
@@ -421,15 +431,14 @@ def es_rule(table: Mapping[str, Any]) -> Rule:
     return rule
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+def train_mask(rule: torch.nn.Module, rows: Sequence[str]) -> Tensor:
+    """1 on the θ entries ES trains (``rows``; none named: all of θ), 0 elsewhere, in
+    ``parameters_to_vector`` order; a name the rule lacks is a ValueError."""
+    entries = dict(rule.named_parameters())
+    unknown = sorted(set(rows) - set(entries))
+    if unknown:
+        raise ValueError(f"[population_es] train_rows {unknown}: not θ entries of this rule ({sorted(entries)})")
+    return torch.cat([torch.full((p.numel(),), float(not rows or name in rows)) for name, p in entries.items()])
 
 
 def train_es(cfg: ESConfig, out: str | Path, *, suite: Suite | None = None, progress: bool = True,

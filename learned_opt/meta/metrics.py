@@ -19,6 +19,19 @@ log = logging.getLogger(__name__)
 METRIC_FIELDS = ("step", "meta_loss", "grad_norm", "skipped", "inner_steps", "runs_finished", "val_loss", "wall_s")
 
 
+def rows_csv(rows: list[Mapping[str, Any]], fieldnames: tuple[str, ...] = ()) -> str:
+    """``rows`` as CSV text; columns ``fieldnames``, else every key in order of first appearance."""
+    keys = list(fieldnames)
+    if not keys:
+        for row in rows:
+            keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
 class MetricsLog:
     """``metrics.csv`` (one row per meta-step, flushed) and TensorBoard events when available.
 
@@ -52,11 +65,7 @@ class MetricsLog:
                         kept.append(row)
                 except (TypeError, ValueError):
                     continue
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
-        writer.writeheader()
-        writer.writerows(kept)
-        atomic_write_text(self.path, buf.getvalue())
+        atomic_write_text(self.path, rows_csv(kept, METRIC_FIELDS))
 
     def write(self, row: Mapping[str, Any]) -> None:
         with output_write_errors(self.path):
