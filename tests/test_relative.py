@@ -316,14 +316,15 @@ def test_es_train_rows_moves_only_the_named_entries(tmp_path):
         ESConfig.from_table({"train_rows": "ctrl.ws"})
 
 
-def test_es_that_never_tells_the_horizon_selects_on_untold_figures(tmp_path):
+def test_es_that_never_or_always_tells_the_horizon_selects_on_those_figures(tmp_path):
     suite = _tiny_suite()
     best = {"val_wins_told": 5, "val_wins_free": 1, "val_ratio_told": 0.5, "val_ratio_free": 2.0}
-    row = {"val_wins_told": 0, "val_wins_free": 2, "val_ratio_told": 9.0, "val_ratio_free": 1.0}
-    for known, better in ((0.0, True), (0.5, False)):
+    free_better = {"val_wins_told": 0, "val_wins_free": 2, "val_ratio_told": 9.0, "val_ratio_free": 1.0}
+    told_better = {"val_wins_told": 6, "val_wins_free": 0, "val_ratio_told": 9.0, "val_ratio_free": 2.0}
+    for known, free, told in ((0.0, True, False), (0.5, False, False), (1.0, False, True)):
         trainer = PopulationESTrainer(_cfg(horizon_known=known), tmp_path / str(known), suite=suite)
         trainer.best = best
-        assert trainer._better(row) is better
+        assert (trainer._better(free_better), trainer._better(told_better)) == (free, told)
 
 
 def test_es_refuses_changed_settings_on_resume(tmp_path):

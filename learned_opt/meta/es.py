@@ -30,8 +30,8 @@ meant to ship with it as their default.
 Every ``eval_every`` steps θ is scored on validation tasks (the suite's validation seeds) with and
 without the horizon, counted as the benchmark counts: wins against tuned Adam (final ≤ Adam's +
 1e-4 × initial) and the geometric-mean loss ratio. ``best`` is chosen on that summary: wins told
-plus untold, then the product of the two ratios; a recipe that never tells the horizon
-(``horizon_known = 0``, weights meant for untold runs) is chosen on its untold figures alone.
+plus untold, then the product of the two ratios; a recipe that never (always) tells the horizon,
+``horizon_known`` 0 (1), for weights meant for untold (told) runs, is chosen on those figures alone.
 
 All randomness derives from ``(seed, step)``, so a run killed and resumed from its last
 checkpoint ends bitwise equal to one that never stopped (same machine, same threads).
@@ -341,7 +341,8 @@ class PopulationESTrainer:
     def _better(self, row: Mapping[str, Any]) -> bool:
         if self.best is None:
             return True
-        modes = ("free",) if self.cfg.horizon_known == 0 else ("told", "free")  # never told: judged untold
+        known = self.cfg.horizon_known  # weights never (always) told are judged untold (told) alone
+        modes = ("free",) if known == 0 else ("told",) if known == 1 else ("told", "free")
         key = lambda r: (sum(r[f"val_wins_{m}"] for m in modes), -math.prod(r[f"val_ratio_{m}"] for m in modes))
         return key(row) > key(self.best)
 
