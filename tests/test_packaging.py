@@ -53,7 +53,7 @@ def test_non_editable_install_finds_suites_by_name(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], check=True, cwd=tmp_path, env={**env, "PYTHONPATH": str(site)},
                          capture_output=True, text=True).stdout.splitlines()
     module_file, suite_path, n_entries, names, default_names = out
-    assert default_names == "default-free default"
+    assert default_names == "default-travel default"
     assert Path(module_file).is_relative_to(site), module_file
     assert Path(suite_path).is_relative_to(site) and Path(suite_path).parent.name == "suite_files"
     assert int(n_entries) >= 12

@@ -92,7 +92,7 @@ def test_step_in_eval_mode_is_refused_and_eval_train_are_idempotent():
 def test_untold_default_is_the_schedule_free_rule_with_its_eval_point():
     params = _params()
     opt = learned_opt.load_optimizer("default", params)
-    assert opt.rule.schedule_free and opt.card["name"] == "default-free"
+    assert opt.rule.schedule_free and opt.card["name"] == "default-travel"
     for p, g in zip(params, _grads(1)[0]):
         p.grad = g.clone()
     opt.step()
