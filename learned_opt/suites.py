@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,16 @@ class Suite:
         entry = entries[int(rng.choice(len(entries), p=weights / weights.sum()))]
         seeds = self.seeds[split]
         return entry, int(rng.integers(seeds.start, seeds.stop))
+
+    def reweighted(self, weights: Mapping[str, float]) -> Suite:
+        """A copy whose entries named in ``weights`` (label -> weight) are drawn with those weights
+        instead (a recipe's reweighting of a shared suite); an unknown label is a ValueError."""
+        labels = [e.label for e in self.entries]
+        unknown = sorted(set(weights) - set(labels))
+        if unknown:
+            raise ValueError(f"suite {self.name!r}: entry_weights names {unknown}, not entries of it; entries: {labels}")
+        entries = [replace(e, weight=float(weights.get(e.label, e.weight))) for e in self.entries]
+        return replace(self, entries=entries)
 
     def entry(self, label: str) -> SuiteEntry:
         """The entry called ``label``."""

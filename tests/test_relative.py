@@ -327,6 +327,44 @@ def test_es_that_never_or_always_tells_the_horizon_selects_on_those_figures(tmp_
         assert (trainer._better(free_better), trainer._better(told_better)) == (free, told)
 
 
+def test_es_that_never_or_always_tells_the_horizon_is_validated_in_that_mode_alone(tmp_path):
+    """horizon_known 0 (1): validation runs untold (told) only, with the same figures as a run of
+    both modes; other recipes report both."""
+    suite = _tiny_suite()
+    both = PopulationESTrainer(_cfg(), tmp_path / "both", suite=suite).evaluate()
+    assert {k for k in both if k.startswith("val_wins")} == {"val_wins_told", "val_wins_free"}
+    for known, mode in ((0.0, "free"), (1.0, "told")):
+        row = PopulationESTrainer(_cfg(horizon_known=known), tmp_path / mode, suite=suite).evaluate()
+        assert set(row) == {f"val_wins_{mode}", f"val_ratio_{mode}"}
+        assert row[f"val_wins_{mode}"] == both[f"val_wins_{mode}"]
+        assert row[f"val_ratio_{mode}"] == pytest.approx(both[f"val_ratio_{mode}"], rel=1e-5)
+
+
+def test_es_entry_weights_draw_as_a_suite_file_with_those_weights(tmp_path):
+    """entry_weights reweights a shared suite: the trainer's draws equal those of a suite whose file
+    gives the entries those weights; an unknown label or a bad weight is refused, naming the key."""
+    def suite(weight=None):
+        fams = [{"label": "quad", "family": "quadratic", "settings": {"dim": 3}},
+                {"label": "quad2", "family": "quadratic", "settings": {"dim": 5}}]
+        if weight is not None:
+            fams[1]["weight"] = weight
+        return parse_suite({"suite": {"steps": 20, "seeds": {"train": [0, 100], "validation": [100, 200],
+                                                        "test": [200, 300]},
+                                      "family": fams}}, name="two")
+    cfg = dict(pool=40, val_tasks=12)
+    reweighted = PopulationESTrainer(_cfg(entry_weights={"quad2": 6.0}, **cfg), tmp_path / "a", suite=suite())
+    in_file = PopulationESTrainer(_cfg(**cfg), tmp_path / "b", suite=suite(6.0))
+    plain = PopulationESTrainer(_cfg(**cfg), tmp_path / "c", suite=suite())
+    assert reweighted.pool == in_file.pool and reweighted.val == in_file.val
+    assert reweighted.pool != plain.pool
+    assert sum(d.label == "quad2" for d in reweighted.pool) > sum(d.label == "quad2" for d in plain.pool)
+    with pytest.raises(ValueError, match="entry_weights.*nope"):
+        PopulationESTrainer(_cfg(entry_weights={"nope": 2.0}), tmp_path / "d", suite=suite())
+    for bad in ({"quad": 0.0}, {"quad": float("nan")}, ["quad"], {"quad": True}):
+        with pytest.raises(ValueError, match="entry_weights"):
+            ESConfig.from_table({"entry_weights": bad})
+
+
 def test_es_refuses_changed_settings_on_resume(tmp_path):
     suite = _tiny_suite()
     PopulationESTrainer(_cfg(meta_steps=1), tmp_path, suite=suite).run(progress=False)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from learned_opt.weights import file_sha256, load_rule
 from tools.ship import TABLE_END, TABLE_START, bench, headline_table, load_recipe, main, sync_card, train
@@ -145,3 +146,44 @@ def test_headline_keeps_the_chosen_summary_rows_and_the_flagships_pairs():
     assert headline_table(report) == ("| optimizer | wins |\n|---|---|\n| adam (tuned) | 3/3 |\n| default | 2/3 |\n\n"
                                       "| optimizer | against | wins |\n|---|---|---|\n| default | adam-cosine | 2/3 |\n")
     assert headline_table("## Summary\n\n| optimizer |\n|---|\n| sgd |\n") == "\n"
+
+
+ES_RECIPE = """
+[ship]
+suite = "{suite}"
+benchmark_suite = "{suite}"
+[population_es]
+meta_steps = 1
+pairs = 1
+tasks_per_step = 1
+pool = 1
+val_tasks = 1
+eval_every = 1
+horizon = [5, 5]
+rule = {{ hidden = 0 }}
+{extra}
+"""
+
+
+def test_a_recipe_chain_trains_its_start_first_and_a_candidate_chain_starts_from_the_candidate(setup, monkeypatch):
+    """A recipe whose init_weights names another given recipe is trained after it, whatever the
+    order given; exported beside the package, it starts from that export, not the shipped weights."""
+    import tools.ship as ship
+    from tools.ship import training_order
+
+    tmp, suite, _, _ = setup
+    recipes = tmp / "chain"
+    recipes.mkdir()
+    (recipes / "a.toml").write_text(ES_RECIPE.format(suite=suite, extra=""))
+    (recipes / "b.toml").write_text(ES_RECIPE.format(suite=suite, extra='init_weights = "a"\ntrain_rows = ["ctrl.b2"]'))
+    assert training_order(["b", "a"], recipes) == ["a", "b"] and training_order(["b"], recipes) == ["b"]
+    monkeypatch.setattr(ship, "PRETRAINED_DIR", tmp / "package")
+    out = tmp / "candidate"
+    assert main(["b", "a", "--recipe-dir", str(recipes), "--export-dir", str(out), "--no-progress"]) == 0
+    card_b = load_rule(out / "b.safetensors")[1]
+    assert card_b["meta_training"]["config"]["init_weights"] == str(out / "a.safetensors")
+    a, b = (dict(load_rule(out / f"{n}.safetensors")[0].named_parameters()) for n in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "ctrl.b2")  # b moved only its row, from a's θ
+    (recipes / "a.toml").write_text(ES_RECIPE.format(suite=suite, extra='init_weights = "b"'))
+    with pytest.raises(ValueError, match="cycle: a -> b -> a"):
+        training_order(["a", "b"], recipes)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from learned_opt.cli import add_threads_flag, apply_threads  # noqa: E402
 from learned_opt.meta.es import ESConfig, PopulationESTrainer  # noqa: E402
+from learned_opt.weights import copy_weights, read_card  # noqa: E402
 
 Edit = tuple[str, str, float]  # (θ entry, "=" or "+=", value); an index "name[i,j]" edits one element
 
@@ -56,16 +57,12 @@ def apply_edits(theta: Mapping[str, Tensor], edits: Sequence[Edit]) -> dict[str,
     return out
 
 
-def probe(trainer: PopulationESTrainer, members: Sequence[tuple[str, Sequence[Edit]]], theta: Mapping[str, Tensor],
+def probe(trainer: PopulationESTrainer, members: Sequence[tuple[str, Sequence[Edit]]],
           *, modes: Sequence[str] = ("told", "free"), log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """One summary row per member: wins and loss ratio per mode (told the horizon, free of it), and
-    wins per task family."""
+    """One summary row per member (the trainer rule's θ with the member's edits): wins and loss ratio
+    per mode (told the horizon, free of it), and wins per task family."""
     names = [n for n, _ in trainer.rule.named_parameters()]
-    unknown = sorted(set(theta) - set(names))
-    if unknown:
-        raise ValueError(f"the weights hold {unknown}, which the probed rule lacks (its θ: {names}); "
-                         "give the rule table they were trained with (--rule)")
-    start = {**dict(trainer.rule.named_parameters()), **theta}
+    start = dict(trainer.rule.named_parameters())
     vecs = [torch.cat([apply_edits(start, edits)[n].reshape(-1) for n in names]) for _, edits in members]
     k = len(vecs)
     thetas = torch.stack(vecs).repeat(len(modes), 1)
@@ -94,8 +91,6 @@ def rule_table(rule: str | None, weights: str | None) -> dict[str, Any]:
         return json.loads(rule)
     if weights is None:
         return {}
-    from learned_opt.weights import read_card
-
     card = read_card(weights)
     return {"name": card["rule"], **card.get("rule_config", {})}
 
@@ -120,8 +115,6 @@ def probe_config(args: argparse.Namespace) -> ESConfig:
                        pool=1, rule=rule_table(args.rule, args.weights))
     weight_decay = args.weight_decay
     if weight_decay is None and args.weights:  # the weights run with their card's default, as shipped
-        from learned_opt.weights import read_card
-
         weight_decay = read_card(args.weights).get("defaults", {}).get("weight_decay")
     if weight_decay is not None:
         cfg.weight_decay = weight_decay
@@ -163,11 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         refs = Path(args.refs) if args.refs else None
         if refs is not None and refs.exists():
             trainer.refs = json.loads(refs.read_text())
-        from safetensors.torch import load_file
+        if args.weights:  # verified and fitted as a warm start is: same rule and tensors, added input rows kept
+            copy_weights(trainer.rule, args.weights)
         modes = tuple(m.strip() for m in args.modes.split(","))
         if not modes or set(modes) - {"told", "free"}:
             raise ValueError(f"invalid --modes: {args.modes!r} (want told, free or told,free)")
-        rows = probe(trainer, members, load_file(args.weights) if args.weights else {}, modes=modes)
+        rows = probe(trainer, members, modes=modes)
     except ValueError as exc:
         print(f"probe.py: error: {exc}", file=sys.stderr)
         return 2

@@ -79,6 +79,25 @@ def load_recipe(name: str, recipe_dir: Path = RECIPE_DIR) -> tuple[dict[str, Any
     return ship, dict(data["meta_train"]), path
 
 
+def training_order(names: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> list[str]:
+    """``names`` with each recipe after the one its ``init_weights`` names, when both are given: a
+    warm start must read the weights its start recipe has just exported. A cycle is a ValueError."""
+    starts = {n: load_recipe(n, recipe_dir)[1].get("population_es", {}).get("init_weights", "") for n in names}
+    ordered: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in path:
+            raise ValueError(f"recipes start from each other in a cycle: {' -> '.join((*path, name))}")
+        if name not in ordered:
+            if starts[name] in starts:
+                visit(starts[name], (*path, name))
+            ordered.append(name)
+
+    for n in names:
+        visit(n, ())
+    return ordered
+
+
 def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Path = RECIPE_DIR,
           pretrained_dir: Path = PRETRAINED_DIR, threads: int = 1) -> Path:
     """Meta-train recipe ``name`` in ``work/name`` (resuming a run there) and export it as shipped weights.
@@ -98,6 +117,9 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
         from learned_opt.meta.es import ESConfig, train_es
 
         cfg = ESConfig.from_table({"suite": ship["suite"], **table["population_es"]}, f"{path}: [population_es]")
+        exported = Path(pretrained_dir) / f"{cfg.init_weights}.safetensors"
+        if cfg.init_weights and Path(pretrained_dir) != PRETRAINED_DIR and exported.exists():
+            cfg.init_weights = str(exported)  # a candidate chain starts from the candidate it exported, not the shipped
         train_es(cfg, run_dir, progress=progress, command=command)
     else:
         meta_train(tasks=ship["suite"], config=table, out=run_dir, resume=resume, progress=progress, command=command)
@@ -254,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not names:
         parser.error("name recipes to ship, or --all")
     try:
+        names = training_order(names, recipe_dir)
         recipes = {n: load_recipe(n, recipe_dir)[0] for n in names}
         if not args.skip_train:
             for n in names:

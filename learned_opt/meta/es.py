@@ -31,7 +31,11 @@ Every ``eval_every`` steps θ is scored on validation tasks (the suite's validat
 without the horizon, counted as the benchmark counts: wins against tuned Adam (final ≤ Adam's +
 1e-4 × initial) and the geometric-mean loss ratio. ``best`` is chosen on that summary: wins told
 plus untold, then the product of the two ratios; a recipe that never (always) tells the horizon,
-``horizon_known`` 0 (1), for weights meant for untold (told) runs, is chosen on those figures alone.
+``horizon_known`` 0 (1), for weights meant for untold (told) runs, is scored and chosen in that
+mode alone (the other mode's runs would only cost time).
+
+``entry_weights`` (suite label -> weight) draws those entries of the suite with other weights, so a
+recipe can reweight a shared distribution without a copy of its file.
 
 All randomness derives from ``(seed, step)``, so a run killed and resumed from its last
 checkpoint ends bitwise equal to one that never stopped (same machine, same threads).
@@ -42,7 +46,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +59,7 @@ from learned_opt.bench.metrics import WIN_TOLERANCE
 from learned_opt.fileio import atomic_write_text
 from learned_opt.lockfile import lock_directory
 from learned_opt.meta.checkpoint import load_checkpoint, save_checkpoint
+from learned_opt.meta.es_config import ESConfig
 from learned_opt.meta.metrics import rows_csv
 from learned_opt.meta.population import run_population, tuned_adam_final
 from learned_opt.rules.base import Rule, build_rule
@@ -64,86 +69,6 @@ from learned_opt.suites import Suite, load_suite
 from learned_opt.weights import copy_weights, save_weights
 
 CHECKPOINT = "checkpoint.safetensors"
-
-
-@dataclass
-class ESConfig:
-    """Settings of a full-horizon ES run (a recipe's ``[population_es]`` table; every key optional)."""
-
-    suite: str = "meta_train_general"
-    meta_steps: int = 150
-    pairs: int = 8
-    sigma: float = 0.05
-    meta_lr: float = 0.02
-    tasks_per_step: int = 2
-    horizon: tuple[int, int] = (50, 600)
-    horizon_known: float = 0.5
-    augment: float = 0.25
-    augment_range: tuple[float, float] = (1e-2, 1e2)
-    ratio_clip: tuple[float, float] = (-1.5, 3.0)
-    pool: int = 64
-    val_tasks: int = 12
-    eval_every: int = 25
-    checkpoint_every: int = 5
-    seed: int = 0
-    rule: dict[str, Any] = field(default_factory=dict)
-    long_labels: tuple[str, ...] = ()
-    long_horizon: tuple[int, int] = (2000, 5000)
-    long_pool: int = 0
-    long_every: int = 0
-    long_val: int = 0
-    weight_decay: float = 0.0
-    init_weights: str = ""  # a shipped name or .safetensors path whose θ starts the search ("" : the rule's init_*)
-    train_rows: tuple[str, ...] = ()  # the θ entries ES perturbs and moves (none named: all of θ)
-
-    @classmethod
-    def from_table(cls, table: Mapping[str, Any], where: str = "[population_es]") -> ESConfig:
-        """Build from a TOML table; unknown keys and bad values are ValueErrors naming ``where`` and the key."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(table) - set(known))
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
-        cfg = cls(**values)
-        cfg.validate(where)
-        return cfg
-
-    def validate(self, where: str = "ESConfig") -> None:
-        for key in ("meta_steps", "pairs", "tasks_per_step", "pool", "val_tasks", "eval_every", "checkpoint_every"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{where}: {key} must be an int >= 1, got {value!r}")
-        for key in ("sigma", "meta_lr"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{where}: {key} must be a number > 0, got {value!r}")
-        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or not (
-                math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"{where}: weight_decay must be a number >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.init_weights, str):
-            raise ValueError(f"{where}: init_weights must be a shipped name or a weights path, got {self.init_weights!r}")
-        for key in ("horizon_known", "augment"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"{where}: {key} must be in [0, 1], got {value!r}")
-        for key in ("horizon", "long_horizon"):
-            value = getattr(self, key)
-            if not (isinstance(value, tuple) and len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
-                    and 1 <= value[0] <= value[1]):
-                raise ValueError(f"{where}: {key} must be [low, high] ints with 1 <= low <= high, got {value!r}")
-        for key in ("long_pool", "long_every", "long_val"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{where}: {key} must be an int >= 0, got {value!r}")
-        for key, what in (("long_labels", "suite entry labels"), ("train_rows", "θ entry names")):
-            value = getattr(self, key)
-            if not isinstance(value, tuple) or not all(isinstance(x, str) for x in value):
-                raise ValueError(f"{where}: {key} must be {what}, got {value!r}")
-        if (self.long_val or self.long_every) and not self.long_labels:
-            raise ValueError(f"{where}: long_val/long_every need long_labels (the entries long runs draw from)")
-        if bool(self.long_every) != bool(self.long_pool):
-            raise ValueError(f"{where}: long_every and long_pool go together (got {self.long_every!r}, "
-                             f"{self.long_pool!r}): a long training draw every long_every steps, from long_pool")
 
 
 @dataclass(frozen=True)
@@ -205,7 +130,7 @@ class PopulationESTrainer:
     def __init__(self, cfg: ESConfig, out: str | Path, *, suite: Suite | None = None, command: str = "") -> None:
         cfg.validate()
         self.cfg, self.out, self.command = cfg, Path(out), command
-        self.suite = suite if suite is not None else load_suite(cfg.suite)
+        self.suite = (suite if suite is not None else load_suite(cfg.suite)).reweighted(cfg.entry_weights)
         self.rule = es_rule(cfg.rule)
         if cfg.init_weights:
             copy_weights(self.rule, cfg.init_weights)
@@ -319,19 +244,28 @@ class PopulationESTrainer:
         for draw in self.val:
             yield (draw, *self.score(draw, thetas, torch.tensor([float(draw.steps) if t else 0.0 for t in told])))
 
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The validation modes ``best`` is chosen on: weights never (always) told the horizon,
+        ``horizon_known`` 0 (1), are judged untold (told) alone, since they serve no other runs."""
+        known = self.cfg.horizon_known
+        return ("free",) if known == 0 else ("told",) if known == 1 else ("told", "free")
+
     def evaluate(self) -> dict[str, Any]:
-        """The benchmark's summary of the current θ on the validation tasks, with and without the horizon."""
-        wins = {"told": 0, "free": 0}
-        logs: dict[str, list[float]] = {"told": [], "free": []}
-        runs = 2 if self.horizon_aware else 1  # a rule without a horizon: told and free are one run
-        thetas = self.theta.detach().unsqueeze(0).repeat(runs, 1)
-        for _, r, win in self.validation_runs(thetas, [True, False][:runs]):
-            for j, mode in enumerate(("told", "free")):
-                wins[mode] += int(win[min(j, runs - 1)])
-                logs[mode].append(float(r[min(j, runs - 1)]))
+        """The benchmark's summary of the current θ on the validation tasks in each of :attr:`modes`
+        (told the horizon, "told", and not, "free"; one run serves both for a rule without one)."""
+        modes = self.modes
+        told = [m == "told" for m in modes] if self.horizon_aware else [False]
+        wins = {m: 0 for m in modes}
+        logs: dict[str, list[float]] = {m: [] for m in modes}
+        thetas = self.theta.detach().unsqueeze(0).repeat(len(told), 1)
+        for _, r, win in self.validation_runs(thetas, told):
+            for j, mode in enumerate(modes):
+                wins[mode] += int(win[min(j, len(told) - 1)])
+                logs[mode].append(float(r[min(j, len(told) - 1)]))
         row: dict[str, Any] = {}
         n_long = self.cfg.long_val
-        for mode in ("told", "free"):
+        for mode in modes:
             row[f"val_wins_{mode}"] = wins[mode]
             row[f"val_ratio_{mode}"] = math.exp(sum(logs[mode]) / len(logs[mode]))
             if n_long:  # the long draws (the last ``long_val``) again on their own: they are in the totals too
@@ -341,8 +275,7 @@ class PopulationESTrainer:
     def _better(self, row: Mapping[str, Any]) -> bool:
         if self.best is None:
             return True
-        known = self.cfg.horizon_known  # weights never (always) told are judged untold (told) alone
-        modes = ("free",) if known == 0 else ("told",) if known == 1 else ("told", "free")
+        modes = self.modes
         key = lambda r: (sum(r[f"val_wins_{m}"] for m in modes), -math.prod(r[f"val_ratio_{m}"] for m in modes))
         return key(row) > key(self.best)
 
