@@ -819,6 +819,21 @@ def test_benchmark_cache_tells_apart_the_same_theta_with_other_rule_settings(tmp
     assert key_a["weights_sha256"] == key_b["weights_sha256"] and key_a != key_b
 
 
+def test_a_finished_es_run_rerun_exports_without_evaluating_again(tmp_path, monkeypatch):
+    """Rerunning a finished run (same meta_steps) only exports it; a longer run redoes the closing
+    evaluation at its old last step, since training goes on from there."""
+    suite = _tiny_suite()
+    first = PopulationESTrainer(_cfg(meta_steps=2), tmp_path, suite=suite)
+    first.run(progress=False)
+    again = PopulationESTrainer(_cfg(meta_steps=2), tmp_path, suite=suite)
+    calls = []
+    monkeypatch.setattr(again, "evaluate", lambda: calls.append(1) or {})
+    assert again.run(progress=False) == first.best and not calls and again.history == first.history
+    longer = PopulationESTrainer(_cfg(meta_steps=4), tmp_path, suite=suite)
+    longer.run(progress=False)
+    assert [r["step"] for r in longer.history] == [0, 1, 2, 3, 4] and "val_wins_told" in longer.history[2]
+
+
 def test_es_resumes_a_checkpoint_written_before_the_long_settings_existed(tmp_path):
     from learned_opt.meta.checkpoint import load_checkpoint, save_checkpoint
     from learned_opt.meta.es import CHECKPOINT

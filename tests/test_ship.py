@@ -165,9 +165,10 @@ rule = {{ hidden = 0 }}
 """
 
 
-def test_a_recipe_chain_trains_its_start_first_and_a_candidate_chain_starts_from_the_candidate(setup, monkeypatch):
-    """A recipe whose init_weights names another given recipe is trained after it, whatever the
-    order given; exported beside the package, it starts from that export, not the shipped weights."""
+def test_a_recipe_chain_trains_what_it_needs_first_and_a_candidate_chain_starts_from_the_candidate(setup, monkeypatch):
+    """A recipe is trained after the recipes its weights need (init_weights, untold_weights), which
+    are added unless told not to; exported beside the package, it starts from that export, not
+    from the shipped weights."""
     import tools.ship as ship
     from tools.ship import training_order
 
@@ -176,12 +177,16 @@ def test_a_recipe_chain_trains_its_start_first_and_a_candidate_chain_starts_from
     recipes.mkdir()
     (recipes / "a.toml").write_text(ES_RECIPE.format(suite=suite, extra=""))
     (recipes / "b.toml").write_text(ES_RECIPE.format(suite=suite, extra='init_weights = "a"\ntrain_rows = ["ctrl.b2"]'))
-    assert training_order(["b", "a"], recipes) == ["a", "b"] and training_order(["b"], recipes) == ["b"]
+    assert training_order(["b", "a"], recipes) == ["a", "b"] and training_order(["b"], recipes) == ["a", "b"]
+    assert training_order(["b"], recipes, with_needs=False) == ["b"]
+    (recipes / "c.toml").write_text(ES_RECIPE.format(suite=suite, extra="").replace(
+        "[population_es]", 'untold_weights = "b"\n[population_es]'))
+    assert training_order(["c"], recipes) == ["a", "b", "c"]  # the weights it runs untold, and their start
     monkeypatch.setattr(ship, "PRETRAINED_DIR", tmp / "package")
     out = tmp / "candidate"
     assert main(["b", "a", "--recipe-dir", str(recipes), "--export-dir", str(out), "--no-progress"]) == 0
     card_b = load_rule(out / "b.safetensors")[1]
-    assert card_b["meta_training"]["config"]["init_weights"] == str(out / "a.safetensors")
+    assert card_b["meta_training"]["config"]["init_weights"] == "a"  # named as shipped: the run resumes there too
     a, b = (dict(load_rule(out / f"{n}.safetensors")[0].named_parameters()) for n in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a if k != "ctrl.b2")  # b moved only its row, from a's θ
     (recipes / "a.toml").write_text(ES_RECIPE.format(suite=suite, extra='init_weights = "b"'))

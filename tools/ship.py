@@ -79,18 +79,28 @@ def load_recipe(name: str, recipe_dir: Path = RECIPE_DIR) -> tuple[dict[str, Any
     return ship, dict(data["meta_train"]), path
 
 
-def training_order(names: Sequence[str], recipe_dir: Path = RECIPE_DIR) -> list[str]:
-    """``names`` with each recipe after the one its ``init_weights`` names, when both are given: a
-    warm start must read the weights its start recipe has just exported. A cycle is a ValueError."""
-    starts = {n: load_recipe(n, recipe_dir)[1].get("population_es", {}).get("init_weights", "") for n in names}
+def recipe_needs(name: str, recipe_dir: Path = RECIPE_DIR) -> list[str]:
+    """The recipes ``name``'s weights are made from: its ``[ship] untold_weights`` (the weights it runs
+    untold) and its ``init_weights`` (the weights its search starts from), where a recipe exists."""
+    ship, tables, _ = load_recipe(name, recipe_dir)
+    wanted = (ship["untold_weights"], tables.get("population_es", {}).get("init_weights", ""))
+    return [n for n in wanted if n and (recipe_dir / f"{n}.toml").exists()]
+
+
+def training_order(names: Sequence[str], recipe_dir: Path = RECIPE_DIR, *, with_needs: bool = True) -> list[str]:
+    """``names`` with each recipe after those it needs (:func:`recipe_needs`): a warm start must read the
+    weights its start recipe has just exported. ``with_needs`` adds the needed recipes not given, so
+    regenerating ``default`` regenerates every weight it runs; else only the given ones are ordered.
+    A cycle is a ValueError."""
     ordered: list[str] = []
 
     def visit(name: str, path: tuple[str, ...]) -> None:
         if name in path:
-            raise ValueError(f"recipes start from each other in a cycle: {' -> '.join((*path, name))}")
+            raise ValueError(f"recipes need each other in a cycle: {' -> '.join((*path, name))}")
         if name not in ordered:
-            if starts[name] in starts:
-                visit(starts[name], (*path, name))
+            for need in recipe_needs(name, recipe_dir):
+                if with_needs or need in names:
+                    visit(need, (*path, name))
             ordered.append(name)
 
     for n in names:
@@ -118,9 +128,9 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
 
         cfg = ESConfig.from_table({"suite": ship["suite"], **table["population_es"]}, f"{path}: [population_es]")
         exported = Path(pretrained_dir) / f"{cfg.init_weights}.safetensors"
-        if cfg.init_weights and Path(pretrained_dir) != PRETRAINED_DIR and exported.exists():
-            cfg.init_weights = str(exported)  # a candidate chain starts from the candidate it exported, not the shipped
-        train_es(cfg, run_dir, progress=progress, command=command)
+        chained = cfg.init_weights and Path(pretrained_dir) != PRETRAINED_DIR and exported.exists()
+        # a candidate chain starts from the candidate it exported, not the shipped weights of that name
+        train_es(cfg, run_dir, progress=progress, command=command, init_from=exported if chained else None)
     else:
         meta_train(tasks=ship["suite"], config=table, out=run_dir, resume=resume, progress=progress, command=command)
     rule, card = load_rule(run_dir / f"{ship['weights']}.safetensors")
@@ -256,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work", help="meta-training runs and benchmark caches (default: runs/ship; with "
                         "--export-dir, EXPORT_DIR/runs, so a candidate never resumes a shipped recipe's run)")
     parser.add_argument("--skip-train", action="store_true", help="only benchmark the already exported weights")
+    parser.add_argument("--no-needs", action="store_true", help="train only the named recipes, not those their "
+                        "weights are made from (untold_weights, init_weights), which are otherwise trained first")
     parser.add_argument("--skip-bench", action="store_true", help="only meta-train and export")
     parser.add_argument("--seeds", type=int, help="benchmark seeds (default: the suite's [benchmark] table)")
     add_threads_flag(parser, "on CPU the same count gives bitwise-identical runs, so cached and fresh runs agree")
@@ -276,7 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not names:
         parser.error("name recipes to ship, or --all")
     try:
-        names = training_order(names, recipe_dir)
+        given, names = names, training_order(names, recipe_dir, with_needs=not (args.no_needs or args.skip_train))
+        if len(names) > len(given):
+            print(f"ship: also training {[n for n in names if n not in given]}, which {given} need (--no-needs: "
+                  "only the named)", flush=True)
         recipes = {n: load_recipe(n, recipe_dir)[0] for n in names}
         if not args.skip_train:
             for n in names:

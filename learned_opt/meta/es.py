@@ -127,13 +127,16 @@ def centered_ranks(x: Tensor) -> Tensor:
 class PopulationESTrainer:
     """Owns θ, the meta-optimizer, the task pools, the reference cache, checkpoints and logs."""
 
-    def __init__(self, cfg: ESConfig, out: str | Path, *, suite: Suite | None = None, command: str = "") -> None:
+    def __init__(self, cfg: ESConfig, out: str | Path, *, suite: Suite | None = None, command: str = "",
+                 init_from: str | Path | None = None) -> None:
+        """``init_from``: where to read ``cfg.init_weights`` instead (a candidate's export of that name),
+        so the run's settings still name the weights as shipped."""
         cfg.validate()
         self.cfg, self.out, self.command = cfg, Path(out), command
         self.suite = (suite if suite is not None else load_suite(cfg.suite)).reweighted(cfg.entry_weights)
         self.rule = es_rule(cfg.rule)
         if cfg.init_weights:
-            copy_weights(self.rule, cfg.init_weights)
+            copy_weights(self.rule, init_from or cfg.init_weights)
         self.theta = torch.nn.utils.parameters_to_vector(self.rule.parameters()).detach().clone().requires_grad_(True)
         self.mask = train_mask(self.rule, cfg.train_rows)
         self.meta_opt = torch.optim.Adam([self.theta], lr=cfg.meta_lr)
@@ -332,7 +335,7 @@ class PopulationESTrainer:
         self.meta_opt.load_state_dict(payload["meta_opt"])
         self.refs = {k: list(v) for k, v in payload["refs"].items()}
         self.step, self.history, self.wall = int(payload["step"]), list(payload["history"]), float(payload["wall"])
-        if self.history and self.history[-1]["step"] == self.step:
+        if self.history and self.history[-1]["step"] == self.step < self.cfg.meta_steps:
             self.history.pop()  # a run's closing evaluation-only row: redone when a longer run continues it
         self.best, self.best_theta = payload["best"], payload["best_theta"]
 
@@ -376,6 +379,6 @@ def train_mask(rule: torch.nn.Module, rows: Sequence[str]) -> Tensor:
 
 
 def train_es(cfg: ESConfig, out: str | Path, *, suite: Suite | None = None, progress: bool = True,
-             command: str = "") -> dict[str, Any]:
+             command: str = "", init_from: str | Path | None = None) -> dict[str, Any]:
     """Meta-train the learned relative Adam with full-horizon ES (resumes from ``out``); the best row."""
-    return PopulationESTrainer(cfg, out, suite=suite, command=command).run(progress)
+    return PopulationESTrainer(cfg, out, suite=suite, command=command, init_from=init_from).run(progress)
