@@ -57,3 +57,20 @@ def test_readme_table_is_the_generated_report(suite):
     if start in readme:  # the first screen's rows, as generated
         shown = readme.split(start, 1)[1].split(end, 1)[0].strip()
         assert shown == headline_table(report).strip() and "| default |" in shown
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if "population_es" in load_recipe(n)[1]])
+def test_an_es_card_was_made_by_its_recipe(name):
+    """The settings an ES-trained card records are its recipe's (keys added to ESConfig since the
+    card was made must be at their defaults): a recipe edited without regenerating its weights fails."""
+    import dataclasses
+    import json
+
+    from learned_opt.meta.es import ESConfig
+
+    ship, tables, path = load_recipe(name)
+    recipe = json.loads(json.dumps(dataclasses.asdict(
+        ESConfig.from_table({"suite": ship["suite"], **tables["population_es"]}, str(path)))))
+    card = json.loads((PRETRAINED_DIR / f"{name}.json").read_text())["meta_training"]["config"]
+    defaults = json.loads(json.dumps(dataclasses.asdict(ESConfig())))
+    assert {k: card.get(k, defaults[k]) for k in recipe} == recipe

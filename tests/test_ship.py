@@ -189,6 +189,9 @@ def test_a_recipe_chain_trains_what_it_needs_first_and_a_candidate_chain_starts_
     assert card_b["meta_training"]["config"]["init_weights"] == "a"  # named as shipped: the run resumes there too
     a, b = (dict(load_rule(out / f"{n}.safetensors")[0].named_parameters()) for n in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a if k != "ctrl.b2")  # b moved only its row, from a's θ
+    assert "ship_pretrained.py b (recipe" in card_b["meta_training"]["command"]
+    assert main(["b", "--no-needs", "--recipe-dir", str(recipes), "--export-dir", str(out), "--no-progress"]) == 0
+    assert "ship_pretrained.py b --no-needs" in load_rule(out / "b.safetensors")[1]["meta_training"]["command"]
     (recipes / "a.toml").write_text(ES_RECIPE.format(suite=suite, extra='init_weights = "b"'))
     with pytest.raises(ValueError, match="cycle: a -> b -> a"):
         training_order(["a", "b"], recipes)

@@ -109,10 +109,12 @@ def training_order(names: Sequence[str], recipe_dir: Path = RECIPE_DIR, *, with_
 
 
 def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Path = RECIPE_DIR,
-          pretrained_dir: Path = PRETRAINED_DIR, threads: int = 1) -> Path:
+          pretrained_dir: Path = PRETRAINED_DIR, threads: int = 1, needs: bool = True) -> Path:
     """Meta-train recipe ``name`` in ``work/name`` (resuming a run there) and export it as shipped weights.
 
     ``threads`` pins torch's intra-op threads: on CPU the same count makes a run bitwise reproducible.
+    ``needs`` False: the recipes it needs were not regenerated with it (``--no-needs``), which the
+    card's command then says, since the run started from the shipped weights they made.
     """
     import torch
 
@@ -122,7 +124,8 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
     ship, table, path = load_recipe(name, recipe_dir)
     run_dir = Path(work) / name
     resume = (run_dir / "checkpoint.safetensors").exists()
-    command = f"python scripts/ship_pretrained.py {shlex.quote(name)} (recipe {repo_relative(path)})"
+    flag = "" if needs or not recipe_needs(name, recipe_dir) else " --no-needs"  # made from the shipped weights it needs
+    command = f"python scripts/ship_pretrained.py {shlex.quote(name)}{flag} (recipe {repo_relative(path)})"
     if "population_es" in table:
         from learned_opt.meta.es import ESConfig, train_es
 
@@ -297,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in names:
                 print(f"ship: meta-training {n}", flush=True)
                 train(n, work, progress=not args.no_progress, threads=args.threads, recipe_dir=recipe_dir,
-                      pretrained_dir=args.export_dir or PRETRAINED_DIR)
+                      pretrained_dir=args.export_dir or PRETRAINED_DIR, needs=not args.no_needs)
         if args.export_dir is not None:
             for n, ship in recipes.items():
                 try:
