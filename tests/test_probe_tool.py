@@ -56,30 +56,25 @@ def test_a_probe_runs_shipped_weights_with_their_cards_weight_decay():
     assert probe_config(args).weight_decay == 0.0
 
 
-def test_a_probe_loads_weights_as_a_warm_start_does(tmp_path, capsys):
+def test_a_probe_loads_weights_as_a_warm_start_does(tmp_path, capsys, monkeypatch):
     """Weights are verified and fitted by copy_weights: a rule of another form is refused (exit 2,
     the error names the mismatch); the rule's added travel row keeps its start, the rest is theirs."""
+    import json
+
+    import tools.probe as P
     from learned_opt.weights import load_rule
-    from tools.probe import main
 
     weights = "learned_opt/pretrained/default-free.safetensors"
     common = ["--weights", weights, "--member", "a:", "--suite", "quickstart", "--val-tasks", "1",
               "--horizon", "5", "5", "--out", str(tmp_path / "p")]
-    assert main([*common, "--rule", '{"hidden": 4}']) == 2
+    assert P.main([*common, "--rule", '{"hidden": 4}']) == 2
     assert "do not fit rule" in capsys.readouterr().err
     rows = []
-    import tools.probe as P
-
-    def record(trainer, members, **kw):
-        rows.append({n: p.detach().clone() for n, p in trainer.rule.named_parameters()})
-        return []
-    original, P.probe = P.probe, record
-    try:
-        table = {**rule_table(None, weights), "init_travel_gain": 0.5}
-        table.pop("name")
-        assert main([*common, "--rule", __import__("json").dumps(table)]) == 0
-    finally:
-        P.probe = original
+    monkeypatch.setattr(P, "probe", lambda trainer, members, **kw: rows.append(
+        {n: p.detach().clone() for n, p in trainer.rule.named_parameters()}) or [])
+    table = {**rule_table(None, weights), "init_travel_gain": 0.5}
+    table.pop("name")
+    assert P.main([*common, "--rule", json.dumps(table)]) == 0
     shipped = dict(load_rule(weights)[0].named_parameters())
     assert all(torch.equal(rows[0][n], p) for n, p in shipped.items())
     assert rows[0]["ctrl.ws_travel"].tolist() == [[0.5, 0.0]]

@@ -831,7 +831,30 @@ def test_a_finished_es_run_rerun_exports_without_evaluating_again(tmp_path, monk
     assert again.run(progress=False) == first.best and not calls and again.history == first.history
     longer = PopulationESTrainer(_cfg(meta_steps=4), tmp_path, suite=suite)
     longer.run(progress=False)
-    assert [r["step"] for r in longer.history] == [0, 1, 2, 3, 4] and "val_wins_told" in longer.history[2]
+    assert [r["step"] for r in longer.history] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="past meta_steps = 3"):  # a shorter run than the one on disk: no loop
+        PopulationESTrainer(_cfg(meta_steps=3), tmp_path, suite=suite).run(progress=False)
+
+
+def test_a_resumed_es_run_refuses_a_start_that_has_changed(tmp_path):
+    """A warm-started run keeps the sha256 of the weights it started from; if they changed since
+    (regenerated), resuming would mix two starts, so it is refused, naming init_weights."""
+    from learned_opt.weights import load_rule, save_weights
+
+    suite = _tiny_suite()
+    start = tmp_path / "start"
+    rule = {"hidden": 0}
+    save_weights(PopulationESTrainer(_cfg(rule=rule), tmp_path / "x", suite=suite).rule, start, name="start",
+                 meta_training={})
+    cfg = dict(meta_steps=1, rule=rule, init_weights=str(start) + ".safetensors")
+    PopulationESTrainer(_cfg(**cfg), tmp_path / "run", suite=suite).run(progress=False)
+    PopulationESTrainer(_cfg(**{**cfg, "meta_steps": 2}), tmp_path / "run", suite=suite).run(progress=False)
+    other, _ = load_rule(str(start) + ".safetensors")
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    save_weights(other, start, name="start", meta_training={})
+    with pytest.raises(ValueError, match="init_weights"):
+        PopulationESTrainer(_cfg(**{**cfg, "meta_steps": 3}), tmp_path / "run", suite=suite).run(progress=False)
 
 
 def test_es_resumes_a_checkpoint_written_before_the_long_settings_existed(tmp_path):

@@ -128,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", help="θ to start from (.safetensors; default: the rule's initial θ)")
     parser.add_argument("--rule", help="the ES rule table as JSON, as in a recipe's `rule` (default: the "
                         "--weights card's rule and config, else the learned relative Adam's defaults); "
-                        "entries it adds that the weights lack start at its initial values")
+                        "it must be the weights' rule and form, except that it may add optional controller inputs "
+                        "(init_steady_gain, init_travel_gain), whose rows start at those values")
     parser.add_argument("--member", action="append", required=True,
                         help="'label: entry=value; entry[i,j]+=value; ...' (repeatable; 'label:' alone = "
                         "unchanged); entries are the rule's θ names, which an unknown name lists")

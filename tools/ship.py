@@ -113,8 +113,9 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
     """Meta-train recipe ``name`` in ``work/name`` (resuming a run there) and export it as shipped weights.
 
     ``threads`` pins torch's intra-op threads: on CPU the same count makes a run bitwise reproducible.
-    ``needs`` False: the recipes it needs were not regenerated with it (``--no-needs``), which the
-    card's command then says, since the run started from the shipped weights they made.
+    ``needs`` False: some recipe it needs was not trained in this call (``--no-needs``), which the card's
+    command then says: the run started from those weights as they were (shipped, or a candidate's
+    earlier export with ``--export-dir``).
     """
     import torch
 
@@ -300,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in names:
                 print(f"ship: meta-training {n}", flush=True)
                 train(n, work, progress=not args.no_progress, threads=args.threads, recipe_dir=recipe_dir,
-                      pretrained_dir=args.export_dir or PRETRAINED_DIR, needs=not args.no_needs)
+                      pretrained_dir=args.export_dir or PRETRAINED_DIR,
+                      needs=all(need in names for need in recipe_needs(n, recipe_dir)))
         if args.export_dir is not None:
             for n, ship in recipes.items():
                 try:

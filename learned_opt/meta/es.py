@@ -66,7 +66,7 @@ from learned_opt.rules.base import Rule, build_rule
 from learned_opt.rules.relative import LearnedRelativeAdamRule
 from learned_opt.rules.transforms import apply_update
 from learned_opt.suites import Suite, load_suite
-from learned_opt.weights import copy_weights, save_weights
+from learned_opt.weights import copy_weights, file_sha256, resolve_weights, save_weights
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -135,8 +135,10 @@ class PopulationESTrainer:
         self.cfg, self.out, self.command = cfg, Path(out), command
         self.suite = (suite if suite is not None else load_suite(cfg.suite)).reweighted(cfg.entry_weights)
         self.rule = es_rule(cfg.rule)
+        self.init_sha256 = ""  # the file θ started from: a resumed run refuses a start that has changed since
         if cfg.init_weights:
             copy_weights(self.rule, init_from or cfg.init_weights)
+            self.init_sha256 = file_sha256(resolve_weights(init_from or cfg.init_weights))
         self.theta = torch.nn.utils.parameters_to_vector(self.rule.parameters()).detach().clone().requires_grad_(True)
         self.mask = train_mask(self.rule, cfg.train_rows)
         self.meta_opt = torch.optim.Adam([self.theta], lr=cfg.meta_lr)
@@ -318,7 +320,7 @@ class PopulationESTrainer:
         payload = {
             "config": asdict(self.cfg), "step": self.step, "theta": self.theta.detach(),
             "meta_opt": self.meta_opt.state_dict(), "refs": self.refs, "history": self.history,
-            "best": self.best, "best_theta": self.best_theta, "wall": self.wall,
+            "best": self.best, "best_theta": self.best_theta, "wall": self.wall, "init_sha256": self.init_sha256,
         }
         save_checkpoint(self.out / CHECKPOINT, payload)
         atomic_write_text(self.out / "metrics.csv", rows_csv(self.history))
@@ -330,6 +332,15 @@ class PopulationESTrainer:
         changed = sorted(k for k in mine if k not in ("meta_steps",) and saved.get(k, defaults[k]) != mine[k])
         if changed:
             raise ValueError(f"{self.out / CHECKPOINT}: settings differ from the checkpoint's: {changed}")
+        started = payload.get("init_sha256") or ""  # absent from checkpoints written before it was kept
+        if started and started != self.init_sha256:
+            raise ValueError(f"{self.out / CHECKPOINT}: the run started from weights {started[:12]}…, but "
+                             f"init_weights {self.cfg.init_weights!r} are now {self.init_sha256[:12] or 'none'}…; "
+                             "move the run directory away to train from the new weights")
+        if int(payload["step"]) > self.cfg.meta_steps:
+            raise ValueError(f"{self.out / CHECKPOINT}: the run is at step {int(payload['step'])}, past meta_steps = "
+                             f"{self.cfg.meta_steps}; give meta_steps >= {int(payload['step'])} (its best.* holds the "
+                             "selection so far)")
         with torch.no_grad():
             self.theta.copy_(payload["theta"])
         self.meta_opt.load_state_dict(payload["meta_opt"])

@@ -84,11 +84,13 @@ class ESConfig:
             value = getattr(self, key)
             if not isinstance(value, tuple) or not all(isinstance(x, str) for x in value):
                 raise ValueError(f"{where}: {key} must be {what}, got {value!r}")
-        if not isinstance(self.entry_weights, dict) or not all(
-                isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-                and v > 0 for k, v in self.entry_weights.items()):
+        if not isinstance(self.entry_weights, dict):
             raise ValueError(f"{where}: entry_weights must map suite entry labels to numbers > 0, "
                              f"got {self.entry_weights!r}")
+        for label, weight in self.entry_weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+                    math.isfinite(weight) and weight > 0):
+                raise ValueError(f"{where}: entry_weights[{label!r}] must be a number > 0, got {weight!r}")
         if (self.long_val or self.long_every) and not self.long_labels:
             raise ValueError(f"{where}: long_val/long_every need long_labels (the entries long runs draw from)")
         if bool(self.long_every) != bool(self.long_pool):
