@@ -304,9 +304,10 @@ def load_rule(name_or_path: str | Path) -> tuple[Rule, dict[str, Any]]:
     return rule, card
 
 
-def copy_weights(rule: Rule, name_or_path: str | Path) -> None:
+def copy_weights(rule: Rule, name_or_path: str | Path) -> str:
     """Set ``rule``'s θ to the weights of a shipped name or path (verified as :func:`load_rule`
     does), which must be of the same rule with the same tensors: a search warm-started from them.
+    Returns the verified sha256 of the weights file (what a resumed search checks its start by).
 
     One exception: the rule may add rows of optional controller inputs that the weights lack (its
     ``input_rows``, e.g. the travel row of the learned relative Adam); those keep the rule's starting
@@ -328,6 +329,7 @@ def copy_weights(rule: Rule, name_or_path: str | Path) -> None:
     with torch.no_grad():
         for key, param in theirs.items():
             ours[key].copy_(param)
+    return card["sha256"]
 
 
 def _build(weights_path: Path, card: Mapping[str, Any]) -> Rule:

@@ -82,7 +82,11 @@ def load_recipe(name: str, recipe_dir: Path = RECIPE_DIR) -> tuple[dict[str, Any
 def recipe_needs(name: str, recipe_dir: Path = RECIPE_DIR) -> list[str]:
     """The recipes ``name``'s weights are made from: its ``[ship] untold_weights`` (the weights it runs
     untold) and its ``init_weights`` (the weights its search starts from), where a recipe exists."""
-    ship, tables, _ = load_recipe(name, recipe_dir)
+    return _needs(*load_recipe(name, recipe_dir)[:2], recipe_dir)
+
+
+def _needs(ship: dict[str, Any], tables: dict[str, Any], recipe_dir: Path) -> list[str]:
+    """:func:`recipe_needs` of an already loaded recipe."""
     wanted = (ship["untold_weights"], tables.get("population_es", {}).get("init_weights", ""))
     return [n for n in wanted if n and (recipe_dir / f"{n}.toml").exists()]
 
@@ -125,7 +129,7 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
     ship, table, path = load_recipe(name, recipe_dir)
     run_dir = Path(work) / name
     resume = (run_dir / "checkpoint.safetensors").exists()
-    flag = "" if needs or not recipe_needs(name, recipe_dir) else " --no-needs"  # made from the shipped weights it needs
+    flag = "" if needs or not _needs(ship, table, recipe_dir) else " --no-needs"  # made from the shipped weights it needs
     command = f"python scripts/ship_pretrained.py {shlex.quote(name)}{flag} (recipe {repo_relative(path)})"
     if "population_es" in table:
         from learned_opt.meta.es import ESConfig, train_es

@@ -66,7 +66,7 @@ from learned_opt.rules.base import Rule, build_rule
 from learned_opt.rules.relative import LearnedRelativeAdamRule
 from learned_opt.rules.transforms import apply_update
 from learned_opt.suites import Suite, load_suite
-from learned_opt.weights import copy_weights, file_sha256, resolve_weights, save_weights
+from learned_opt.weights import copy_weights, save_weights
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -137,8 +137,7 @@ class PopulationESTrainer:
         self.rule = es_rule(cfg.rule)
         self.init_sha256 = ""  # the file θ started from: a resumed run refuses a start that has changed since
         if cfg.init_weights:
-            copy_weights(self.rule, init_from or cfg.init_weights)
-            self.init_sha256 = file_sha256(resolve_weights(init_from or cfg.init_weights))
+            self.init_sha256 = copy_weights(self.rule, init_from or cfg.init_weights)
         self.theta = torch.nn.utils.parameters_to_vector(self.rule.parameters()).detach().clone().requires_grad_(True)
         self.mask = train_mask(self.rule, cfg.train_rows)
         self.meta_opt = torch.optim.Adam([self.theta], lr=cfg.meta_lr)
