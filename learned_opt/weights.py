@@ -311,13 +311,15 @@ def copy_weights(rule: Rule, name_or_path: str | Path) -> str:
 
     One exception: the rule may add rows of optional controller inputs that the weights lack (its
     ``input_rows``, e.g. the travel row of the learned relative Adam); those keep the rule's starting
-    values. Any other difference (a tensor, a shape, the config) is refused."""
+    values; and it may differ in the config keys of its ``form_options`` (how runs use θ, not θ's
+    tensors: e.g. ``told_free``). Any other difference (a tensor, a shape, the config) is refused."""
     loaded, card = load_rule(name_or_path)
     theirs, ours = dict(loaded.named_parameters()), dict(rule.named_parameters())
     added = set(ours) - set(theirs)
+    free = set(getattr(rule, "form_options", ()))
 
     def form(r: Rule, params: Mapping[str, torch.Tensor]) -> tuple[Any, ...]:  # all but the starting values
-        return r.name, {k: v for k, v in r.config().items() if not k.startswith("init_")}, \
+        return r.name, {k: v for k, v in r.config().items() if not k.startswith("init_") and k not in free}, \
             {k: v.shape for k, v in params.items() if k not in added}
 
     mine, given = form(rule, ours), form(loaded, theirs)

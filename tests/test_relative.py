@@ -1,34 +1,26 @@
-"""Parameter-relative Adam (hand-set and learned), the batched population engine and full-horizon ES."""
+"""Parameter-relative Adam (hand-set and learned) and the batched population engine (full-horizon ES: test_es.py)."""
 
 from __future__ import annotations
 
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
 import learned_opt
 from learned_opt.bench.baselines import resolve_optimizer, with_cosine_decay
 from learned_opt.bench.runner import run
-from learned_opt.meta.es import ESConfig, PopulationESTrainer, centered_ranks, log_ratio, stack_members
-from learned_opt.meta.population import adam_sweep, run_population
+from learned_opt.meta.es import stack_members
+from learned_opt.meta.population import run_population
 from learned_opt.optim import LearnedOptimizer
 from learned_opt.rules.relative import LearnedRelativeAdamRule, RelativeAdamRule, schedule
 from learned_opt.rules.transforms import apply_update, gradients_pass_guard
-from learned_opt.suites import parse_suite
-from learned_opt.tasks import QuadraticFamily
-from learned_opt.tasks.families import MLPClassificationFamily
-
-
-def _params(seed: int = 0) -> list[torch.nn.Parameter]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(4, 3, generator=g)), torch.nn.Parameter(torch.zeros(3))]
+from relative_toys import small_params, small_task
 
 
 def _first_update(make, grads):
-    params = _params()
+    params = small_params()
     before = [p.detach().clone() for p in params]
     opt = make(params)
     for p, g in zip(params, grads):
@@ -44,7 +36,7 @@ def _learned(params, **kw):
 @pytest.mark.parametrize("rule", [RelativeAdamRule(), LearnedRelativeAdamRule()], ids=["hand", "learned"])
 @pytest.mark.parametrize("total_steps", [None, 50])
 def test_lr_is_a_multiplier_of_the_rules_own_rate(rule, total_steps):
-    params = [p.detach() for p in _params()]
+    params = [p.detach() for p in small_params()]
     grads = [torch.randn(4, 3), torch.randn(3)]
 
     def first_update(lr):
@@ -63,7 +55,7 @@ def test_zero_gradient_from_fresh_state_does_not_move(make):
 
 
 def test_step_moves_a_tensor_by_alpha_of_its_rms():
-    params = _params()
+    params = small_params()
     rms = float(params[0].detach().pow(2).mean().sqrt())
     opt = learned_opt.RelativeAdam(params, alpha=0.03, warmup=0.0, total_steps=None)
     before = params[0].detach().clone()
@@ -78,7 +70,7 @@ def test_untrained_learned_rule_is_the_hand_rule():
     torch.manual_seed(0)
     grads = [[torch.randn(4, 3), torch.randn(3)] for _ in range(6)]
     for total in (None, 6):
-        a, b = _params(), _params()
+        a, b = small_params(), small_params()
         oa = learned_opt.RelativeAdam(a, total_steps=total)
         ob = _learned(b, total_steps=total)
         for gs in grads:
@@ -112,7 +104,7 @@ def test_learned_final_is_a_meta_parameter_and_matches_the_hand_rule():
     rule = LearnedRelativeAdamRule(hidden=0, init_final=0.3)
     assert rule.config()["init_final"] == pytest.approx(0.3)
     assert "logit_final" not in LearnedRelativeAdamRule(hidden=0).theta()  # older weights still load
-    params = [p.detach() for p in _params()]
+    params = [p.detach() for p in small_params()]
     hand = RelativeAdamRule()
     for final, learned in ((0.3, rule), (0.0, LearnedRelativeAdamRule(hidden=0))):
         hp = {**hand.hyperparameters, "final": final, "total_steps": 4}
@@ -125,33 +117,28 @@ def test_learned_final_is_a_meta_parameter_and_matches_the_hand_rule():
             torch.testing.assert_close(u, w, rtol=1e-5, atol=1e-9)
         assert all(float(w.abs().max()) > 0 for w in want) == (final > 0)
     with pytest.raises(ValueError, match="final"):
-        learned_opt.RelativeAdam(_params(), final=1.5)
+        learned_opt.RelativeAdam(small_params(), final=1.5)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True])
 def test_total_steps_is_validated(bad):
     with pytest.raises(ValueError, match="total_steps"):
-        learned_opt.RelativeAdam(_params(), total_steps=bad)
+        learned_opt.RelativeAdam(small_params(), total_steps=bad)
 
 
 def test_relative_adam_rejects_bad_hyperparameters():
     with pytest.raises(ValueError, match="alpha"):
-        learned_opt.RelativeAdam(_params(), alpha=-1.0)
+        learned_opt.RelativeAdam(small_params(), alpha=-1.0)
     with pytest.raises(ValueError, match="warmup"):
-        learned_opt.RelativeAdam(_params(), warmup=1.5)
+        learned_opt.RelativeAdam(small_params(), warmup=1.5)
 
 
-def _small_task():
-    family = MLPClassificationFamily(dataset="blobs", dim=4, classes=3, width=8, depth=2, activation="relu",
-                                     n_train=64, batch_size=16)
-    return family.sample(3)
-
-
-@pytest.mark.parametrize("extra", [{}, {"init_travel_gain": 4.0}])
+@pytest.mark.parametrize("extra", [{}, {"init_travel_gain": 4.0},
+                                   {"schedule_free": True, "init_anchor": 0.5, "told_free": True}])
 def test_population_run_matches_the_optimizer_path(extra):
     """The batched engine and the torch.optim adapter run the same update (one home for the math),
     with the travel input too (its path is a vmapped state scalar)."""
-    task = _small_task()
+    task = small_task()
     rule = LearnedRelativeAdamRule(**extra)
     thetas = torch.nn.utils.parameters_to_vector(rule.parameters()).detach()
     g = torch.Generator().manual_seed(1)
@@ -171,7 +158,8 @@ def test_population_run_matches_the_optimizer_path(extra):
                               checked=checked)
         return result.updates, result.state
 
-    result = run_population(task, 7, 30, (as_dict(thetas), horizons), 2, update, rule.init_state)
+    result = run_population(task, 7, 30, (as_dict(thetas), horizons), 2, update, rule.init_state,
+                            eval_point=lambda m, p, st: rule.eval_point(p, st, {"total_steps": m[1]}))
     for i, total in enumerate((30, None)):
         member = LearnedRelativeAdamRule(**extra)
         torch.nn.utils.vector_to_parameters(thetas[i].clone(), member.parameters())
@@ -184,7 +172,7 @@ def test_population_checks_the_guard_once_per_step_bitwise_as_each_member_would(
     """run_population checks the whole population's gradients on the host once per step and tells the
     update (``checked``); the unmasked branch it lets each member take gives the masked branch's
     results bitwise, and a population with one non-finite gradient is not ``checked``."""
-    task = _small_task()
+    task = small_task()
     rule = LearnedRelativeAdamRule(hidden=0)
     thetas = torch.nn.utils.parameters_to_vector(rule.parameters()).detach()
     thetas = torch.stack([thetas, thetas + 0.2])
@@ -213,229 +201,6 @@ def test_population_checks_the_guard_once_per_step_bitwise_as_each_member_would(
     assert gradients_pass_guard([g[0] for g in grads]) and not gradients_pass_guard(grads)
 
 
-def test_adam_sweep_matches_torch_adam():
-    task = _small_task()
-    lrs = [1e-3, 3e-2]
-    swept = adam_sweep(task, 5, 20, lrs)
-    for lr, final in zip(lrs, swept.final_losses.tolist()):
-        ref = run(task, lambda ps: torch.optim.Adam(ps, lr=lr), 5, 20, 20)
-        assert ref.losses[-1] == pytest.approx(final, rel=1e-4)
-
-
-def test_es_reference_is_the_benchmarks_tuning():
-    """tuned_adam_final tunes as the benchmark does (tune_lr), the grid batched in one population run."""
-    from learned_opt.bench.tuning import tune_lr
-    from learned_opt.meta.population import tuned_adam_final
-
-    task = _small_task()
-    final, lr, initial = tuned_adam_final(task, 5, 15)
-    one_by_one = tune_lr(lambda x: float(adam_sweep(task, 5, 15, [x]).final_losses[0]))
-    assert lr == one_by_one.best_lr
-    assert final == pytest.approx(one_by_one.scores[lr], rel=1e-5)
-    assert initial == pytest.approx(float(task.eval_loss(task.init_params(torch.Generator().manual_seed(5)))))
-
-
-def test_centered_ranks_and_log_ratio():
-    r = centered_ranks(torch.tensor([3.0, 1.0, 2.0, 2.0]))
-    assert r.tolist() == [0.5, -0.5, 0.0, 0.0]
-    cap = log_ratio(torch.tensor([1.0, math.nan, 0.5]), 1.0, 0.5, torch.tensor([False, True, False]), (-1.5, 3.0))
-    assert 0 < float(cap[0]) < math.log(2.0) + 1e-6 and float(cap[1]) == 3.0 and abs(float(cap[2])) < 1e-6
-
-
-def _tiny_suite():
-    data = {"suite": {"steps": 20, "seeds": {"train": [0, 100], "validation": [100, 200], "test": [200, 300]},
-                      "family": [{"label": "quad", "family": "quadratic", "settings": {"dim": {"int": [3, 6]}}}]}}
-    return parse_suite(data, name="tiny")
-
-
-def _cfg(**kw):
-    base = dict(meta_steps=4, pairs=2, tasks_per_step=1, horizon=(10, 20), pool=3, val_tasks=2, eval_every=2,
-                checkpoint_every=1)
-    return ESConfig(**{**base, **kw})
-
-
-def test_es_resumes_bitwise(tmp_path):
-    suite = _tiny_suite()
-    whole = PopulationESTrainer(_cfg(), tmp_path / "whole", suite=suite)
-    whole.run(progress=False)
-    PopulationESTrainer(_cfg(meta_steps=2), tmp_path / "split", suite=suite).run(progress=False)
-    resumed = PopulationESTrainer(_cfg(), tmp_path / "split", suite=suite)
-    resumed.run(progress=False)
-    assert torch.equal(whole.theta.detach(), resumed.theta.detach())
-    assert not torch.equal(whole.theta.detach(), PopulationESTrainer(_cfg(), tmp_path / "x", suite=suite).theta.detach())
-    assert [r["step"] for r in resumed.history] == list(range(5))
-    opt = learned_opt.load_optimizer(tmp_path / "whole" / "best.safetensors", _params(), total_steps=10)
-    assert isinstance(opt.rule, LearnedRelativeAdamRule)
-
-
-def test_es_warm_starts_from_given_weights(tmp_path):
-    """``init_weights`` starts θ at a weight file's values (a search continued from shipped
-    weights); weights of another architecture or form are refused, naming init_weights."""
-    suite = _tiny_suite()
-    rule = {"hidden": 0, "init_floor_vec": 0.1}
-    first = PopulationESTrainer(_cfg(meta_steps=2, rule=rule), tmp_path / "first", suite=suite)
-    first.run(progress=False)
-    start = tmp_path / "first" / "best.safetensors"
-    warm = PopulationESTrainer(_cfg(meta_steps=2, rule=rule, init_weights=str(start)), tmp_path / "warm", suite=suite)
-    assert torch.equal(warm.theta.detach(), first.best_theta)
-    assert not torch.equal(warm.theta.detach(), PopulationESTrainer(_cfg(rule=rule), tmp_path / "cold",
-                                                                    suite=suite).theta.detach())
-    for other in ({"hidden": 2, "init_floor_vec": 0.1}, {**rule, "schedule_free": True}):
-        with pytest.raises(ValueError, match="init_weights"):
-            PopulationESTrainer(_cfg(rule=other, init_weights=str(start)), tmp_path / "bad", suite=suite)
-    # an input added to trained weights: their entries are copied, the new row keeps its starting value
-    added = PopulationESTrainer(_cfg(rule={**rule, "init_travel_gain": 2.0}, init_weights=str(start)),
-                                tmp_path / "added", suite=suite)
-    assert torch.equal(added.theta.detach()[:-2], first.best_theta)
-    assert torch.equal(added.theta.detach()[-2:], torch.tensor([2.0, 0.0]))
-    added.run(progress=False)
-    with pytest.raises(ValueError, match="init_weights"):  # only an input row may be added, not e.g. an anchor
-        PopulationESTrainer(_cfg(rule={**rule, "init_anchor": 0.5}, init_weights=str(start)), tmp_path / "anchor",
-                            suite=suite)
-    with pytest.raises(ValueError, match="init_weights"):  # and never the other way round
-        PopulationESTrainer(_cfg(rule=rule, init_weights=str(tmp_path / "added" / "best.safetensors")),
-                            tmp_path / "dropped", suite=suite)
-    with pytest.raises(ValueError, match="init_weights"):
-        ESConfig.from_table({"init_weights": 3})
-
-
-def test_es_train_rows_moves_only_the_named_entries(tmp_path):
-    """train_rows: ES perturbs and moves only those θ entries (an input's row learned over shipped
-    weights that stay as they are); a name the rule lacks is refused, naming train_rows."""
-    suite = _tiny_suite()
-    rule = {"hidden": 0, "init_floor_vec": 0.1, "init_travel_gain": 0.0}
-    trainer = PopulationESTrainer(_cfg(meta_steps=2, rule=rule, train_rows=("ctrl.ws_travel",)), tmp_path / "row",
-                                  suite=suite)
-    start = trainer.theta.detach().clone()
-    trainer.run(progress=False)
-    moved = trainer.theta.detach() != start
-    assert bool(moved[-2:].any()) and not bool(moved[:-2].any())  # the travel row is θ's last entry
-    with pytest.raises(ValueError, match="train_rows"):
-        PopulationESTrainer(_cfg(rule=rule, train_rows=("ctrl.nope",)), tmp_path / "bad", suite=suite)
-    with pytest.raises(ValueError, match="train_rows"):
-        ESConfig.from_table({"train_rows": "ctrl.ws"})
-
-
-def test_es_that_never_or_always_tells_the_horizon_selects_on_those_figures(tmp_path):
-    suite = _tiny_suite()
-    best = {"val_wins_told": 5, "val_wins_free": 1, "val_ratio_told": 0.5, "val_ratio_free": 2.0}
-    free_better = {"val_wins_told": 0, "val_wins_free": 2, "val_ratio_told": 9.0, "val_ratio_free": 1.0}
-    told_better = {"val_wins_told": 6, "val_wins_free": 0, "val_ratio_told": 9.0, "val_ratio_free": 2.0}
-    for known, free, told in ((0.0, True, False), (0.5, False, False), (1.0, False, True)):
-        trainer = PopulationESTrainer(_cfg(horizon_known=known), tmp_path / str(known), suite=suite)
-        trainer.best = best
-        assert (trainer._better(free_better), trainer._better(told_better)) == (free, told)
-
-
-def test_es_that_never_or_always_tells_the_horizon_is_validated_in_that_mode_alone(tmp_path):
-    """horizon_known 0 (1): validation runs untold (told) only, with the same figures as a run of
-    both modes; other recipes report both."""
-    suite = _tiny_suite()
-    both = PopulationESTrainer(_cfg(), tmp_path / "both", suite=suite).evaluate()
-    assert {k for k in both if k.startswith("val_wins")} == {"val_wins_told", "val_wins_free"}
-    for known, mode in ((0.0, "free"), (1.0, "told")):
-        row = PopulationESTrainer(_cfg(horizon_known=known), tmp_path / mode, suite=suite).evaluate()
-        assert set(row) == {f"val_wins_{mode}", f"val_ratio_{mode}"}
-        assert row[f"val_wins_{mode}"] == both[f"val_wins_{mode}"]
-        assert row[f"val_ratio_{mode}"] == pytest.approx(both[f"val_ratio_{mode}"], rel=1e-5)
-
-
-def test_es_entry_weights_draw_as_a_suite_file_with_those_weights(tmp_path):
-    """entry_weights reweights a shared suite: the trainer's draws equal those of a suite whose file
-    gives the entries those weights; an unknown label or a bad weight is refused, naming the key."""
-    def suite(weight=None):
-        fams = [{"label": "quad", "family": "quadratic", "settings": {"dim": 3}},
-                {"label": "quad2", "family": "quadratic", "settings": {"dim": 5}}]
-        if weight is not None:
-            fams[1]["weight"] = weight
-        return parse_suite({"suite": {"steps": 20, "seeds": {"train": [0, 100], "validation": [100, 200],
-                                                        "test": [200, 300]},
-                                      "family": fams}}, name="two")
-    cfg = dict(pool=40, val_tasks=12)
-    reweighted = PopulationESTrainer(_cfg(entry_weights={"quad2": 6.0}, **cfg), tmp_path / "a", suite=suite())
-    in_file = PopulationESTrainer(_cfg(**cfg), tmp_path / "b", suite=suite(6.0))
-    plain = PopulationESTrainer(_cfg(**cfg), tmp_path / "c", suite=suite())
-    assert reweighted.pool == in_file.pool and reweighted.val == in_file.val
-    assert reweighted.pool != plain.pool
-    assert sum(d.label == "quad2" for d in reweighted.pool) > sum(d.label == "quad2" for d in plain.pool)
-    with pytest.raises(ValueError, match="entry_weights.*nope"):
-        PopulationESTrainer(_cfg(entry_weights={"nope": 2.0}), tmp_path / "d", suite=suite())
-    for bad in ({"quad": 0.0}, {"quad": float("nan")}, ["quad"], {"quad": True}):
-        with pytest.raises(ValueError, match="entry_weights"):
-            ESConfig.from_table({"entry_weights": bad})
-
-
-def test_es_refuses_changed_settings_on_resume(tmp_path):
-    suite = _tiny_suite()
-    PopulationESTrainer(_cfg(meta_steps=1), tmp_path, suite=suite).run(progress=False)
-    with pytest.raises(ValueError, match="sigma"):
-        PopulationESTrainer(_cfg(sigma=0.2), tmp_path, suite=suite).run(progress=False)
-
-
-def test_es_config_from_table_names_bad_keys():
-    with pytest.raises(ValueError, match="bogus"):
-        ESConfig.from_table({"bogus": 1})
-    with pytest.raises(ValueError, match="pairs"):
-        ESConfig.from_table({"pairs": 0})
-    assert ESConfig.from_table({"horizon": [5, 9]}).horizon == (5, 9)
-
-
-def test_es_long_draws_come_from_their_labels_and_horizons(tmp_path, monkeypatch):
-    data = {"suite": {"steps": 20, "seeds": {"train": [0, 100], "validation": [100, 200], "test": [200, 300]},
-                      "family": [{"label": "quad", "family": "quadratic", "settings": {"dim": 3}},
-                                 {"label": "deep", "family": "quadratic", "settings": {"dim": 5}}]}}
-    suite = parse_suite(data, name="two")
-    cfg = _cfg(meta_steps=4, long_labels=("deep",), long_horizon=(30, 40), long_pool=2, long_every=2, long_val=3)
-    trainer = PopulationESTrainer(cfg, tmp_path, suite=suite)
-    long_val = trainer.val[cfg.val_tasks:]
-    assert len(trainer.val) == cfg.val_tasks + 3 and len(trainer.long_pool) == 2
-    assert all(d.label == "deep" and 30 <= d.steps <= 40 and d.seed in range(100, 200) for d in long_val)
-    assert all(d.label == "deep" and 30 <= d.steps <= 40 and d.seed in range(0, 100) for d in trainer.long_pool)
-    assert all(d.steps <= 20 for d in trainer.pool)
-    seen = []
-    score = trainer.score
-    monkeypatch.setattr(trainer, "score", lambda draw, *a: (seen.append((trainer.step, draw)), score(draw, *a))[1])
-    row = trainer.run(progress=False)
-    long_steps = sorted({step for step, d in seen if d in trainer.long_pool})
-    assert long_steps == [1, 3]  # a long training draw on every second meta-step, none in between
-    assert "val_long_ratio_told" in row and "val_long_ratio_free" in row
-    again = trainer.evaluate()
-    thetas = trainer.theta.detach().unsqueeze(0).repeat(2, 1)
-    logs = [r for _, r, _ in trainer.validation_runs(thetas, [True, False])][cfg.val_tasks:]
-    for j, mode in enumerate(("told", "free")):  # the long draws alone: the last long_val of the validation
-        assert again[f"val_long_ratio_{mode}"] == pytest.approx(math.exp(sum(float(r[j]) for r in logs) / 3))
-
-
-def test_es_scores_runs_with_the_recipes_weight_decay(tmp_path):
-    """weight_decay reaches every member's steps as the optimizer's coupled decay does: a strong decay
-    pulls the quadratics' parameters towards 0, away from their minimum, so every score worsens."""
-    suite = _tiny_suite()
-    thetas = PopulationESTrainer(_cfg(), tmp_path / "a", suite=suite).theta.detach().unsqueeze(0).repeat(2, 1)
-
-    def logs(wd):
-        trainer = PopulationESTrainer(_cfg(weight_decay=wd), tmp_path / str(wd), suite=suite)
-        return torch.stack([r for _, r, _ in trainer.validation_runs(thetas, [True, False])])
-
-    plain, decayed = logs(0.0), logs(5.0)
-    assert bool((decayed > plain).all())
-    with pytest.raises(ValueError, match="weight_decay"):
-        ESConfig.from_table({"weight_decay": -1e-3})
-
-
-def test_es_long_settings_are_checked():
-    with pytest.raises(ValueError, match="long_labels"):
-        ESConfig.from_table({"long_val": 2})
-    with pytest.raises(ValueError, match="long_every and long_pool"):
-        ESConfig.from_table({"long_labels": ["a"], "long_every": 3})
-    for bad in ([50, 10], 5):
-        with pytest.raises(ValueError, match="long_horizon"):
-            ESConfig.from_table({"long_horizon": bad})
-    with pytest.raises(ValueError, match="long_labels"):
-        ESConfig.from_table({"long_labels": "deep", "long_val": 1})
-    with pytest.raises(ValueError, match="no entry"):
-        PopulationESTrainer(_cfg(long_labels=("nope",), long_val=1), "unused", suite=_tiny_suite())
-
-
 def test_cosine_baseline_decays_to_zero_over_the_horizon():
     p = torch.nn.Parameter(torch.zeros(2))
     opt = with_cosine_decay(torch.optim.SGD([p], lr=1.0), 10)
@@ -449,18 +214,12 @@ def test_cosine_baseline_decays_to_zero_over_the_horizon():
 
 def test_horizon_spec_passes_total_steps():
     spec = resolve_optimizer("RelativeAdam[horizon=true]")
-    opt = spec.factory(None, 123)(_params())
+    opt = spec.factory(None, 123)(small_params())
     assert opt.param_groups[0]["total_steps"] == 123 and spec.key["horizon"] is True
     assert resolve_optimizer("adam-cosine").horizon
-    assert resolve_optimizer("RelativeAdam").factory(None, 5)(_params()).param_groups[0]["total_steps"] is None
+    assert resolve_optimizer("RelativeAdam").factory(None, 5)(small_params()).param_groups[0]["total_steps"] is None
     with pytest.raises(ValueError, match="horizon"):
         resolve_optimizer("RelativeAdam[horizon=3]")
-
-
-def test_quadratic_family_for_es_reference_is_deterministic():
-    task = QuadraticFamily(dim=4).sample(0)
-    a, b = adam_sweep(task, 0, 5, [0.1]), adam_sweep(task, 0, 5, [0.1])
-    assert torch.equal(a.final_losses, b.final_losses) and np.isfinite(a.initial_loss)
 
 
 def test_horizon_aware_specs_pass_the_pre_run_check():
@@ -480,7 +239,7 @@ def test_linear_controller_is_small_and_validated():
 
 @pytest.mark.parametrize("make", [learned_opt.RelativeAdam, _learned], ids=["hand", "learned"])
 def test_stepping_past_total_steps_warns_once(make):
-    params = _params()
+    params = small_params()
     opt = make(params, total_steps=3)
     with pytest.warns(RuntimeWarning, match="past total_steps=3") as record:
         for _ in range(6):
@@ -492,7 +251,7 @@ def test_stepping_past_total_steps_warns_once(make):
 
 @pytest.mark.parametrize("final", [0.0, 0.2])
 def test_past_total_steps_the_step_stays_at_final_and_the_warning_says_so(final):
-    params = _params()
+    params = small_params()
     opt = learned_opt.RelativeAdam(params, total_steps=3, final=final)
     moves = []
     with pytest.warns(RuntimeWarning, match="stays at 20% of its peak" if final else "leave the parameters unchanged"):
@@ -516,35 +275,27 @@ def test_past_total_steps_the_step_stays_at_final_and_the_warning_says_so(final)
 
 def test_final_without_total_steps_warns_that_it_does_nothing():
     with pytest.warns(UserWarning, match="final only shapes the schedule told total_steps"):
-        learned_opt.RelativeAdam(_params(), final=0.1)
+        learned_opt.RelativeAdam(small_params(), final=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        learned_opt.RelativeAdam(_params(), final=0.1, total_steps=10)
-        learned_opt.RelativeAdam(_params())
+        learned_opt.RelativeAdam(small_params(), final=0.1, total_steps=10)
+        learned_opt.RelativeAdam(small_params())
 
 
 def test_an_absolute_looking_lr_multiplier_warns():
     with pytest.warns(UserWarning, match="lr=0.001 is a multiplier of the rule's own rate"):
-        learned_opt.RelativeAdam(_params(), lr=1e-3)
+        learned_opt.RelativeAdam(small_params(), lr=1e-3)
     with pytest.warns(UserWarning, match="init_lr="):
-        learned_opt.load_optimizer("default", _params(), lr=3e-4)
+        learned_opt.load_optimizer("default", small_params(), lr=3e-4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        learned_opt.load_optimizer("default", _params(), lr=0.5)
-        learned_opt.RelativeAdam(_params(), lr=0.0)
-
-
-def test_es_run_holds_the_out_lock(tmp_path):
-    from learned_opt.lockfile import DirectoryLockError, lock_directory
-
-    with lock_directory(tmp_path / "run"):
-        with pytest.raises(DirectoryLockError):
-            PopulationESTrainer(_cfg(meta_steps=1), tmp_path / "run", suite=_tiny_suite()).run(progress=False)
+        learned_opt.load_optimizer("default", small_params(), lr=0.5)
+        learned_opt.RelativeAdam(small_params(), lr=0.0)
 
 
 def test_floor_vec_sets_the_step_of_zero_vectors_only():
     """A zero-initialised bias moves by α · floor_vec per step (RMS), matrices keep the matrix floor."""
-    params = _params()
+    params = small_params()
     rms = float(params[0].detach().pow(2).mean().sqrt())
     opt = learned_opt.RelativeAdam(params, alpha=0.03, warmup=0.0, floor_vec=0.1)
     before = [p.detach().clone() for p in params]
@@ -554,7 +305,7 @@ def test_floor_vec_sets_the_step_of_zero_vectors_only():
     assert moved[0] == pytest.approx(0.03 * (rms + 1e-3), rel=1e-5)
     assert moved[1] == pytest.approx(0.03 * 0.1, rel=1e-5)
     with pytest.raises(ValueError, match="floor_vec"):
-        learned_opt.RelativeAdam(_params(), floor_vec=-1.0)
+        learned_opt.RelativeAdam(small_params(), floor_vec=-1.0)
 
 
 def test_learned_floor_vec_is_a_meta_parameter():
@@ -562,7 +313,7 @@ def test_learned_floor_vec_is_a_meta_parameter():
     assert "log_floor_vec" in rule.theta()
     assert rule.config()["init_floor_vec"] == pytest.approx(0.2)
     assert "log_floor_vec" not in LearnedRelativeAdamRule(hidden=0).theta()  # older weights still load
-    params = [p.detach() for p in _params()]
+    params = [p.detach() for p in small_params()]
     grads = [torch.randn(4, 3), torch.randn(3)]
     hparams = {**rule.hyperparameters, "total_steps": 10}
     hand = RelativeAdamRule()
@@ -579,7 +330,7 @@ def _fused_rule(kind: str):
         return RelativeAdamRule(schedule_free=kind == "hand-sf")
     rule = LearnedRelativeAdamRule(hidden=4, init_floor_vec=0.05 if kind == "floor_vec" else None,
                                    schedule_free=kind.startswith("sf"), init_anchor=0.5 if "anchor" in kind else None,
-                                   init_travel_gain=1.0 if "travel" in kind else None)
+                                   init_travel_gain=1.0 if "travel" in kind else None, told_free="told-free" in kind)
     with torch.no_grad():
         for p in rule.ctrl.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -597,7 +348,7 @@ def _like(p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 @pytest.mark.parametrize("transform", sorted(FUSED_TRANSFORMS))
 @pytest.mark.parametrize("kind", ["hand", "learned", "floor_vec", "hand-sf", "sf", "sf-anchor", "travel",
-                                  "sf-anchor-travel"])
+                                  "sf-anchor-travel", "sf-anchor-travel-told-free"])
 @pytest.mark.parametrize("total_steps", [None, 12])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_step_matches_the_pure_update(monkeypatch, kind, total_steps, transform, dtype):
@@ -699,48 +450,6 @@ def test_fused_step_falls_back_for_tensors_it_cannot_slice():
             torch.testing.assert_close(u, w)
 
 
-ES_HPARAM_TABLES = {
-    "GradNormDecayAdam": {"name": "grad-norm-decay-adam", "relative": True, "patience": 2, "cooldown": 3,
-                          "init_threshold": 0.5},
-    "GradNormDecaySGD": {"name": "grad-norm-decay-sgd", "relative": True, "reference": "peak", "smoothing": 0.5,
-                         "blowup": 1.5, "momentum": 0.9, "patience": 1, "cooldown": 3, "init_lr": 0.05,
-                         "init_threshold": 0.7},
-    "HypergradientSGD": {"name": "hypergradient-sgd", "normalized": True, "momentum": 0.9, "init_lr": 0.05,
-                         "init_hyper_lr": 0.05, "blowup": 1.5, "smoothing": 0.9, "blowup_recovery": 1.1},
-    "SGD": {"name": "learnable-sgd", "init_lr": 0.05},
-}
-
-
-@pytest.mark.parametrize("public", sorted(ES_HPARAM_TABLES))
-def test_es_meta_trains_a_hyperparameter_rule(tmp_path, public):
-    """The engine takes any rule with ``with_theta`` (the recipes' hyperparameter rules here, their
-    triggers included), whose batched runs match the public optimizer's; it meta-trains, exports,
-    and the weights load as the rule's public class."""
-    from learned_opt.meta.es import es_rule
-
-    table = ES_HPARAM_TABLES[public]
-    trainer = PopulationESTrainer(_cfg(meta_steps=2, rule=table, horizon_known=0.0), tmp_path / "gnd",
-                                  suite=_tiny_suite())
-    assert not trainer.horizon_aware
-    draw = trainer.val[0]
-    n = trainer.theta.numel()
-    thetas = trainer.theta.detach().unsqueeze(0) + torch.tensor([[0.0] * n, [0.5, -0.3, 0.2][:n]])
-    result_r, _ = trainer.score(draw, thetas, torch.zeros(2))
-    task = trainer.task(draw)
-    ref, initial = trainer.reference(draw)
-    for i in range(2):
-        member = es_rule(table)
-        torch.nn.utils.vector_to_parameters(thetas[i].clone(), member.parameters())
-        single = run(task, lambda ps: LearnedOptimizer(ps, member), draw.seed, draw.steps, draw.steps)
-        expect = log_ratio(torch.tensor(single.losses[-1]), initial, ref, torch.tensor(False), trainer.cfg.ratio_clip)
-        assert float(result_r[i]) == pytest.approx(float(expect), rel=1e-3, abs=1e-4)
-    trainer.run(progress=False)
-    opt = learned_opt.load_optimizer(tmp_path / "gnd" / "best.safetensors", _params())
-    assert type(opt).__name__ == public
-    with pytest.raises(ValueError, match="with_theta"):
-        es_rule({"name": "lstm"})
-
-
 def _run_updates(rule, total_steps, steps=8):
     g = torch.Generator().manual_seed(11)
     params = [torch.randn(4, 3, generator=g), torch.randn(3, generator=g)]
@@ -783,7 +492,7 @@ def test_anchor_moves_the_relative_scale_towards_the_initial_one(schedule_free):
     anchored = LearnedRelativeAdamRule(hidden=0, schedule_free=schedule_free, init_anchor=0.25)
     assert "logit_anchor" not in plain.theta() and "init_anchor" not in plain.config()
     assert anchored.config()["init_anchor"] == pytest.approx(0.25)
-    params = [p.detach() for p in _params()]
+    params = [p.detach() for p in small_params()]
     state_a, state_p = anchored.init_state(params), plain.init_state(params)
     grown = [p * 8.0 for p in params]  # the tensors grew 8x since their start (z too, schedule-free)
     for st in (state_a, state_p):
@@ -803,74 +512,6 @@ def test_anchor_moves_the_relative_scale_towards_the_initial_one(schedule_free):
     told = {"lr": 1.0, "total_steps": 50}  # a told run keeps the plain scale: the cosine ends its growth
     for a, p in zip(anchored.update(grads, grown, state_a, told)[0], plain.update(grads, grown, state_p, told)[0]):
         assert torch.equal(a, p)
-
-
-def test_benchmark_cache_tells_apart_the_same_theta_with_other_rule_settings(tmp_path):
-    """A weights file's cache identity holds its card's settings: the same θ exported with
-    ``schedule_free`` switched on must not reuse the runs of the plain rule."""
-    from learned_opt.weights import save_weights
-
-    plain = LearnedRelativeAdamRule(hidden=0)
-    free = LearnedRelativeAdamRule(hidden=0, schedule_free=True)
-    free.load_state_dict(plain.state_dict())
-    a = save_weights(plain, tmp_path / "a", name="a", meta_training={})
-    b = save_weights(free, tmp_path / "b", name="b", meta_training={})
-    key_a, key_b = resolve_optimizer(str(a)).key, resolve_optimizer(str(b)).key
-    assert key_a["weights_sha256"] == key_b["weights_sha256"] and key_a != key_b
-
-
-def test_a_finished_es_run_rerun_exports_without_evaluating_again(tmp_path, monkeypatch):
-    """Rerunning a finished run (same meta_steps) only exports it; a longer run redoes the closing
-    evaluation at its old last step, since training goes on from there."""
-    suite = _tiny_suite()
-    first = PopulationESTrainer(_cfg(meta_steps=2), tmp_path, suite=suite)
-    first.run(progress=False)
-    again = PopulationESTrainer(_cfg(meta_steps=2), tmp_path, suite=suite)
-    calls = []
-    monkeypatch.setattr(again, "evaluate", lambda: calls.append(1) or {})
-    assert again.run(progress=False) == first.best and not calls and again.history == first.history
-    longer = PopulationESTrainer(_cfg(meta_steps=4), tmp_path, suite=suite)
-    longer.run(progress=False)
-    assert [r["step"] for r in longer.history] == [0, 1, 2, 3, 4]
-    with pytest.raises(ValueError, match="past meta_steps = 3"):  # a shorter run than the one on disk: no loop
-        PopulationESTrainer(_cfg(meta_steps=3), tmp_path, suite=suite).run(progress=False)
-
-
-def test_a_resumed_es_run_refuses_a_start_that_has_changed(tmp_path):
-    """A warm-started run keeps the sha256 of the weights it started from; if they changed since
-    (regenerated), resuming would mix two starts, so it is refused, naming init_weights."""
-    from learned_opt.weights import load_rule, save_weights
-
-    suite = _tiny_suite()
-    start = tmp_path / "start"
-    rule = {"hidden": 0}
-    save_weights(PopulationESTrainer(_cfg(rule=rule), tmp_path / "x", suite=suite).rule, start, name="start",
-                 meta_training={})
-    cfg = dict(meta_steps=1, rule=rule, init_weights=str(start) + ".safetensors")
-    PopulationESTrainer(_cfg(**cfg), tmp_path / "run", suite=suite).run(progress=False)
-    PopulationESTrainer(_cfg(**{**cfg, "meta_steps": 2}), tmp_path / "run", suite=suite).run(progress=False)
-    other, _ = load_rule(str(start) + ".safetensors")
-    with torch.no_grad():
-        next(other.parameters()).add_(1.0)
-    save_weights(other, start, name="start", meta_training={})
-    with pytest.raises(ValueError, match="init_weights"):
-        PopulationESTrainer(_cfg(**{**cfg, "meta_steps": 3}), tmp_path / "run", suite=suite).run(progress=False)
-
-
-def test_es_resumes_a_checkpoint_written_before_the_long_settings_existed(tmp_path):
-    from learned_opt.meta.checkpoint import load_checkpoint, save_checkpoint
-    from learned_opt.meta.es import CHECKPOINT
-
-    suite = _tiny_suite()
-    PopulationESTrainer(_cfg(meta_steps=1), tmp_path, suite=suite).run(progress=False)
-    payload = load_checkpoint(tmp_path / CHECKPOINT)
-    payload["config"] = {k: v for k, v in payload["config"].items() if not k.startswith("long_")}
-    save_checkpoint(tmp_path / CHECKPOINT, payload)
-    resumed = PopulationESTrainer(_cfg(meta_steps=2), tmp_path, suite=suite)
-    resumed.run(progress=False)
-    assert resumed.step == 2
-    with pytest.raises(ValueError, match="long_val"):
-        PopulationESTrainer(_cfg(meta_steps=3, long_labels=("quad",), long_val=1), tmp_path, suite=suite).run(progress=False)
 
 
 def _ctrl_after(rule, steps=30):
@@ -943,19 +584,6 @@ def test_travel_row_keeps_a_path_and_is_absent_from_old_weights(schedule_free):
         LearnedRelativeAdamRule(init_travel_gain=float("nan"))
     with pytest.raises(ValueError, match="travel"):  # a state kept without the path cannot feed the row
         grown.update([torch.ones(4, 3)], params, base.init_state(params), dict(grown.hyperparameters))
-
-
-def test_es_trains_the_travel_row(tmp_path):
-    """ES runs a rule with the travel input (its sixth state scalar vmapped with the rest) and updates
-    the row with the rest of θ (the engine's steps match the optimizer's: see the population tests)."""
-    rule = {"hidden": 0, "schedule_free": True, "init_anchor": 0.5, "init_travel_gain": 1.0}
-    trainer = PopulationESTrainer(_cfg(meta_steps=2, rule=rule), tmp_path, suite=_tiny_suite())
-    trainer.run(progress=False)
-    names = [n for n, _ in trainer.rule.named_parameters()]
-    start = torch.nn.utils.parameters_to_vector(trainer.rule.parameters()).detach()
-    row = slice(len(start) - 2, len(start))
-    assert names[-1] == "ctrl.ws_travel" and torch.equal(start[row], torch.tensor([1.0, 0.0]))
-    assert not torch.equal(trainer.theta.detach()[row], start[row])
 
 
 def test_steady_feature_is_an_extra_row_that_old_weights_do_not_have():

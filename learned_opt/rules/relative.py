@@ -80,6 +80,7 @@ def relative_update(
     final: Tensor | float = 0.0,
     schedule_free: bool = False,
     anchor: Tensor | float | None = None,
+    told_free: bool = False,
 ) -> tuple[list[Tensor], RuleState]:
     """Additive updates and new state for one group (see the module docstring). Pure.
 
@@ -87,6 +88,8 @@ def relative_update(
     ``schedule_free``: the schedule-free form (state ``z``, ``sf_weight`` and no ``exp_avg``).
     ``anchor`` a (learned rule, untold runs): the scale is ``(RMS(p) + floor)^(1−a) · (RMS(p₀) + floor)^a``;
     at a = 0 norm growth compounds over a long run with no cosine to end it.
+    ``told_free``: a told run keeps the untold form (no cosine, the anchor kept; the schedule-free
+    form evaluates at ``x``) and the horizon reaches only the controller's inputs.
 
     ``total_steps``: None or 0 when unknown. ``controller`` is the θ dict holding ``ctrl.*`` entries,
     or None for the hand-set rule. The optimizer on the CPU takes :func:`relative_move` instead.
@@ -103,7 +106,7 @@ def relative_update(
         return [], ({**group_state, "step": step}, new_per_param)
     factors, mults = _step_factors(params, per_param, new_per_param, stats, norms, step, total_steps, alpha=alpha,
                                    warmup=warmup, floor=floor, lr=lr, controller=controller, floor_vec=floor_vec,
-                                   final=final, anchor=anchor)
+                                   final=final, anchor=anchor, told_free=told_free)
     if schedule_free:
         updates = sf_updates(dirs, params, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0])
     else:
@@ -149,11 +152,11 @@ def _step_factors(params: Sequence[Tensor], per_param: Sequence[Mapping[str, Ten
                   total_steps: int | Tensor | None, *, alpha: Tensor | float, warmup: Tensor | float,
                   floor: Tensor | float, lr: Tensor | float, controller: Mapping[str, Tensor] | None = None,
                   floor_vec: Tensor | float | None = None, final: Tensor | float = 0.0,
-                  anchor: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+                  anchor: Tensor | float | None = None, told_free: bool = False) -> tuple[Tensor, Tensor]:
     """Per tensor: the factor ``−lr·α·s(t)·exp(c)·scale`` of its direction and the multiplier
     ``s(t)·exp(c)``; writes the controller's state into ``new_per_param``."""
     total_steps = horizon_tensor(total_steps, step)
-    s = schedule(step, total_steps, warmup, final)
+    s = schedule(step, torch.zeros_like(total_steps) if told_free else total_steps, warmup, final)
     numel = torch.tensor([float(max(p.numel(), 1)) for p in params], dtype=step.dtype, device=step.device)
     is_vector = torch.tensor([float(p.dim() <= 1) for p in params], dtype=step.dtype, device=step.device)
     floor_t = floor if floor_vec is None else torch.where(is_vector > 0, scalar_like(floor_vec, step),
@@ -166,7 +169,7 @@ def _step_factors(params: Sequence[Tensor], per_param: Sequence[Mapping[str, Ten
     mults, new_scalars = controller_step(controller, stats, scalars, numel, is_vector, step, total_steps, floor_t)
     mults = s * mults
     if anchor is not None:
-        used = torch.where(total_steps > 0, 0.0, anchor)
+        used = anchor if told_free else torch.where(total_steps > 0, 0.0, anchor)
         scales = scales * anchor_factor(norms[:, 0], scalars[:, SCALARS.index("p0_norm")], numel, floor_t, used)
     factors = scales * mults * (-lr * alpha)  # one multiply per tensor: relative scale, schedule, controller
     if scalars.shape[-1] > len(SCALARS):  # the travel input's path: add this step's length ||factor · u||
@@ -234,14 +237,18 @@ class _RelativeRule(Rule):
         """The parameters to evaluate at (schedule-free: the average ``x``), or None: the parameters."""
         if not self.schedule_free:
             return None
-        return schedule_free_eval_point(params, state[1], self._beta1(hparams), hparams.get("total_steps"))
+        return schedule_free_eval_point(params, state[1], self._beta1(hparams), self._told_form(hparams))
 
     def train_point(self, params: Sequence[Tensor], state: RuleState,
                     hparams: Mapping[str, Any]) -> list[Tensor] | None:
         """Inverse of :meth:`eval_point` (None where that is None)."""
         if not self.schedule_free:
             return None
-        return schedule_free_train_point(params, state[1], self._beta1(hparams), hparams.get("total_steps"))
+        return schedule_free_train_point(params, state[1], self._beta1(hparams), self._told_form(hparams))
+
+    def _told_form(self, hparams: Mapping[str, Any]) -> Any:
+        """The horizon that picks the evaluation point: none for a rule whose told runs keep the untold form."""
+        return None if getattr(self, "told_free", False) else hparams.get("total_steps")
 
     def _beta1(self, hparams: Mapping[str, Any]) -> float:
         """β₁ of the schedule-free interpolation (the first of the betas)."""
@@ -320,6 +327,9 @@ class LearnedRelativeAdamRule(_RelativeRule):
     ``init_cos_gain``, ``init_steady_gain``, ``init_travel_gain``: see :class:`ControllerNet`).
     ``told_time`` gives the controller the log-step feature a second time, for told runs only, so that a
     decay over the steps that suits untold runs need not apply where the told cosine already decays.
+    ``told_free``: told runs keep the untold form (no cosine to the horizon, the anchor kept, a
+    schedule-free rule evaluated at its average ``x``); ``total_steps`` reaches only the controller's
+    progress inputs, so any decay to the horizon is the controller's, learned.
     ``hparams``: ``lr`` (a multiplier, 1.0 = as meta-trained) and ``total_steps`` (None: unknown).
     State per parameter: Adam's two moments, the initial value ``p0`` (12 bytes per float32
     parameter in all) and ``controller``, the tensor's five scalars (:data:`SCALARS`; six with the
@@ -331,6 +341,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
     # θ rows of optional controller inputs: weights without them may warm-start a rule with them
     # (learned_opt.weights.copy_weights; the rows keep their starting values)
     input_rows: ClassVar[tuple[str, ...]] = ("ctrl.ws_steady", "ctrl.ws_travel")
+    form_options: ClassVar[tuple[str, ...]] = ("told_free",)  # may differ from the weights a search starts from
     betas = (0.9, 0.999)
     eps = 1e-8
 
@@ -338,9 +349,11 @@ class LearnedRelativeAdamRule(_RelativeRule):
                  hidden: int = 8, seed: int = 0, init_floor_vec: float | None = None,
                  init_final: float | None = None, told_time: bool = False, schedule_free: bool = False,
                  init_anchor: float | None = None, init_cos_gain: float = 0.0,
-                 init_steady_gain: float | None = None, init_travel_gain: float | None = None) -> None:
+                 init_steady_gain: float | None = None, init_travel_gain: float | None = None,
+                 told_free: bool = False) -> None:
         super().__init__()
         self.schedule_free = check_bool("schedule_free", schedule_free)
+        self.told_free = check_bool("told_free", told_free)
         self.log_alpha = log_param(init_alpha, "init_alpha")
         self.logit_warmup = logit_param(init_warmup, "init_warmup")
         self.log_floor = log_param(init_floor, "init_floor")
@@ -369,6 +382,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             **({"init_steady_gain": float(self.ctrl.ws_steady.detach()[0, 0])} if hasattr(self.ctrl, "ws_steady") else {}),
             **({"init_travel_gain": float(self.ctrl.ws_travel.detach()[0, 0])} if hasattr(self.ctrl, "ws_travel") else {}),
             **({"schedule_free": True} if self.schedule_free else {}),
+            **({"told_free": True} if self.told_free else {}),
         }
 
     def init_state(self, params: Sequence[Tensor]) -> RuleState:
@@ -390,20 +404,21 @@ class LearnedRelativeAdamRule(_RelativeRule):
 
     def _kwargs(self, grads: Sequence[Tensor], state: RuleState, hparams: Mapping[str, Tensor | float]) -> dict[str, Any]:
         theta = {k: v.to(grads[0].dtype) for k, v in self.theta().items()} if grads else self.theta()
-        warn_past_horizon(self, state[0]["step"], hparams.get("total_steps"),
-                          lambda: torch.sigmoid(self.logit_final.detach()) if hasattr(self, "logit_final") else 0.0)
-        return self.theta_kwargs(theta, hparams["lr"], hparams.get("total_steps"), self.schedule_free)
+        if not self.told_free:  # a told_free run has no schedule to end at the horizon
+            warn_past_horizon(self, state[0]["step"], hparams.get("total_steps"),
+                              lambda: torch.sigmoid(self.logit_final.detach()) if hasattr(self, "logit_final") else 0.0)
+        return self.theta_kwargs(theta, hparams["lr"], hparams.get("total_steps"), self.schedule_free, self.told_free)
 
     def _beta1(self, hparams: Mapping[str, Any]) -> float:
         return float(self.betas[0])
 
     def with_theta(self, theta: Mapping[str, Tensor]) -> ThetaRule:
         """This rule with θ replaced by ``theta`` (one member of a batched population)."""
-        return ThetaRule(theta, self.schedule_free)
+        return ThetaRule(theta, self.schedule_free, self.told_free)
 
     @classmethod
     def theta_kwargs(cls, theta: Mapping[str, Tensor], lr: Tensor | float, total_steps: int | Tensor | None,
-                     schedule_free: bool = False) -> dict[str, Any]:
+                     schedule_free: bool = False, told_free: bool = False) -> dict[str, Any]:
         """:func:`relative_update`'s keyword arguments with θ passed in (tensors: vmappable over θ)."""
         return dict(
             alpha=theta["log_alpha"].exp(), warmup=torch.sigmoid(theta["logit_warmup"]),
@@ -411,7 +426,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             controller=theta, floor_vec=theta["log_floor_vec"].exp() if "log_floor_vec" in theta else None,
             final=torch.sigmoid(theta["logit_final"]) if "logit_final" in theta else 0.0,
             schedule_free=schedule_free,
-            anchor=torch.sigmoid(theta["logit_anchor"]) if "logit_anchor" in theta else None,
+            anchor=torch.sigmoid(theta["logit_anchor"]) if "logit_anchor" in theta else None, told_free=told_free,
         )
 
 
@@ -419,10 +434,10 @@ class ThetaRule:
     """A learned relative Adam whose θ is given (a vmapped population member), for
     :func:`learned_opt.rules.transforms.apply_update`: the engine's runs take the shipped step path."""
 
-    def __init__(self, theta: Mapping[str, Tensor], schedule_free: bool = False) -> None:
-        self.theta, self.schedule_free = theta, schedule_free
+    def __init__(self, theta: Mapping[str, Tensor], schedule_free: bool = False, told_free: bool = False) -> None:
+        self.theta, self.schedule_free, self.told_free = theta, schedule_free, told_free
 
     def update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
                hparams: Mapping[str, Any]) -> tuple[list[Tensor], RuleState]:
         return relative_update(grads, params, state, **LearnedRelativeAdamRule.theta_kwargs(
-            self.theta, hparams["lr"], hparams.get("total_steps"), self.schedule_free))
+            self.theta, hparams["lr"], hparams.get("total_steps"), self.schedule_free, self.told_free))
