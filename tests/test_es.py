@@ -383,3 +383,50 @@ def test_es_trains_the_travel_row(tmp_path):
     row = slice(len(start) - 2, len(start))
     assert names[-1] == "ctrl.ws_travel" and torch.equal(start[row], torch.tensor([1.0, 0.0]))
     assert not torch.equal(trainer.theta.detach()[row], start[row])
+
+
+def _filed_suite(tmp_path, text="tiny v1"):
+    """The tiny suite as if read from a file with ``text`` in it (shared references key on the file)."""
+    import dataclasses
+
+    path = tmp_path / f"suite-{abs(hash(text))}.toml"
+    path.write_text(text)
+    return dataclasses.replace(_tiny_suite(), path=path)
+
+
+def test_es_runs_share_references_through_a_file_without_changing_a_bit(tmp_path, monkeypatch):
+    """A second run with the same suite file reads every reference the first computed (none
+    recomputed) and trains bitwise as a run without the shared file; another suite file, another
+    thread count or an unreadable file shares nothing."""
+    from learned_opt.meta import es as es_module
+
+    calls = []
+    real = es_module.tuned_adam_final
+    monkeypatch.setattr(es_module, "tuned_adam_final", lambda *a: calls.append(a) or real(*a))
+    shared = tmp_path / "refs.json"
+    alone = PopulationESTrainer(_cfg(), tmp_path / "alone", suite=_filed_suite(tmp_path))
+    alone.run(progress=False)
+    computed = len(calls)
+    first = PopulationESTrainer(_cfg(), tmp_path / "first", suite=_filed_suite(tmp_path), shared_refs=shared)
+    first.run(progress=False)
+    assert len(calls) == 2 * computed and torch.equal(first.theta.detach(), alone.theta.detach())
+    second = PopulationESTrainer(_cfg(), tmp_path / "second", suite=_filed_suite(tmp_path), shared_refs=shared)
+    second.run(progress=False)
+    assert len(calls) == 2 * computed  # every reference came from the file
+    assert torch.equal(second.theta.detach(), alone.theta.detach()) and second.refs == alone.refs
+    PopulationESTrainer(_cfg(), tmp_path / "other", suite=_filed_suite(tmp_path, "tiny v2"),
+                        shared_refs=shared).run(progress=False)
+    assert len(calls) == 3 * computed  # another suite file: its own references
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert PopulationESTrainer(_cfg(), tmp_path / "t", suite=_filed_suite(tmp_path),
+                                   shared_refs=shared).shared.get(next(iter(alone.refs))) is None
+    finally:
+        torch.set_num_threads(threads)
+    shared.write_text("{not json")
+    broken = PopulationESTrainer(_cfg(), tmp_path / "broken", suite=_filed_suite(tmp_path), shared_refs=shared)
+    broken.run(progress=False)
+    assert len(calls) == 4 * computed and torch.equal(broken.theta.detach(), alone.theta.detach())
+    with pytest.raises(ValueError, match="no file"):
+        PopulationESTrainer(_cfg(), tmp_path / "nofile", suite=_tiny_suite(), shared_refs=shared)

@@ -38,6 +38,7 @@ RESULTS_DIR = REPO / "docs" / "results"
 README = REPO / "README.md"
 SHIP_DEFAULTS: dict[str, Any] = {"suite": "meta_train", "benchmark_suite": "heldout", "weights": "best",
                                  "defaults": {}, "untold_weights": None}
+SHARED_REFS = "es-references.json"  # tuned-Adam references shared by the ES runs of one work folder
 CARD_KEYS = ("defaults", "untold_weights")  # [ship] keys copied into the card (learned_opt.weights)
 TABLE_START = "<!-- generated table: {suite} (tools/ship.py) start -->"
 TABLE_END = "<!-- generated table: {suite} (tools/ship.py) end -->"
@@ -138,7 +139,8 @@ def train(name: str, work: str | Path, *, progress: bool = True, recipe_dir: Pat
         exported = Path(pretrained_dir) / f"{cfg.init_weights}.safetensors"
         chained = cfg.init_weights and Path(pretrained_dir) != PRETRAINED_DIR and exported.exists()
         # a candidate chain starts from the candidate it exported, not the shipped weights of that name
-        train_es(cfg, run_dir, progress=progress, command=command, init_from=exported if chained else None)
+        train_es(cfg, run_dir, progress=progress, command=command, init_from=exported if chained else None,
+                 shared_refs=Path(work) / SHARED_REFS)
     else:
         meta_train(tasks=ship["suite"], config=table, out=run_dir, resume=resume, progress=progress, command=command)
     rule, card = load_rule(run_dir / f"{ship['weights']}.safetensors")

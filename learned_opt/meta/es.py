@@ -62,6 +62,7 @@ from learned_opt.meta.checkpoint import load_checkpoint, save_checkpoint
 from learned_opt.meta.es_config import ESConfig
 from learned_opt.meta.metrics import rows_csv
 from learned_opt.meta.population import run_population, tuned_adam_final
+from learned_opt.meta.references import SharedReferences
 from learned_opt.rules.base import Rule, build_rule
 from learned_opt.rules.relative import LearnedRelativeAdamRule
 from learned_opt.rules.transforms import apply_update
@@ -128,9 +129,10 @@ class PopulationESTrainer:
     """Owns θ, the meta-optimizer, the task pools, the reference cache, checkpoints and logs."""
 
     def __init__(self, cfg: ESConfig, out: str | Path, *, suite: Suite | None = None, command: str = "",
-                 init_from: str | Path | None = None) -> None:
+                 init_from: str | Path | None = None, shared_refs: str | Path | None = None) -> None:
         """``init_from``: where to read ``cfg.init_weights`` instead (a candidate's export of that name),
-        so the run's settings still name the weights as shipped."""
+        so the run's settings still name the weights as shipped. ``shared_refs``: a JSON file of
+        references shared with other runs (:class:`~learned_opt.meta.references.SharedReferences`)."""
         cfg.validate()
         self.cfg, self.out, self.command = cfg, Path(out), command
         self.suite = (suite if suite is not None else load_suite(cfg.suite)).reweighted(cfg.entry_weights)
@@ -150,6 +152,7 @@ class PopulationESTrainer:
         self.val += draw_tasks(self.suite, "validation", cfg.long_val, cfg, np.random.default_rng([cfg.seed, 0x9004]),
                                augment=False, long=True)
         self.refs: dict[str, list[float]] = {}
+        self.shared = SharedReferences(shared_refs, self.suite) if shared_refs is not None else None
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
@@ -180,8 +183,12 @@ class PopulationESTrainer:
     def reference(self, draw: TaskDraw) -> tuple[float, float]:
         """(tuned Adam's final loss, the initial loss) on the un-augmented task, cached by task and horizon."""
         if draw.key not in self.refs:
-            final, lr, initial = tuned_adam_final(self.task(draw), draw.seed, draw.steps)
-            self.refs[draw.key] = [final, lr, initial]
+            found = self.shared.get(draw.key) if self.shared is not None else None
+            if found is None:
+                found = list(tuned_adam_final(self.task(draw), draw.seed, draw.steps))
+                if self.shared is not None:
+                    self.shared.put(draw.key, found)
+            self.refs[draw.key] = found
         final, _, initial = self.refs[draw.key]
         return final, initial
 
@@ -389,6 +396,9 @@ def train_mask(rule: torch.nn.Module, rows: Sequence[str]) -> Tensor:
 
 
 def train_es(cfg: ESConfig, out: str | Path, *, suite: Suite | None = None, progress: bool = True,
-             command: str = "", init_from: str | Path | None = None) -> dict[str, Any]:
-    """Meta-train the learned relative Adam with full-horizon ES (resumes from ``out``); the best row."""
-    return PopulationESTrainer(cfg, out, suite=suite, command=command, init_from=init_from).run(progress)
+             command: str = "", init_from: str | Path | None = None,
+             shared_refs: str | Path | None = None) -> dict[str, Any]:
+    """Meta-train the learned relative Adam with full-horizon ES (resumes from ``out``); the best row.
+    ``shared_refs``: a references file shared with other runs (as ``ship_pretrained.py`` gives its runs)."""
+    return PopulationESTrainer(cfg, out, suite=suite, command=command, init_from=init_from,
+                               shared_refs=shared_refs).run(progress)
