@@ -397,7 +397,7 @@ def _filed_suite(tmp_path, text="tiny v1"):
 def test_es_runs_share_references_through_a_file_without_changing_a_bit(tmp_path, monkeypatch):
     """A second run with the same suite file reads every reference the first computed (none
     recomputed) and trains bitwise as a run without the shared file; another suite file, another
-    thread count or an unreadable file shares nothing."""
+    thread count, other code or an unreadable file shares nothing."""
     from learned_opt.meta import es as es_module
 
     calls = []
@@ -424,6 +424,13 @@ def test_es_runs_share_references_through_a_file_without_changing_a_bit(tmp_path
                                    shared_refs=shared).shared.get(next(iter(alone.refs))) is None
     finally:
         torch.set_num_threads(threads)
+    from learned_opt.meta import references
+
+    monkeypatch.setattr(references, "source_digest", lambda: "changed-code")
+    assert PopulationESTrainer(_cfg(), tmp_path / "c", suite=_filed_suite(tmp_path),
+                               shared_refs=shared).shared.get(next(iter(alone.refs))) is None  # other code
+    monkeypatch.undo()
+    monkeypatch.setattr(es_module, "tuned_adam_final", lambda *a: calls.append(a) or real(*a))
     shared.write_text("{not json")
     broken = PopulationESTrainer(_cfg(), tmp_path / "broken", suite=_filed_suite(tmp_path), shared_refs=shared)
     broken.run(progress=False)

@@ -152,7 +152,8 @@ class PopulationESTrainer:
         self.val += draw_tasks(self.suite, "validation", cfg.long_val, cfg, np.random.default_rng([cfg.seed, 0x9004]),
                                augment=False, long=True)
         self.refs: dict[str, list[float]] = {}
-        self.shared = SharedReferences(shared_refs, self.suite) if shared_refs is not None else None
+        self.shared: SharedReferences | None = (SharedReferences(shared_refs, self.suite)
+                                                if shared_refs is not None else None)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
@@ -181,7 +182,8 @@ class PopulationESTrainer:
         return [float(math.exp(rng.uniform(lo, hi))) for _ in range(n)]
 
     def reference(self, draw: TaskDraw) -> tuple[float, float]:
-        """(tuned Adam's final loss, the initial loss) on the un-augmented task, cached by task and horizon."""
+        """(tuned Adam's final loss, the initial loss) on the un-augmented task, cached by task and horizon
+        (and read from, and added to, the shared references file when the run has one)."""
         if draw.key not in self.refs:
             found = self.shared.get(draw.key) if self.shared is not None else None
             if found is None:

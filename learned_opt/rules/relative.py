@@ -26,7 +26,9 @@ parameters hold while training. ``x`` anneals without a schedule or a horizon: o
 this form have ``eval()``/``train()`` (as ``schedulefree``'s) that swap the parameters to ``x`` for
 evaluation and back (:func:`schedule_free_eval_point`, :func:`schedule_free_train_point`). Told
 ``total_steps``, the cosine anneals ``z`` itself and the average would lag behind it (it weighs
-the large early steps most), so a told run is evaluated where it trains, at ``y``.
+the large early steps most), so a told run is evaluated where it trains, at ``y`` (unless the
+learned rule is built with ``told_free``: then a told run keeps the untold form, evaluated at ``x``,
+and the horizon reaches only its controller).
 
 The controller (:mod:`learned_opt.rules.controller`) is a tiny MLP shared by all tensors; per
 step it reads scale-free features of each tensor and emits two numbers: a bounded increment of an
@@ -224,6 +226,7 @@ class _RelativeRule(Rule):
     rules, through their ``_kwargs``, and the schedule-free form's two points."""
 
     schedule_free: bool = False
+    told_free: bool = False  # told runs keep the untold form (the learned rule's option)
 
     def _moments_state(self, p: Tensor) -> dict[str, Tensor]:
         """Fresh per-parameter moments: Adam's two, or (schedule-free) ``v``, ``z = p`` and ``Σw = 0``."""
@@ -237,18 +240,18 @@ class _RelativeRule(Rule):
         """The parameters to evaluate at (schedule-free: the average ``x``), or None: the parameters."""
         if not self.schedule_free:
             return None
-        return schedule_free_eval_point(params, state[1], self._beta1(hparams), self._told_form(hparams))
+        return schedule_free_eval_point(params, state[1], self._beta1(hparams), self._eval_horizon(hparams))
 
     def train_point(self, params: Sequence[Tensor], state: RuleState,
                     hparams: Mapping[str, Any]) -> list[Tensor] | None:
         """Inverse of :meth:`eval_point` (None where that is None)."""
         if not self.schedule_free:
             return None
-        return schedule_free_train_point(params, state[1], self._beta1(hparams), self._told_form(hparams))
+        return schedule_free_train_point(params, state[1], self._beta1(hparams), self._eval_horizon(hparams))
 
-    def _told_form(self, hparams: Mapping[str, Any]) -> Any:
+    def _eval_horizon(self, hparams: Mapping[str, Any]) -> int | Tensor | None:
         """The horizon that picks the evaluation point: none for a rule whose told runs keep the untold form."""
-        return None if getattr(self, "told_free", False) else hparams.get("total_steps")
+        return None if self.told_free else hparams.get("total_steps")
 
     def _beta1(self, hparams: Mapping[str, Any]) -> float:
         """β₁ of the schedule-free interpolation (the first of the betas)."""
@@ -329,7 +332,8 @@ class LearnedRelativeAdamRule(_RelativeRule):
     decay over the steps that suits untold runs need not apply where the told cosine already decays.
     ``told_free``: told runs keep the untold form (no cosine to the horizon, the anchor kept, a
     schedule-free rule evaluated at its average ``x``); ``total_steps`` reaches only the controller's
-    progress inputs, so any decay to the horizon is the controller's, learned.
+    progress inputs, so any decay to the horizon is the controller's, learned (``logit_final``, if
+    present, is then unused: it stays so that weights of the other form can warm-start this one).
     ``hparams``: ``lr`` (a multiplier, 1.0 = as meta-trained) and ``total_steps`` (None: unknown).
     State per parameter: Adam's two moments, the initial value ``p0`` (12 bytes per float32
     parameter in all) and ``controller``, the tensor's five scalars (:data:`SCALARS`; six with the
@@ -407,18 +411,19 @@ class LearnedRelativeAdamRule(_RelativeRule):
         if not self.told_free:  # a told_free run has no schedule to end at the horizon
             warn_past_horizon(self, state[0]["step"], hparams.get("total_steps"),
                               lambda: torch.sigmoid(self.logit_final.detach()) if hasattr(self, "logit_final") else 0.0)
-        return self.theta_kwargs(theta, hparams["lr"], hparams.get("total_steps"), self.schedule_free, self.told_free)
+        return self.theta_kwargs(theta, hparams["lr"], hparams.get("total_steps"), schedule_free=self.schedule_free,
+                                 told_free=self.told_free)
 
     def _beta1(self, hparams: Mapping[str, Any]) -> float:
         return float(self.betas[0])
 
     def with_theta(self, theta: Mapping[str, Tensor]) -> ThetaRule:
         """This rule with θ replaced by ``theta`` (one member of a batched population)."""
-        return ThetaRule(theta, self.schedule_free, self.told_free)
+        return ThetaRule(theta, schedule_free=self.schedule_free, told_free=self.told_free)
 
     @classmethod
     def theta_kwargs(cls, theta: Mapping[str, Tensor], lr: Tensor | float, total_steps: int | Tensor | None,
-                     schedule_free: bool = False, told_free: bool = False) -> dict[str, Any]:
+                     *, schedule_free: bool = False, told_free: bool = False) -> dict[str, Any]:
         """:func:`relative_update`'s keyword arguments with θ passed in (tensors: vmappable over θ)."""
         return dict(
             alpha=theta["log_alpha"].exp(), warmup=torch.sigmoid(theta["logit_warmup"]),
@@ -434,10 +439,11 @@ class ThetaRule:
     """A learned relative Adam whose θ is given (a vmapped population member), for
     :func:`learned_opt.rules.transforms.apply_update`: the engine's runs take the shipped step path."""
 
-    def __init__(self, theta: Mapping[str, Tensor], schedule_free: bool = False, told_free: bool = False) -> None:
+    def __init__(self, theta: Mapping[str, Tensor], *, schedule_free: bool = False, told_free: bool = False) -> None:
         self.theta, self.schedule_free, self.told_free = theta, schedule_free, told_free
 
     def update(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: RuleState,
                hparams: Mapping[str, Any]) -> tuple[list[Tensor], RuleState]:
         return relative_update(grads, params, state, **LearnedRelativeAdamRule.theta_kwargs(
-            self.theta, hparams["lr"], hparams.get("total_steps"), self.schedule_free, self.told_free))
+            self.theta, hparams["lr"], hparams.get("total_steps"), schedule_free=self.schedule_free,
+            told_free=self.told_free))
