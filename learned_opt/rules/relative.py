@@ -158,7 +158,8 @@ def _step_factors(params: Sequence[Tensor], per_param: Sequence[Mapping[str, Ten
     """Per tensor: the factor ``−lr·α·s(t)·exp(c)·scale`` of its direction and the multiplier
     ``s(t)·exp(c)``; writes the controller's state into ``new_per_param``."""
     total_steps = horizon_tensor(total_steps, step)
-    s = schedule(step, torch.zeros_like(total_steps) if told_free else total_steps, warmup, final)
+    form_total = torch.zeros_like(total_steps) if told_free else total_steps  # the horizon the form sees
+    s = schedule(step, form_total, warmup, final)
     numel = torch.tensor([float(max(p.numel(), 1)) for p in params], dtype=step.dtype, device=step.device)
     is_vector = torch.tensor([float(p.dim() <= 1) for p in params], dtype=step.dtype, device=step.device)
     floor_t = floor if floor_vec is None else torch.where(is_vector > 0, scalar_like(floor_vec, step),
@@ -171,7 +172,7 @@ def _step_factors(params: Sequence[Tensor], per_param: Sequence[Mapping[str, Ten
     mults, new_scalars = controller_step(controller, stats, scalars, numel, is_vector, step, total_steps, floor_t)
     mults = s * mults
     if anchor is not None:
-        used = anchor if told_free else torch.where(total_steps > 0, 0.0, anchor)
+        used = torch.where(form_total > 0, 0.0, anchor)
         scales = scales * anchor_factor(norms[:, 0], scalars[:, SCALARS.index("p0_norm")], numel, floor_t, used)
     factors = scales * mults * (-lr * alpha)  # one multiply per tensor: relative scale, schedule, controller
     if scalars.shape[-1] > len(SCALARS):  # the travel input's path: add this step's length ||factor · u||
