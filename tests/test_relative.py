@@ -133,7 +133,7 @@ def test_relative_adam_rejects_bad_hyperparameters():
         learned_opt.RelativeAdam(small_params(), warmup=1.5)
 
 
-@pytest.mark.parametrize("extra", [{}, {"init_travel_gain": 4.0},
+@pytest.mark.parametrize("extra", [{}, {"init_travel_gain": 4.0}, {"init_decay_start": 0.4},
                                    {"schedule_free": True, "init_anchor": 0.5, "told_free": True}])
 def test_population_run_matches_the_optimizer_path(extra):
     """The batched engine and the torch.optim adapter run the same update (one home for the math),
@@ -330,7 +330,8 @@ def _fused_rule(kind: str):
         return RelativeAdamRule(schedule_free=kind == "hand-sf")
     rule = LearnedRelativeAdamRule(hidden=4, init_floor_vec=0.05 if kind == "floor_vec" else None,
                                    schedule_free=kind.startswith("sf"), init_anchor=0.5 if "anchor" in kind else None,
-                                   init_travel_gain=1.0 if "travel" in kind else None, told_free="told-free" in kind)
+                                   init_travel_gain=1.0 if "travel" in kind else None, told_free="told-free" in kind,
+                                   init_decay_start=0.4 if "decay" in kind else None)
     with torch.no_grad():
         for p in rule.ctrl.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -348,7 +349,7 @@ def _like(p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 @pytest.mark.parametrize("transform", sorted(FUSED_TRANSFORMS))
 @pytest.mark.parametrize("kind", ["hand", "learned", "floor_vec", "hand-sf", "sf", "sf-anchor", "travel",
-                                  "sf-anchor-travel", "sf-anchor-travel-told-free"])
+                                  "sf-anchor-travel", "sf-anchor-travel-told-free", "decay-start"])
 @pytest.mark.parametrize("total_steps", [None, 12])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_step_matches_the_pure_update(monkeypatch, kind, total_steps, transform, dtype):

@@ -13,15 +13,20 @@ from torch import Tensor
 from learned_opt.rules.base import Rule
 
 HORIZON_FREE_STEPS = 200  # the warm-up lasts warmup × this many steps when total_steps is unknown
-def schedule(step: Tensor, total_steps: Tensor, warmup: Tensor | float, final: Tensor | float = 0.0) -> Tensor:
+def schedule(step: Tensor, total_steps: Tensor, warmup: Tensor | float, final: Tensor | float = 0.0,
+             decay_start: Tensor | float | None = None) -> Tensor:
     """``s(t)`` for the 1-based ``step``: linear warm-up, then cosine to ``final`` (a fraction of the
     peak) at ``total_steps`` (> 0), or constant after the warm-up when ``total_steps`` is 0 (unknown).
-    Tensors, so members of a batched population may differ in horizon."""
+    ``decay_start`` d in [0, 1): the cosine takes only the last 1 − d of the span after the warm-up,
+    the step staying at its peak before (warm-up, stable, decay). Tensors, so members of a batched
+    population may differ in horizon."""
     known = total_steps > 0
     horizon = torch.where(known, total_steps, torch.full_like(total_steps, float(HORIZON_FREE_STEPS)))
     warm_steps = torch.clamp(warmup * horizon, min=1.0)
     ramp = torch.clamp(step / warm_steps, max=1.0)
     frac = torch.clamp((step - warm_steps) / torch.clamp(horizon - warm_steps, min=1.0), 0.0, 1.0)
+    if decay_start is not None:
+        frac = torch.clamp((frac - decay_start) / (1.0 - decay_start), 0.0, 1.0)
     cosine = final + (1.0 - final) * 0.5 * (1.0 + torch.cos(math.pi * frac))
     return ramp * torch.where(known, cosine, torch.ones_like(frac))
 

@@ -10,7 +10,8 @@ to the parameter scale, which makes the right multiplier far more uniform across
   schedulers scale the rule's own rate;
 - ``s(t)`` is the schedule: with ``total_steps = T`` known, a linear warm-up over the first
   ``warmup · T`` steps, then cosine to ``final`` (a fraction of the peak: 0 hand-set, learned as
-  ``logit_final``) at ``T``; without it, the same warm-up over
+  ``logit_final``) at ``T`` (the learned rule with ``init_decay_start`` d holds the peak over the
+  first d of the span after the warm-up and fits the cosine into the rest); without it, the same warm-up over
   ``warmup · HORIZON_FREE_STEPS`` steps (10 at the hand-set 0.05) and then constant (the
   controller decays from there);
 - ``c_t`` is the per-tensor log multiplier of the learned controller (0 for the hand-set rule);
@@ -52,14 +53,14 @@ from torch import Tensor
 
 from learned_opt.rules.base import Rule, RuleState, check_bool, check_in_range, check_nonnegative, scalar_like
 from learned_opt.rules.controller import (
-    SCALARS, TRAVEL_SCALARS, ControllerNet, controller_stats, controller_step,
+    SCALARS, TRAVEL_SCALARS, ControllerNet, controller_step,
 )
 from learned_opt.rules.hparam_base import check_betas, log_param, logit_param
 from learned_opt.rules.horizon import (  # noqa: F401  (schedule, HORIZON_FREE_STEPS: public here too)
     HORIZON_FREE_STEPS, check_total_steps, horizon_tensor, schedule, warn_past_horizon,
 )
 from learned_opt.rules.relative_fused import can_fuse, fused_apply, fused_constants, fused_statistics
-from learned_opt.rules.relative_scale import anchor_factor, rms_scale
+from learned_opt.rules.relative_scale import anchor_factor, relative_directions, rms_scale
 from learned_opt.rules.schedule_free import (
     schedule_free_eval_point, schedule_free_train_point, sf_coefficients, sf_updates,
 )
@@ -83,6 +84,7 @@ def relative_update(
     schedule_free: bool = False,
     anchor: Tensor | float | None = None,
     told_free: bool = False,
+    decay_start: Tensor | float | None = None,
 ) -> tuple[list[Tensor], RuleState]:
     """Additive updates and new state for one group (see the module docstring). Pure.
 
@@ -98,8 +100,8 @@ def relative_update(
     """
     group_state, per_param = state
     step = group_state["step"] + 1
-    dirs, moments, stats, norms = _directions(grads, params, per_param, step, betas, eps, controller is not None,
-                                              schedule_free=schedule_free)
+    dirs, moments, stats, norms = relative_directions(grads, params, per_param, step, betas, eps,
+                                                      controller is not None, schedule_free=schedule_free)
     if schedule_free:
         new_per_param = [{"exp_avg_sq": v} for _, v in moments]
     else:
@@ -108,7 +110,7 @@ def relative_update(
         return [], ({**group_state, "step": step}, new_per_param)
     factors, mults = _step_factors(params, per_param, new_per_param, stats, norms, step, total_steps, alpha=alpha,
                                    warmup=warmup, floor=floor, lr=lr, controller=controller, floor_vec=floor_vec,
-                                   final=final, anchor=anchor, told_free=told_free)
+                                   final=final, anchor=anchor, told_free=told_free, decay_start=decay_start)
     if schedule_free:
         updates = sf_updates(dirs, params, per_param, new_per_param, factors, (lr * mults) ** 2, betas[0])
     else:
@@ -154,12 +156,13 @@ def _step_factors(params: Sequence[Tensor], per_param: Sequence[Mapping[str, Ten
                   total_steps: int | Tensor | None, *, alpha: Tensor | float, warmup: Tensor | float,
                   floor: Tensor | float, lr: Tensor | float, controller: Mapping[str, Tensor] | None = None,
                   floor_vec: Tensor | float | None = None, final: Tensor | float = 0.0,
-                  anchor: Tensor | float | None = None, told_free: bool = False) -> tuple[Tensor, Tensor]:
+                  anchor: Tensor | float | None = None, told_free: bool = False,
+                  decay_start: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
     """Per tensor: the factor ``−lr·α·s(t)·exp(c)·scale`` of its direction and the multiplier
     ``s(t)·exp(c)``; writes the controller's state into ``new_per_param``."""
     total_steps = horizon_tensor(total_steps, step)
     form_total = torch.zeros_like(total_steps) if told_free else total_steps  # the horizon the form sees
-    s = schedule(step, form_total, warmup, final)
+    s = schedule(step, form_total, warmup, final, decay_start)
     numel = torch.tensor([float(max(p.numel(), 1)) for p in params], dtype=step.dtype, device=step.device)
     is_vector = torch.tensor([float(p.dim() <= 1) for p in params], dtype=step.dtype, device=step.device)
     floor_t = floor if floor_vec is None else torch.where(is_vector > 0, scalar_like(floor_vec, step),
@@ -181,40 +184,6 @@ def _step_factors(params: Sequence[Tensor], per_param: Sequence[Mapping[str, Ten
     for new_st, st, row in zip(new_per_param, per_param, new_scalars.unbind(0)):
         new_st.update(p0=st["p0"], controller=row)
     return factors, mults
-
-
-Directions = tuple[list[Tensor], list[tuple[Tensor, Tensor]], Tensor | None, Tensor | None]
-
-
-def _directions(grads: Sequence[Tensor], params: Sequence[Tensor], per_param: Sequence[Mapping[str, Tensor]],
-                step: Tensor, betas: Sequence[Tensor | float], eps: Tensor | float, with_stats: bool,
-                schedule_free: bool = False) -> Directions:
-    """Per tensor: Adam's direction ``u = m / (√v + eps·√(1 − β₂ᵗ))``, which is ``m̂ / (√v̂ + eps)`` up to
-    a per-tensor constant that cancels in the relative rescaling (so neither bias correction costs a
-    pass over the tensor), the new moments, the norms ``[n, 2]`` of ``(p, u)`` and (``with_stats``) the
-    controller's statistics ``[n, 4]`` (see :func:`~learned_opt.rules.controller.controller_features`). Pure.
-
-    ``schedule_free``: ``u = g / (√v + eps·√(1 − β₂ᵗ))`` (no first moment; the new ``m`` is None), the
-    norms of ``(z, u)`` (the relative scale is the base sequence's), and ``y − z`` in the statistics
-    where ``m_{t-1}`` stands otherwise: it points back along the recent steps, so its cosine with
-    ``g`` plays the part of ``cos(g, m_{t-1})``."""
-    beta1, beta2 = betas
-    bias2_sqrt = (1 - beta2**step).sqrt()
-    dirs, moments, stats, norms = [], [], [], []
-    for g, p, st in zip(grads, params, per_param):
-        prev = p - st["z"] if schedule_free else st["exp_avg"]
-        if with_stats:
-            stats.append(controller_stats(g, prev, p - st["p0"]))
-        m = None if schedule_free else torch.lerp(prev, g, 1 - beta1)
-        v = torch.addcmul(st["exp_avg_sq"] * beta2, g, g, value=1 - beta2)
-        u = (g if m is None else m) / (v.sqrt() + eps * bias2_sqrt)
-        scaled = st["z"] if schedule_free else p
-        norms.append(torch.stack([torch.linalg.vector_norm(scaled), torch.linalg.vector_norm(u)]))
-        dirs.append(u)
-        moments.append((m, v))
-    if not dirs:
-        return [], [], None, None
-    return dirs, moments, torch.stack(stats) if stats else None, torch.stack(norms)
 
 
 def _step_counter(params: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -326,7 +295,8 @@ class LearnedRelativeAdamRule(_RelativeRule):
 
     θ: ``log_alpha``, ``logit_warmup``, ``log_floor``, ``log_floor_vec`` (with ``init_floor_vec`` set;
     older weights without it use ``floor`` for vectors too), ``logit_final`` (with ``init_final`` set;
-    without it the told cosine ends at 0), ``logit_anchor`` (with ``init_anchor`` set: see
+    without it the told cosine ends at 0), ``logit_decay_start`` (with ``init_decay_start`` set: the
+    told cosine starts that fraction of the way after the warm-up; without it, at once), ``logit_anchor`` (with ``init_anchor`` set: see
     :func:`relative_update`; without it the scale is the current RMS) and the controller net (``ctrl.*``;
     ``init_cos_gain``, ``init_steady_gain``, ``init_travel_gain``: see :class:`ControllerNet`).
     ``told_time`` gives the controller the log-step feature a second time, for told runs only, so that a
@@ -345,7 +315,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
     hyperparameters: ClassVar[dict[str, Any]] = {"lr": 1.0, "total_steps": None}
     # θ rows of optional controller inputs: weights without them may warm-start a rule with them
     # (learned_opt.weights.copy_weights; the rows keep their starting values)
-    input_rows: ClassVar[tuple[str, ...]] = ("ctrl.ws_steady", "ctrl.ws_travel")
+    input_rows: ClassVar[tuple[str, ...]] = ("ctrl.ws_steady", "ctrl.ws_travel", "logit_decay_start")
     form_options: ClassVar[tuple[str, ...]] = ("told_free",)  # may differ from the weights a search starts from
     betas = (0.9, 0.999)
     eps = 1e-8
@@ -355,7 +325,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
                  init_final: float | None = None, told_time: bool = False, schedule_free: bool = False,
                  init_anchor: float | None = None, init_cos_gain: float = 0.0,
                  init_steady_gain: float | None = None, init_travel_gain: float | None = None,
-                 told_free: bool = False) -> None:
+                 told_free: bool = False, init_decay_start: float | None = None) -> None:
         super().__init__()
         self.schedule_free = check_bool("schedule_free", schedule_free)
         self.told_free = check_bool("told_free", told_free)
@@ -368,6 +338,8 @@ class LearnedRelativeAdamRule(_RelativeRule):
             self.logit_final = logit_param(init_final, "init_final")
         if init_anchor is not None:
             self.logit_anchor = logit_param(init_anchor, "init_anchor")
+        if init_decay_start is not None:
+            self.logit_decay_start = logit_param(init_decay_start, "init_decay_start")
         if not isinstance(told_time, bool):
             raise ValueError(f"invalid told_time: {told_time!r} (must be true or false)")
         self.ctrl = ControllerNet(hidden, seed, told_time, init_cos_gain, init_steady_gain, init_travel_gain)
@@ -381,6 +353,8 @@ class LearnedRelativeAdamRule(_RelativeRule):
             **({"init_floor_vec": float(self.log_floor_vec.detach().exp())} if hasattr(self, "log_floor_vec") else {}),
             **({"init_final": float(torch.sigmoid(self.logit_final.detach()))} if hasattr(self, "logit_final") else {}),
             **({"init_anchor": float(torch.sigmoid(self.logit_anchor.detach()))} if hasattr(self, "logit_anchor") else {}),
+            **({"init_decay_start": float(torch.sigmoid(self.logit_decay_start.detach()))}
+               if hasattr(self, "logit_decay_start") else {}),
             "hidden": self.hidden,
             "seed": self.seed,
             **({"told_time": True} if self.told_time else {}),
@@ -433,6 +407,7 @@ class LearnedRelativeAdamRule(_RelativeRule):
             final=torch.sigmoid(theta["logit_final"]) if "logit_final" in theta else 0.0,
             schedule_free=schedule_free,
             anchor=torch.sigmoid(theta["logit_anchor"]) if "logit_anchor" in theta else None, told_free=told_free,
+            decay_start=torch.sigmoid(theta["logit_decay_start"]) if "logit_decay_start" in theta else None,
         )
 
 

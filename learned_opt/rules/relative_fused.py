@@ -40,7 +40,7 @@ class Fused:
 
     ``sign``: -1 when maximizing; ``coupled``: the L2 weight decay added to the gradient;
     ``decoupled``: the AdamW shrink ``rate·wd`` of the parameters; ``betas``, ``eps_t`` (eps
-    times ``√(1 − β₂ᵗ)``, see ``relative._directions``); ``schedule_free``: the form of the rule.
+    times ``√(1 − β₂ᵗ)``, see ``relative_scale.relative_directions``); ``schedule_free``: the form of the rule.
     """
 
     sign: float
@@ -145,7 +145,7 @@ def fused_statistics(grads: Sequence[Tensor], params: Sequence[Tensor], per_para
                      c: Fused, with_stats: bool, bound: float) -> tuple[Tensor | None, Tensor, list[Kept]] | None:
     """The controller's statistics ``[n, 4]`` (``||g||, ||prev||, g·prev, ||p − p₀||``; None
     without ``with_stats``) and the norms ``[n, 2]`` of (scaled tensor, ``u``), as
-    ``relative._directions`` defines them, and the small tensors' new moments and directions
+    ``relative_scale.relative_directions`` defines them, and the small tensors' new moments and directions
     for :func:`fused_apply`; reads only. None when the group's gradient (sign and
     coupled decay applied) has a norm above ``bound`` or is not finite: the caller then takes the
     guarded path."""
