@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from learned_opt.adapter import LearnedOptimizer
 from learned_opt.rules.horizon import schedule
 from learned_opt.rules.relative import LearnedRelativeAdamRule
-from learned_opt.weights import copy_weights
+from learned_opt.weights import copy_weights, save_weights
 
 
 def test_decay_start_holds_the_peak_then_decays_over_the_rest():
@@ -24,7 +25,6 @@ def test_decay_start_holds_the_peak_then_decays_over_the_rest():
 
 
 def _told_losses(rule: LearnedRelativeAdamRule, total: int | None) -> list[float]:
-    from learned_opt.adapter import LearnedOptimizer
     g = torch.Generator().manual_seed(0)
     a, target = torch.randn(8, 8, generator=g), torch.randn(8, generator=g)
     w = torch.zeros(8, requires_grad=True)
@@ -53,7 +53,6 @@ def test_decay_start_is_a_meta_parameter_of_told_runs_only():
 
 
 def test_weights_without_the_decay_start_warm_start_a_rule_with_it(tmp_path):
-    from learned_opt.weights import save_weights
     source = LearnedRelativeAdamRule(hidden=0, init_final=0.1)
     with torch.no_grad():
         source.log_alpha.fill_(-2.0)

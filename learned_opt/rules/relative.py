@@ -11,8 +11,8 @@ to the parameter scale, which makes the right multiplier far more uniform across
 - ``s(t)`` is the schedule: with ``total_steps = T`` known, a linear warm-up over the first
   ``warmup · T`` steps, then cosine to ``final`` (a fraction of the peak: 0 hand-set, learned as
   ``logit_final``) at ``T`` (the learned rule with ``init_decay_start`` d holds the peak over the
-  first d of the span after the warm-up and fits the cosine into the rest); without it, the same warm-up over
-  ``warmup · HORIZON_FREE_STEPS`` steps (10 at the hand-set 0.05) and then constant (the
+  first d of the span after the warm-up and fits the cosine into the rest); without it, the same
+  warm-up over ``warmup · HORIZON_FREE_STEPS`` steps (10 at the hand-set 0.05) and then constant (the
   controller decays from there);
 - ``c_t`` is the per-tensor log multiplier of the learned controller (0 for the hand-set rule);
 - ``floor`` keeps tensors near zero moving; ``floor_vec`` (optional) is the floor of vectors and
@@ -296,8 +296,9 @@ class LearnedRelativeAdamRule(_RelativeRule):
     θ: ``log_alpha``, ``logit_warmup``, ``log_floor``, ``log_floor_vec`` (with ``init_floor_vec`` set;
     older weights without it use ``floor`` for vectors too), ``logit_final`` (with ``init_final`` set;
     without it the told cosine ends at 0), ``logit_decay_start`` (with ``init_decay_start`` set: the
-    told cosine starts that fraction of the way after the warm-up; without it, at once), ``logit_anchor`` (with ``init_anchor`` set: see
-    :func:`relative_update`; without it the scale is the current RMS) and the controller net (``ctrl.*``;
+    told cosine starts that fraction of the way after the warm-up; without it, at once),
+    ``logit_anchor`` (with ``init_anchor`` set: see :func:`relative_update`; without it the scale is
+    the current RMS) and the controller net (``ctrl.*``;
     ``init_cos_gain``, ``init_steady_gain``, ``init_travel_gain``: see :class:`ControllerNet`).
     ``told_time`` gives the controller the log-step feature a second time, for told runs only, so that a
     decay over the steps that suits untold runs need not apply where the told cosine already decays.
